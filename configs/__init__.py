@@ -1,0 +1,1 @@
+"""Analysis defaults and clip-norm presets, shipped as YAML package data (gradscope.configs)."""

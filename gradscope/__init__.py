@@ -1,0 +1,26 @@
+"""gradscope: does your gradient clipping protect you?
+
+Public API: ``record`` (capture in-process), ``load_run`` (read a run back).
+Imports are lazy so that the recorder's start-up inside a training process
+pulls in neither pandas nor rich.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["record", "load_run", "Run", "GradscopeError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "record":
+        from gradscope.capture.api import record
+
+        return record
+    if name in ("load_run", "Run"):
+        from gradscope import rundir
+
+        return getattr(rundir, name)
+    if name == "GradscopeError":
+        from gradscope.errors import GradscopeError
+
+        return GradscopeError
+    raise AttributeError(f"module 'gradscope' has no attribute {name!r}")

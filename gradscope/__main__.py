@@ -1,0 +1,4 @@
+"""`python -m gradscope` is the `gradscope` command."""
+from gradscope.cli import main
+
+main()

@@ -1,0 +1,49 @@
+"""The Python API: ``with gradscope.record("runs/x"):`` records what `gradscope run` records."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from gradscope import rundir
+from gradscope.capture.recorder import Recorder
+
+
+@contextmanager
+def record(
+    run_dir: str | os.PathLike,
+    *,
+    force: bool = False,
+    layer_stride: int = 1,
+    flush_steps: int = 100,
+    flush_seconds: float = 2.0,
+) -> Iterator[Recorder]:
+    """Record every optimizer step inside the block; every hook is removed on exit.
+
+    ``layer_stride`` 0 turns the per-layer table off; N records it every N steps.
+    """
+    import torch
+
+    path = rundir.prepare_run_dir(run_dir, force=force)
+    meta = rundir.new_meta(sys.argv, target="python-api", torch_version=torch.__version__)
+    meta["launcher_pid"] = os.getpid()
+    rundir.write_json_atomic(path / rundir.META_FILE, meta)
+    rec = Recorder(path, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds)
+    rec.start()
+    status, code = "completed", 0
+    try:
+        yield rec
+    except KeyboardInterrupt:
+        status, code = "interrupted", 130
+        raise
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        status = "completed" if code == 0 else "failed"
+        raise
+    except BaseException:
+        status, code = "failed", 1
+        raise
+    finally:
+        rec.stop(status)
+        rundir.write_json_atomic(path / rundir.META_FILE, rundir.finish_meta(meta, status, code))

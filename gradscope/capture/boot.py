@@ -1,0 +1,69 @@
+"""Start recording in a process launched by `gradscope run` (configured by environment).
+
+The launcher puts gradscope/_bootstrap on PYTHONPATH; its sitecustomize calls
+``start_from_env`` in every Python process of the run. Recording starts when the
+script imports torch (a one-shot import hook), not before: the script may set
+environment variables that torch reads at import.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+ENV_RUN_DIR = "GRADSCOPE_RUN_DIR"
+ENV_LAYER_STRIDE = "GRADSCOPE_LAYER_STRIDE"
+ENV_FLUSH_STEPS = "GRADSCOPE_FLUSH_STEPS"
+ENV_FLUSH_SECONDS = "GRADSCOPE_FLUSH_SECONDS"
+
+
+def _start() -> None:
+    from gradscope.capture.recorder import Recorder
+
+    Recorder(
+        os.environ[ENV_RUN_DIR],
+        layer_stride=int(os.environ.get(ENV_LAYER_STRIDE, "1")),
+        flush_steps=int(os.environ.get(ENV_FLUSH_STEPS, "100")),
+        flush_seconds=float(os.environ.get(ENV_FLUSH_SECONDS, "2.0")),
+    ).start()
+
+
+def _start_quietly() -> None:
+    try:
+        _start()
+    except Exception as e:  # never break the user's training because recording failed
+        print(f"gradscope: recording disabled in this process: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+class _AfterTorchImport(importlib.abc.MetaPathFinder):
+    """Runs a callback once `import torch` has finished executing torch/__init__.py."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("torch")
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_start(module):
+            exec_module(module)
+            _start_quietly()
+
+        loader.exec_module = exec_then_start
+        return spec
+
+
+def start_from_env() -> None:
+    if not os.environ.get(ENV_RUN_DIR):
+        return
+    # multiprocessing spawn/forkserver children (DataLoader workers) never train.
+    if "--multiprocessing-fork" in sys.argv:
+        return
+    if "torch" in sys.modules:
+        _start_quietly()
+    else:
+        sys.meta_path.insert(0, _AfterTorchImport())

@@ -1,0 +1,57 @@
+"""Names for an optimizer's parameters, as the user knows them from model.named_parameters().
+
+The script is not modified, so nobody hands us the model: we find the live
+nn.Module objects once (a gc scan, off the hot path, at an optimizer's first
+flush), take the outermost ones, and name each parameter from the root module
+that holds most of the optimizer's parameters.
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+# Wrappers that add a level to named_parameters() the user did not write.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _strip_wrappers(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                changed = True
+    return name
+
+
+def parameter_names(params: list[torch.Tensor]) -> list[str]:
+    """One unique name per parameter, in the given order; `param.<i>` where none is found."""
+    wanted = {id(p) for p in params}
+    # type(), not isinstance(): some lazy objects warn when their __class__ is read.
+    modules = [o for o in gc.get_objects() if issubclass(type(o), torch.nn.Module)]
+    children: set[int] = set()
+    for m in modules:
+        for c in m.children():
+            children.add(id(c))
+    best: dict[int, str] = {}
+    best_cover = -1
+    for root in modules:
+        if id(root) in children:
+            continue
+        try:
+            named = {id(p): n for n, p in root.named_parameters(remove_duplicate=False) if id(p) in wanted}
+        except Exception:  # a half-built or exotic module; naming is best-effort
+            continue
+        if len(named) > best_cover:
+            best, best_cover = named, len(named)
+    names: list[str] = []
+    seen: set[str] = set()
+    for i, p in enumerate(params):
+        name = _strip_wrappers(best.get(id(p), f"param.{i}"))
+        if name in seen:  # keep CSV columns unique even for odd models
+            name = f"{name}#{i}"
+        seen.add(name)
+        names.append(name)
+    return names

@@ -1,0 +1,712 @@
+"""The recorder: global, removable hooks that capture one row per optimizer step.
+
+What it hooks, and why there:
+- ``register_optimizer_step_pre_hook``: the step boundary, after accumulation,
+  after the AMP unscale and after the DDP all-reduce: the gradient the step applies.
+- ``torch.nn.utils.clip_grad``'s ``_get_total_norm`` / ``_clip_grads_with_norm_``
+  (module globals, which ``clip_grad_norm_`` looks up at call time, so every way of
+  importing it is covered) and ``clip_grad_value_``: to reuse the script's own
+  pre-clip norm and learn its threshold.
+- ``torch.autograd.backward`` (which ``Tensor.backward`` calls): the loss values.
+- ``GradScaler.scale`` / ``GradScaler.step``: the unscaled loss, the scale, and
+  the steps the scaler skips (it never calls ``optimizer.step`` for those).
+- ``Optimizer.__init__``: optimizer ids in creation order.
+
+Per step everything stays on the device: a handful of small kernels, no
+``.item()``, no data-dependent branch. Rows are copied to the host in batches
+(every ``flush_steps`` steps or ``flush_seconds`` seconds, and at stop) with a
+non-blocking copy whose completion is polled, never waited for, until stop.
+The user's gradients, RNG state and dtypes are never touched.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.nn.utils import clip_grad as _clip_grad_mod
+
+from gradscope import __version__, rundir
+from gradscope.capture.names import parameter_names
+from gradscope.capture.norms import per_tensor_norms, stack_norms, total_norm_like_torch
+from gradscope.capture.writer import ProcessWriter
+
+_ACTIVE: "Recorder | None" = None
+_UNSCALED_ATTR = "_gradscope_unscaled"
+
+
+def active_recorder() -> "Recorder | None":
+    return _ACTIVE
+
+
+@dataclass
+class _Clip:
+    """One clipping call since the last step: its threshold and, when known, its total norm."""
+
+    kind: str  # "norm" or "value"
+    threshold: float
+    grad_ids: set
+    total: torch.Tensor | None = None  # pre-clip L2 total, as the script computed it
+
+
+@dataclass
+class _Row:
+    step: int
+    clip_max_norm: float
+    clip_value: float
+    lr: Any  # float, or a tensor for tensor learning rates
+    time: float
+    values: torch.Tensor  # [grad_norm, loss, clipped, skipped, loss_scale] on the device
+    layers: torch.Tensor | None
+
+
+@dataclass
+class _OptState:
+    id: int
+    cls: str
+    kind: str  # "optimizer" or "manual" (a loop that clips and updates by hand)
+    params: list = field(default_factory=list)  # every parameter, fixed order: the layer columns
+    n_elements: int = 0
+    steps: int = 0
+    loss_from: int = 0
+    names: list | None = None
+    rows: list = field(default_factory=list)
+    ref: Any = None
+
+
+@dataclass
+class _Batch:
+    """Rows whose device-to-host copy has been launched but maybe not finished."""
+
+    st: _OptState
+    rows: list
+    values: torch.Tensor
+    lrs: torch.Tensor | None
+    layers: torch.Tensor | None
+    layer_steps: list
+    event: Any
+
+
+class Recorder:
+    """Records every optimizer step of this process into a run directory."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        layer_stride: int = 1,
+        flush_steps: int = 100,
+        flush_seconds: float = 2.0,
+        rank: int | None = None,
+        handle_sigterm: bool = True,
+    ) -> None:
+        self.run_dir = os.path.abspath(os.fspath(run_dir))
+        self.layer_stride = max(0, int(layer_stride))  # 0 = no per-layer table
+        self.flush_steps = max(1, int(flush_steps))
+        self.flush_seconds = float(flush_seconds)
+        self._rank = rank
+        self._handle_sigterm = handle_sigterm
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self._patches: list[tuple[Any, str, Any, Any]] = []
+        self._handles: list[Any] = []
+        self._opts: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _OptState]" = weakref.WeakKeyDictionary()
+        self._states: list[_OptState] = []
+        self._owned: dict[int, _OptState] = {}  # id(param) -> optimizer that owns it
+        self._manual: _OptState | None = None
+        self._losses: list[torch.Tensor] = []
+        self._loss_base = 0
+        self._in_backward = False
+        self._pre_norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._clips: list[_Clip] = []
+        self._active_scaler: Any = None
+        self._pending = 0
+        self._last_flush = time.monotonic()
+        self._inflight: list[_Batch] = []
+        self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._clip_calls: dict[str, int] = {}
+        self._thresholds: dict[str, list] = {"clip_grad_norm_": [], "clip_grad_value_": []}
+        self._devices: set[str] = set()
+        self._writer: ProcessWriter | None = None
+        self._started_at = time.time()
+        self._closed = False
+        self._status = "running"
+        self._prev_sigterm: Any = None
+        self._atexit: Callable | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "Recorder":
+        global _ACTIVE
+        if _ACTIVE is not None and not _ACTIVE._closed:
+            raise RuntimeError("gradscope: a recorder is already active in this process")
+        _ACTIVE = self
+        self._install()
+        for opt in _existing_optimizers():
+            self._register(opt)
+        self._atexit = lambda: self.stop("completed" if self._status == "running" else self._status)
+        atexit.register(self._atexit)
+        if self._handle_sigterm and threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                    self._prev_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+            except (ValueError, OSError):
+                pass
+        return self
+
+    def stop(self, status: str = "completed") -> None:
+        """Flush everything, wait for the last copies, write the process file, unhook."""
+        global _ACTIVE
+        if self._closed or os.getpid() != self._pid:
+            return
+        with self._lock:
+            self._status = status
+            try:
+                self._flush()
+                self._drain(block=True)
+                self._write_process()
+            finally:
+                self._closed = True
+                self._uninstall()
+                if self._writer is not None:
+                    self._writer.close()
+                if self._atexit is not None:
+                    atexit.unregister(self._atexit)
+                if self._prev_sigterm is not None:
+                    try:
+                        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+                            signal.signal(signal.SIGTERM, self._prev_sigterm)
+                    except (ValueError, OSError):
+                        pass
+                if _ACTIVE is self:
+                    _ACTIVE = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Flush, then die by SIGTERM as the process would have without us.
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt the flush
+            self.stop("killed")
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    @property
+    def rank(self) -> int:
+        if self._rank is None:
+            self._rank = _current_rank()
+        return self._rank
+
+    def _mine(self) -> bool:
+        # Forked children (DataLoader workers) inherit the hooks; only the owner records.
+        return not self._closed and os.getpid() == self._pid
+
+    # ------------------------------------------------------------------ hooks
+
+    def _patch(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+        original = getattr(owner, name)
+        replacement = make(original)
+        setattr(owner, name, replacement)
+        self._patches.append((owner, name, original, replacement))
+
+    def _install(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        rec = self
+        self._handles.append(register_optimizer_step_pre_hook(self._on_step))
+
+        def make_init(orig):
+            def __init__(opt, *args, **kwargs):
+                orig(opt, *args, **kwargs)
+                if rec._mine():
+                    rec._register(opt)
+
+            return __init__
+
+        self._patch(torch.optim.Optimizer, "__init__", make_init)
+
+        def make_backward(orig):
+            def backward(tensors, *args, **kwargs):
+                if rec._in_backward or not rec._mine():
+                    return orig(tensors, *args, **kwargs)
+                rec._note_backward(tensors)
+                rec._in_backward = True  # checkpointing re-enters backward: not a loss
+                try:
+                    return orig(tensors, *args, **kwargs)
+                finally:
+                    rec._in_backward = False
+
+            return backward
+
+        self._patch(torch.autograd, "backward", make_backward)
+
+        def make_total_norm(orig):
+            def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+                if not rec._mine():
+                    return orig(tensors, norm_type, error_if_nonfinite, foreach)
+                return rec._on_total_norm(orig, tensors, norm_type, error_if_nonfinite, foreach)
+
+            return get_total_norm
+
+        total_norm = make_total_norm(_clip_grad_mod._get_total_norm)
+        self._set(_clip_grad_mod, "_get_total_norm", total_norm)
+        self._set(torch.nn.utils, "get_total_norm", total_norm)
+
+        def make_clip_with_norm(orig):
+            def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
+                if not rec._mine():
+                    return orig(parameters, max_norm, total_norm, foreach)
+                params = _as_list(parameters)
+                rec._on_clip(params, "norm", float(max_norm), total_norm)
+                return orig(params, max_norm, total_norm, foreach)
+
+            return clip_grads_with_norm_
+
+        clip_with_norm = make_clip_with_norm(_clip_grad_mod._clip_grads_with_norm_)
+        self._set(_clip_grad_mod, "_clip_grads_with_norm_", clip_with_norm)
+        self._set(torch.nn.utils, "clip_grads_with_norm_", clip_with_norm)
+
+        def make_clip_value(orig):
+            def clip_grad_value_(parameters, clip_value, foreach=None):
+                if not rec._mine():
+                    return orig(parameters, clip_value, foreach)
+                params = _as_list(parameters)
+                with torch.no_grad():
+                    rec._remember_norms([p.grad for p in params if p.grad is not None])
+                rec._on_clip(params, "value", float(clip_value), None)
+                return orig(params, clip_value, foreach)
+
+            return clip_grad_value_
+
+        clip_value = make_clip_value(_clip_grad_mod.clip_grad_value_)
+        self._set(_clip_grad_mod, "clip_grad_value_", clip_value)
+        self._set(torch.nn.utils, "clip_grad_value_", clip_value)
+
+        scaler_cls = torch.amp.GradScaler
+
+        def make_scale(orig):
+            def scale(scaler, outputs):
+                out = orig(scaler, outputs)
+                if rec._mine() and isinstance(outputs, torch.Tensor) and out is not outputs:
+                    try:
+                        setattr(out, _UNSCALED_ATTR, outputs.detach())
+                    except (AttributeError, RuntimeError):
+                        pass
+                return out
+
+            return scale
+
+        def make_scaler_step(orig):
+            def step(scaler, optimizer, *args, **kwargs):
+                if not rec._mine():
+                    return orig(scaler, optimizer, *args, **kwargs)
+                st = rec._register(optimizer)
+                before = st.steps
+                outer, rec._active_scaler = rec._active_scaler, scaler
+                try:
+                    result = orig(scaler, optimizer, *args, **kwargs)
+                finally:
+                    rec._active_scaler = outer
+                if st.steps == before:
+                    # The scaler found inf/nan and never called optimizer.step(): still a row.
+                    rec._record(st, optimizer.param_groups, skipped=True, scaler=scaler)
+                return result
+
+            return step
+
+        self._patch(scaler_cls, "scale", make_scale)
+        self._patch(scaler_cls, "step", make_scaler_step)
+
+    def _set(self, owner: Any, name: str, value: Any) -> None:
+        self._patches.append((owner, name, getattr(owner, name), value))
+        setattr(owner, name, value)
+
+    def _uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for owner, name, original, replacement in reversed(self._patches):
+            # If someone wrapped us meanwhile, leave their wrapper; ours passes through once closed.
+            if getattr(owner, name, None) is replacement:
+                setattr(owner, name, original)
+        self._patches.clear()
+
+    # ------------------------------------------------------------------ events
+
+    def _register(self, opt: torch.optim.Optimizer) -> _OptState:
+        st = self._opts.get(opt)
+        if st is None:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            st = _OptState(
+                id=len(self._states),
+                cls=type(opt).__name__,
+                kind="optimizer",
+                params=params,
+                n_elements=sum(p.numel() for p in params),
+                loss_from=self._loss_base + len(self._losses),
+                ref=weakref.ref(opt),
+            )
+            self._opts[opt] = st
+            self._states.append(st)
+            for p in params:
+                self._owned[id(p)] = st
+        return st
+
+    def _note_backward(self, tensors: Any) -> None:
+        t = tensors[0] if isinstance(tensors, (list, tuple)) and len(tensors) == 1 else tensors
+        if not isinstance(t, torch.Tensor) or t.numel() != 1:
+            return  # a vector backward with explicit gradients has no scalar loss
+        value = getattr(t, _UNSCALED_ATTR, None)
+        self._losses.append((value if value is not None else t).detach())
+
+    def _remember_norms(self, grads: list[torch.Tensor], norms: list[torch.Tensor] | None = None) -> None:
+        """Keep the first (pre-clip) norm seen for each gradient since the last step."""
+        if not grads:
+            return
+        if norms is None:
+            todo = [g for g in grads if id(g) not in self._pre_norms]
+            if not todo:
+                return
+            grads, norms = todo, per_tensor_norms(todo)
+        for g, n in zip(grads, norms):
+            self._pre_norms.setdefault(id(g), (g, n))
+
+    def _on_total_norm(self, orig, tensors, norm_type, error_if_nonfinite, foreach):
+        self._count("get_total_norm")
+        grads = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        if float(norm_type) == 2.0 and not error_if_nonfinite and grads and not _has_dtensor(grads):
+            with torch.no_grad():
+                total, norms = total_norm_like_torch(grads, foreach)
+            self._remember_norms(grads, norms)
+            return total
+        # Other norms, or the erroring variant: torch computes; we measure L2 beforehand.
+        with torch.no_grad():
+            self._remember_norms(grads)
+        return orig(grads, norm_type, error_if_nonfinite, foreach)
+
+    def _on_clip(self, params: list, kind: str, threshold: float, total: torch.Tensor | None) -> None:
+        fn = "clip_grad_norm_" if kind == "norm" else "clip_grad_value_"
+        self._count(fn)
+        if threshold not in self._thresholds[fn] and len(self._thresholds[fn]) < 20:
+            self._thresholds[fn].append(threshold)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        ids = {id(g) for g in grads}
+        # The total passed in is pre-clip and L2 only if it came from an L2 measurement of these grads.
+        l2 = kind == "norm" and all(id(g) in self._pre_norms for g in grads) and isinstance(total, torch.Tensor)
+        self._clips.append(_Clip(kind, threshold, ids, total if l2 else None))
+        if not any(id(p) in self._owned for p in params):
+            # No optimizer owns these parameters: a hand-written update follows the clip,
+            # so the clip call is the step (as in PyTorch's word_language_model example).
+            st = self._manual_state(params)
+            self._record(st, [{"params": params, "lr": float("nan")}])
+
+    def _manual_state(self, params: list) -> _OptState:
+        st = self._manual
+        if st is None:
+            st = _OptState(
+                id=len(self._states),
+                cls="(no optimizer: clip_grad_*_ call)",
+                kind="manual",
+                params=list(params),
+                n_elements=sum(p.numel() for p in params),
+            )
+            self._manual = st
+            self._states.append(st)
+        return st
+
+    def _count(self, name: str) -> None:
+        self._clip_calls[name] = self._clip_calls.get(name, 0) + 1
+
+    def _on_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._mine():
+            return
+        st = self._register(opt)
+        skipped = getattr(opt, "found_inf", None)  # fused optimizers skip inside step()
+        self._record(st, opt.param_groups, skipped=skipped, scaler=self._active_scaler,
+                     grad_scale=getattr(opt, "grad_scale", None))
+
+    # ------------------------------------------------------------------ the row
+
+    def _const(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self._consts.get(device)
+        if c is None:
+            c = tuple(torch.full((), v, dtype=torch.float32, device=device) for v in (float("nan"), 0.0, 1.0))
+            self._consts[device] = c  # type: ignore[assignment]
+        return c  # type: ignore[return-value]
+
+    def _record(self, st: _OptState, param_groups: list, *, skipped: Any = False, scaler: Any = None,
+                grad_scale: Any = None) -> None:
+        with self._lock, torch.no_grad():
+            params = [p for g in param_groups for p in g["params"]]
+            grads = [p.grad for p in params if p.grad is not None]
+            device = grads[0].device if grads else (params[0].device if params else torch.device("cpu"))
+            nan, zero, one = self._const(device)
+
+            # Pre-clip per-tensor norms: reuse what a clip call measured, compute the rest.
+            norms: list[Any] = [None] * len(grads)
+            missing = []
+            for i, g in enumerate(grads):
+                seen = self._pre_norms.get(id(g))
+                if seen is not None and seen[0] is g:
+                    norms[i] = seen[1]
+                else:
+                    missing.append(i)
+            if missing:
+                for i, n in zip(missing, per_tensor_norms([grads[i] for i in missing])):
+                    norms[i] = n
+            grad_ids = {id(g) for g in grads}
+            clip = next((c for c in self._clips if c.grad_ids & grad_ids), None)
+            vector = stack_norms(norms, device)
+            if clip is not None and clip.total is not None and clip.grad_ids == grad_ids:
+                total = clip.total.to(device, non_blocking=True).float()  # the script's own number
+            else:
+                total = torch.linalg.vector_norm(vector) if grads else zero
+            if isinstance(grad_scale, torch.Tensor):  # fused AMP: grads still carry the scale
+                total = total / grad_scale.to(device, non_blocking=True)
+                vector = vector / grad_scale.to(device, non_blocking=True)
+
+            # Loss: everything passed to backward() since this optimizer's previous step.
+            start = st.loss_from - self._loss_base
+            losses = self._losses[max(0, start):]
+            if not losses:
+                loss = nan
+            elif len(losses) == 1:
+                loss = losses[0].float()
+            else:
+                loss = torch.stack([v.float().to(losses[0].device, non_blocking=True) for v in losses]).sum()
+            st.loss_from = self._loss_base + len(self._losses)
+            self._trim_losses()
+
+            clip_max_norm = clip.threshold if clip is not None and clip.kind == "norm" else float("nan")
+            clip_value = clip.threshold if clip is not None and clip.kind == "value" else float("nan")
+            clipped = (total > clip_max_norm).float() if clip_max_norm == clip_max_norm else zero
+            if isinstance(skipped, torch.Tensor):
+                skipped_t = (skipped.to(device, non_blocking=True) > 0).float()
+            else:
+                skipped_t = one if skipped else zero
+            scale = getattr(scaler, "_scale", None) if scaler is not None else None
+            scale_t = scale.to(device, non_blocking=True).float().clone() if isinstance(scale, torch.Tensor) else nan
+
+            values = torch.stack([total.float(), loss.to(device, non_blocking=True), clipped, skipped_t, scale_t])
+            layers = None
+            if self.layer_stride and st.steps % self.layer_stride == 0 and st.params:
+                layers = self._layer_vector(st, params, grads, vector, device)
+            lr = param_groups[0].get("lr", float("nan")) if param_groups else float("nan")
+            if isinstance(lr, torch.Tensor):
+                lr = lr.detach().clone()
+            st.rows.append(_Row(st.steps, clip_max_norm, clip_value, lr, time.time(), values, layers))
+            st.steps += 1
+            self._devices.add(str(device))
+
+            # This step consumed the clip calls and pre-clip norms of its gradients.
+            self._clips = [c for c in self._clips if not (c.grad_ids & grad_ids)]
+            for i in grad_ids:
+                self._pre_norms.pop(i, None)
+            if len(self._pre_norms) > 100_000:  # measurements no step ever consumed
+                self._pre_norms.clear()
+
+            self._pending += 1
+            if self._pending >= self.flush_steps or time.monotonic() - self._last_flush >= self.flush_seconds:
+                self._flush()
+
+    def _layer_vector(self, st: _OptState, params: list, grads: list, vector: torch.Tensor,
+                      device: torch.device) -> torch.Tensor:
+        """Norms in the optimizer's fixed parameter order; NaN for parameters without a gradient."""
+        if len(grads) == len(st.params) and all(a is b for a, b in zip(params, st.params)):
+            return vector
+        position = {id(p): i for i, p in enumerate(st.params)}
+        key = tuple(position.get(id(p), -1) for p in params if p.grad is not None)
+        if -1 in key:  # parameters added after the optimizer was first seen: no column for them
+            keep = [i for i, k in enumerate(key) if k >= 0]
+            vector, key = vector[keep], tuple(key[i] for i in keep)
+        index = self._index_cache.get((device, key))
+        if index is None:  # the pattern of missing gradients rarely changes: build once
+            index = torch.tensor(key, dtype=torch.long).to(device)
+            self._index_cache[(device, key)] = index
+        out = self._const(device)[0].expand(len(st.params)).clone()
+        return out.index_copy_(0, index, vector)
+
+    def _trim_losses(self) -> None:
+        keep_from = min((s.loss_from for s in self._states if s.kind == "optimizer"), default=None)
+        if keep_from is None or len(self._states) == 1:
+            keep_from = self._loss_base + len(self._losses)
+        if len(self._losses) > 10_000:  # an optimizer that stopped stepping must not pin memory
+            keep_from = max(keep_from, self._loss_base + len(self._losses) - 10_000)
+        drop = keep_from - self._loss_base
+        if drop > 0:
+            del self._losses[:drop]
+            self._loss_base = keep_from
+
+    # ------------------------------------------------------------------ flushing
+
+    def _flush(self) -> None:
+        """Launch the device-to-host copy of every pending row; write what has arrived."""
+        self._pending = 0
+        self._last_flush = time.monotonic()
+        for st in self._states:
+            if not st.rows:
+                continue
+            rows, st.rows = st.rows, []
+            device = rows[0].values.device
+            values = torch.stack([r.values.to(device, non_blocking=True) for r in rows])
+            tensor_lrs = [r.lr for r in rows if isinstance(r.lr, torch.Tensor)]
+            lrs = torch.stack([t.float().to(device) for t in tensor_lrs]) if tensor_lrs else None
+            layer_rows = [r for r in rows if r.layers is not None]
+            layers = torch.stack([r.layers.to(device, non_blocking=True) for r in layer_rows]) if layer_rows else None
+            batch = _Batch(
+                st=st,
+                rows=rows,
+                values=_to_host(values),
+                lrs=_to_host(lrs) if lrs is not None else None,
+                layers=_to_host(layers) if layers is not None else None,
+                layer_steps=[r.step for r in layer_rows],
+                event=None,
+            )
+            if device.type == "cuda":
+                batch.event = torch.cuda.Event()
+                batch.event.record()
+            self._inflight.append(batch)
+        self._drain(block=False)
+
+    def _drain(self, block: bool) -> None:
+        wrote = False
+        while self._inflight:
+            batch = self._inflight[0]
+            if batch.event is not None:
+                if block:
+                    batch.event.synchronize()
+                elif not batch.event.query():
+                    break  # not arrived yet; try again at the next flush
+            self._inflight.pop(0)
+            self._write(batch)
+            wrote = True
+        if wrote:
+            self._write_process()  # small, atomic: keeps step counts and optimizers current
+
+    def _write(self, batch: _Batch) -> None:
+        if self._writer is None:
+            self._writer = ProcessWriter(self.run_dir, self.rank)
+        st = batch.st
+        values = batch.values.tolist()
+        lrs = iter(batch.lrs.tolist()) if batch.lrs is not None else iter(())
+        f32, f64 = rundir.fmt_float32, rundir.fmt_float64
+        lines = []
+        for r, (gn, loss, clipped, skipped, scale) in zip(batch.rows, values):
+            lr = next(lrs) if isinstance(r.lr, torch.Tensor) else float(r.lr)
+            lines.append((
+                str(st.id), str(r.step), f32(gn), f32(loss), f64(r.clip_max_norm), str(int(clipped)),
+                f64(r.clip_value), str(int(skipped)), f32(scale), f64(lr), "%.6f" % r.time,
+            ))
+        self._writer.write_steps(lines)
+        if batch.layers is not None:
+            if st.names is None:
+                st.names = parameter_names(st.params)
+            layer_lines = [
+                (str(step), *map(f32, row)) for step, row in zip(batch.layer_steps, batch.layers.tolist())
+            ]
+            self._writer.write_layers(st.id, st.names, layer_lines)
+
+    def _write_process(self) -> None:
+        if self._writer is None:
+            return
+        info = {
+            "format": rundir.FORMAT_NAME,
+            "format_version": rundir.FORMAT_VERSION,
+            "gradscope_version": __version__,
+            "rank": self._writer.rank,
+            "world_size": _world_size(),
+            "pid": self._pid,
+            "host": rundir.host_name(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "devices": sorted(self._devices),
+            "started": _iso(self._started_at),
+            "ended": _iso(time.time()) if self._closed or self._status != "running" else None,
+            "status": self._status,
+            "layer_stride": self.layer_stride,
+            "flush_steps": self.flush_steps,
+            "flush_seconds": self.flush_seconds,
+            "optimizers": [
+                {
+                    "id": st.id,
+                    "class": st.cls,
+                    "kind": st.kind,
+                    "parameters": st.n_elements,
+                    "tensors": len(st.params),
+                    "steps": st.steps,
+                    "layers_file": rundir.layers_file(self._writer.rank, st.id) if st.names else None,
+                }
+                for st in self._states
+            ],
+            "clip_calls": dict(self._clip_calls),
+            "clip_thresholds": {k: v for k, v in self._thresholds.items() if v},
+        }
+        self._writer.write_process(info)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    # CUDA: an asynchronous copy into pinned memory, completion tracked by an event.
+    if t.device.type == "cpu":
+        return t
+    return t.to("cpu", non_blocking=True)
+
+
+def _as_list(parameters: Any) -> list:
+    if isinstance(parameters, torch.Tensor):
+        return [parameters]
+    return list(parameters)
+
+
+def _has_dtensor(tensors: list) -> bool:
+    return any(type(t).__name__ == "DTensor" for t in tensors)
+
+
+def _existing_optimizers() -> list:
+    """Optimizers created before recording started (the Python API inside a notebook)."""
+    import gc
+
+    return [o for o in gc.get_objects() if issubclass(type(o), torch.optim.Optimizer)]
+
+
+def _current_rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except Exception:
+        pass
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _world_size() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+    except Exception:
+        pass
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + ("%.3f" % (t % 1))[1:]

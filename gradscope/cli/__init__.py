@@ -1,0 +1,65 @@
+"""Command-line entry point: one place maps errors to exit codes and one-line messages.
+
+Exit codes: 0 success; 1 a check failed (or the recorded script's own status
+for `gradscope run`); 2 bad input or usage; 3 an internal error (a bug: set
+GRADSCOPE_DEBUG=1 for the traceback).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import click
+
+from gradscope.cli.app import app
+from gradscope.errors import GradscopeError
+
+# Each module registers its command on `app` when imported.
+from gradscope.cli import run as _run  # noqa: F401,E402
+
+__all__ = ["app", "main"]
+
+
+def _die_like(sig: int) -> None:
+    """End this process by the same signal that ended the child, as a shell would see it."""
+    try:
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    except (OSError, ValueError):
+        pass
+    sys.exit(128 + sig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = bool(os.environ.get("GRADSCOPE_DEBUG"))
+    try:
+        rv = app(args=argv, prog_name="gradscope", standalone_mode=False)
+    except GradscopeError as e:
+        if debug:
+            raise
+        print(f"gradscope: error: {e.message}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:  # usage errors: click's own one-liner
+        e.show()
+        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("gradscope: interrupted", file=sys.stderr)
+        _die_like(signal.SIGINT)
+    except BrokenPipeError:
+        sys.exit(1)
+    except Exception as e:  # a bug in gradscope, not the user's fault
+        if debug:
+            raise
+        print(
+            f"gradscope: internal error: {type(e).__name__}: {e} (set GRADSCOPE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(3)
+    if isinstance(rv, int):
+        if rv < 0:
+            _die_like(-rv)
+        sys.exit(rv)
+    sys.exit(0)

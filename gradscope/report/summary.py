@@ -1,0 +1,58 @@
+"""The few lines `gradscope run` prints when the script ends."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x != x else ("inf" if math.isinf(x) else f"{x:.4g}")
+
+
+def summary_lines(run_dir: Path) -> list[str]:
+    import numpy as np
+
+    from gradscope.rundir import load_run
+
+    run = load_run(run_dir)
+    steps = run.steps
+    meta = run.meta
+    head = f"gradscope: {meta.get('status')} (exit code {meta.get('exit_code')})"
+    lines = [head]
+    if steps.empty:
+        lines.append("  no optimizer step was recorded (did the script import torch and call optimizer.step()?)")
+    ranks = sorted(steps["rank"].unique()) if not steps.empty else []
+    view = steps[steps["rank"] == ranks[0]] if ranks else steps
+    for opt_id, s in view.groupby("optimizer"):
+        info = next((o for o in meta.get("optimizers", []) if o.get("id") == opt_id), {})
+        g = s["grad_norm"].to_numpy(dtype=float)
+        finite = g[np.isfinite(g)]
+        lines.append(f"  optimizer {opt_id} ({info.get('class', '?')}): {len(s)} steps recorded")
+        if len(finite):
+            p50, p90, p99 = np.percentile(finite, [50, 90, 99])
+            lines.append(
+                f"    grad norm  p50 {_fmt(p50)}  p90 {_fmt(p90)}  p99 {_fmt(p99)}  max {_fmt(finite.max())}"
+            )
+        tau = s["clip_max_norm"].dropna()
+        if len(tau):
+            lines.append(
+                f"    clipped    {s['clipped'].mean():.1%} of steps at max_norm {_fmt(tau.mode().iloc[0])}"
+            )
+        else:
+            lines.append("    clipped    no clip_grad_norm_ call seen")
+        bad = (~np.isfinite(g)) | (~np.isfinite(s["loss"].to_numpy(dtype=float)) & s["loss"].notna().to_numpy())
+        skipped = s["skipped"].to_numpy()
+        if bad.any() or skipped.any():
+            lines.append(
+                f"    non-finite {int(bad.sum())} steps (first at step {int(s['step'].to_numpy()[bad][0]) if bad.any() else '-'}),"
+                f" {int(skipped.sum())} skipped by the loss scaler"
+            )
+    if len(ranks) > 1:
+        lines.append(f"  ranks: {len(ranks)} ({', '.join(map(str, ranks))}); figures above are rank {ranks[0]}")
+    lines.append(f"  run saved in {run_dir}   next: gradscope recommend {run_dir}")
+    return lines
+
+
+def print_summary(run_dir: Path, file=None) -> None:
+    print("\n".join(summary_lines(run_dir)), file=file or sys.stderr)
