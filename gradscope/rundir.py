@@ -236,7 +236,7 @@ def _read_csv(path: Path):
     data = _read_whole_lines(path)
     if not data.strip():
         return pd.DataFrame()
-    return pd.read_csv(io.BytesIO(data), float_precision="round_trip")
+    return pd.read_csv(io.BytesIO(data))
 
 
 def _rank_of(name: str) -> int:

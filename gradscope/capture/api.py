@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from gradscope import rundir
-from gradscope.capture.recorder import Recorder
+from gradscope.capture.recorder import Recorder, _current_rank
 
 
 @contextmanager
@@ -25,10 +26,15 @@ def record(
     """
     import torch
 
-    path = rundir.prepare_run_dir(run_dir, force=force)
-    meta = rundir.new_meta(sys.argv, target="python-api", torch_version=torch.__version__)
-    meta["launcher_pid"] = os.getpid()
-    rundir.write_json_atomic(path / rundir.META_FILE, meta)
+    meta = None
+    if _current_rank() == 0:
+        path = rundir.prepare_run_dir(run_dir, force=force)
+        meta = rundir.new_meta(sys.argv, target="python-api", torch_version=torch.__version__)
+        meta["launcher_pid"] = os.getpid()
+        rundir.write_json_atomic(path / rundir.META_FILE, meta)
+    else:  # another rank of a distributed run: rank 0 owns the directory and meta.json
+        path = Path(run_dir)
+        path.mkdir(parents=True, exist_ok=True)
     rec = Recorder(path, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds)
     rec.start()
     status, code = "completed", 0
@@ -46,4 +52,5 @@ def record(
         raise
     finally:
         rec.stop(status)
-        rundir.write_json_atomic(path / rundir.META_FILE, rundir.finish_meta(meta, status, code))
+        if meta is not None:
+            rundir.write_json_atomic(path / rundir.META_FILE, rundir.finish_meta(meta, status, code))

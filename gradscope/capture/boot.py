@@ -36,6 +36,25 @@ def _start_quietly() -> None:
         print(f"gradscope: recording disabled in this process: {type(e).__name__}: {e}", file=sys.stderr)
 
 
+def _on_torch() -> None:
+    """torch is imported: record this process, and any child of it that becomes a rank.
+
+    multiprocessing spawn/forkserver children are DataLoader workers or the
+    ranks of ``mp.spawn``; only a rank joins a process group, so those start
+    recording when they do (see capture/distributed.py). The hook also covers
+    ranks forked from this process (``start_method="fork"``).
+    """
+    if "--multiprocessing-fork" not in sys.argv:
+        _start_quietly()
+    try:
+        from gradscope.capture.distributed import start_on_process_group
+
+        start_on_process_group(_start_quietly)
+    except Exception as e:
+        print(f"gradscope: ranks started by this process will not be recorded: {type(e).__name__}: {e}",
+              file=sys.stderr)
+
+
 class _AfterTorchImport(importlib.abc.MetaPathFinder):
     """Runs a callback once `import torch` has finished executing torch/__init__.py."""
 
@@ -51,7 +70,7 @@ class _AfterTorchImport(importlib.abc.MetaPathFinder):
 
         def exec_then_start(module):
             exec_module(module)
-            _start_quietly()
+            _on_torch()
 
         loader.exec_module = exec_then_start
         return spec
@@ -60,10 +79,7 @@ class _AfterTorchImport(importlib.abc.MetaPathFinder):
 def start_from_env() -> None:
     if not os.environ.get(ENV_RUN_DIR):
         return
-    # multiprocessing spawn/forkserver children (DataLoader workers) never train.
-    if "--multiprocessing-fork" in sys.argv:
-        return
     if "torch" in sys.modules:
-        _start_quietly()
+        _on_torch()
     else:
         sys.meta_path.insert(0, _AfterTorchImport())

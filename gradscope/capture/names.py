@@ -8,6 +8,7 @@ that holds most of the optimizer's parameters.
 from __future__ import annotations
 
 import gc
+import sys
 
 import torch
 
@@ -27,16 +28,18 @@ def _strip_wrappers(name: str) -> str:
 
 
 def parameter_names(params: list[torch.Tensor]) -> list[str]:
-    """One unique name per parameter, in the given order; `param.<i>` where none is found."""
+    """One unique name per parameter, in the given order; `param.<i>` where none is found.
+
+    The root module holding most of the parameters names them as the user's
+    model.named_parameters() does; parameters of further roots (a separate
+    `head = nn.Linear(...)`) are prefixed with the variable that holds the root
+    in __main__, when there is one.
+    """
     wanted = {id(p) for p in params}
     # type(), not isinstance(): some lazy objects warn when their __class__ is read.
     modules = [o for o in gc.get_objects() if issubclass(type(o), torch.nn.Module)]
-    children: set[int] = set()
-    for m in modules:
-        for c in m.children():
-            children.add(id(c))
-    best: dict[int, str] = {}
-    best_cover = -1
+    children = {id(c) for m in modules for c in m.children()}
+    covers = []
     for root in modules:
         if id(root) in children:
             continue
@@ -44,12 +47,19 @@ def parameter_names(params: list[torch.Tensor]) -> list[str]:
             named = {id(p): n for n, p in root.named_parameters(remove_duplicate=False) if id(p) in wanted}
         except Exception:  # a half-built or exotic module; naming is best-effort
             continue
-        if len(named) > best_cover:
-            best, best_cover = named, len(named)
+        if named:
+            covers.append((len(named), root, named))
+    covers.sort(key=lambda c: -c[0])
+    main_vars = {id(v): k for k, v in vars(sys.modules.get("__main__", sys)).items() if not k.startswith("_")}
+    found: dict[int, str] = {}
+    for rank, (_, root, named) in enumerate(covers):
+        prefix = "" if rank == 0 else main_vars.get(id(root), f"module{rank}") + "."
+        for pid, name in named.items():
+            found.setdefault(pid, prefix + _strip_wrappers(name))
     names: list[str] = []
     seen: set[str] = set()
     for i, p in enumerate(params):
-        name = _strip_wrappers(best.get(id(p), f"param.{i}"))
+        name = found.get(id(p), f"param.{i}")
         if name in seen:  # keep CSV columns unique even for odd models
             name = f"{name}#{i}"
         seen.add(name)

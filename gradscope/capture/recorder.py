@@ -34,6 +34,7 @@ import torch
 from torch.nn.utils import clip_grad as _clip_grad_mod
 
 from gradscope import __version__, rundir
+from gradscope.capture import distributed
 from gradscope.capture.names import parameter_names
 from gradscope.capture.norms import per_tensor_norms, stack_norms, total_norm_like_torch
 from gradscope.capture.writer import ProcessWriter
@@ -65,6 +66,7 @@ class _Row:
     time: float
     values: torch.Tensor  # [grad_norm, loss, clipped, skipped, loss_scale] on the device
     layers: torch.Tensor | None
+    norms: Any = None  # distributed.GlobalNorms still being reduced across ranks (gloo): see _resolve
 
 
 @dataclass
@@ -381,7 +383,8 @@ class Recorder:
     def _on_total_norm(self, orig, tensors, norm_type, error_if_nonfinite, foreach):
         self._count("get_total_norm")
         grads = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-        if float(norm_type) == 2.0 and not error_if_nonfinite and grads and not _has_dtensor(grads):
+        # DTensor gradients (FSDP2) too: the same ops dispatch to DTensor, so the total is torch's.
+        if float(norm_type) == 2.0 and not error_if_nonfinite and grads:
             with torch.no_grad():
                 total, norms = total_norm_like_torch(grads, foreach)
             self._remember_norms(grads, norms)
@@ -450,6 +453,8 @@ class Recorder:
             grads = [p.grad for p in params if p.grad is not None]
             device = grads[0].device if grads else (params[0].device if params else torch.device("cpu"))
             nan, zero, one = self._const(device)
+            # Rows are float64 (MPS has none): a norm past float32's range (3.4e38) stays finite.
+            wide = torch.float32 if device.type == "mps" else torch.float64
 
             # Pre-clip per-tensor norms: reuse what a clip call measured, compute the rest.
             norms: list[Any] = [None] * len(grads)
@@ -465,11 +470,24 @@ class Recorder:
                     norms[i] = n
             grad_ids = {id(g) for g in grads}
             clip = next((c for c in self._clips if c.grad_ids & grad_ids), None)
-            vector = stack_norms(norms, device)
-            if clip is not None and clip.total is not None and clip.grad_ids == grad_ids:
-                total = clip.total.to(device, non_blocking=True).float()  # the script's own number
+            want_layers = bool(self.layer_stride and st.steps % self.layer_stride == 0 and st.params)
+            reuse = clip is not None and clip.total is not None and clip.grad_ids == grad_ids
+            dist_norms = None
+            if _has_dtensor(grads):  # sharded gradients (FSDP2): summed across ranks, see distributed.py
+                dist_norms = distributed.global_norms(
+                    grads, norms, device, total=clip.total if reuse else None, want_vector=want_layers,
+                    grad_scale=grad_scale if isinstance(grad_scale, torch.Tensor) else None, dtype=wide)
+                grad_scale = None  # applied there
+                if dist_norms.pending:  # placeholders until the flush: grad_norm, and positions for layers
+                    total, vector = nan, self._positions(len(grads), device)
+                else:
+                    total, vector, dist_norms = dist_norms.total, dist_norms.vector, None
+            elif reuse:
+                vector = stack_norms(norms, device)
+                total = clip.total.to(device, non_blocking=True)  # the script's own number
             else:
-                total = torch.linalg.vector_norm(vector) if grads else zero
+                vector = stack_norms(norms, device)
+                total = torch.linalg.vector_norm(vector.to(wide)) if grads else zero
             if isinstance(grad_scale, torch.Tensor):  # fused AMP: grads still carry the scale
                 total = total / grad_scale.to(device, non_blocking=True)
                 vector = vector / grad_scale.to(device, non_blocking=True)
@@ -496,14 +514,14 @@ class Recorder:
             scale = getattr(scaler, "_scale", None) if scaler is not None else None
             scale_t = scale.to(device, non_blocking=True).float().clone() if isinstance(scale, torch.Tensor) else nan
 
-            values = torch.stack([total.float(), loss.to(device, non_blocking=True), clipped, skipped_t, scale_t])
+            values = torch.stack([t.to(device, wide, non_blocking=True) for t in (total, loss, clipped, skipped_t, scale_t)])
             layers = None
-            if self.layer_stride and st.steps % self.layer_stride == 0 and st.params:
+            if want_layers:
                 layers = self._layer_vector(st, params, grads, vector, device)
             lr = param_groups[0].get("lr", float("nan")) if param_groups else float("nan")
             if isinstance(lr, torch.Tensor):
                 lr = lr.detach().clone()
-            st.rows.append(_Row(st.steps, clip_max_norm, clip_value, lr, time.time(), values, layers))
+            st.rows.append(_Row(st.steps, clip_max_norm, clip_value, lr, time.time(), values, layers, dist_norms))
             st.steps += 1
             self._devices.add(str(device))
 
@@ -535,6 +553,33 @@ class Recorder:
         out = self._const(device)[0].expand(len(st.params)).clone()
         return out.index_copy_(0, index, vector)
 
+    def _positions(self, n: int, device: torch.device) -> torch.Tensor:
+        key = ("positions", device, n)
+        pos = self._index_cache.get(key)
+        if pos is None:
+            pos = torch.arange(n, dtype=torch.float32).to(device)
+            self._index_cache[key] = pos
+        return pos
+
+    def _resolve(self, row: _Row) -> None:
+        """Fill in a row whose global norms were reduced asynchronously (gloo): at flush, not per step."""
+        try:
+            g = row.norms.finish()
+            total, vector = g.total, g.vector
+        except Exception:  # a peer died mid-reduction: the row stays, its norms unknown
+            total = vector = None
+        row.norms = None
+        if total is None:
+            row.values[0] = float("nan")
+            if row.layers is not None:
+                row.layers = torch.full_like(row.layers, float("nan"))
+            return
+        row.values[0] = total
+        if row.clip_max_norm == row.clip_max_norm:
+            row.values[2] = (total > row.clip_max_norm).to(row.values.dtype)
+        if row.layers is not None:  # positions into the gradient order -> the full norms
+            row.layers = distributed.fill_layers(row.layers, vector)
+
     def _trim_losses(self) -> None:
         keep_from = min((s.loss_from for s in self._states if s.kind == "optimizer"), default=None)
         if keep_from is None or len(self._states) == 1:
@@ -556,6 +601,9 @@ class Recorder:
             if not st.rows:
                 continue
             rows, st.rows = st.rows, []
+            for r in rows:
+                if r.norms is not None:
+                    self._resolve(r)
             device = rows[0].values.device
             values = torch.stack([r.values.to(device, non_blocking=True) for r in rows])
             tensor_lrs = [r.lr for r in rows if isinstance(r.lr, torch.Tensor)]
@@ -604,7 +652,7 @@ class Recorder:
             lr = next(lrs) if isinstance(r.lr, torch.Tensor) else float(r.lr)
             lines.append((
                 str(st.id), str(r.step), f32(gn), f32(loss), f64(r.clip_max_norm), str(int(clipped)),
-                f64(r.clip_value), str(int(skipped)), f32(scale), f64(lr), "%.6f" % r.time,
+                f64(r.clip_value), str(int(skipped)), f64(scale), f64(lr), "%.6f" % r.time,
             ))
         self._writer.write_steps(lines)
         if batch.layers is not None:
