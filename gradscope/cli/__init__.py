@@ -24,7 +24,10 @@ __all__ = ["app", "main"]
 def _die_like(sig: int) -> None:
     """End this process by the same signal that ended the child, as a shell would see it."""
     try:
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
+            signal.signal(sig, signal.SIG_DFL)
+        sys.stdout.flush()
+        sys.stderr.flush()
         os.kill(os.getpid(), sig)
     except (OSError, ValueError):
         pass
