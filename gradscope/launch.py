@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradscope import rundir
-from gradscope.capture.boot import ENV_FLUSH_SECONDS, ENV_FLUSH_STEPS, ENV_LAYER_STRIDE, ENV_RUN_DIR
+from gradscope.capture.boot import (
+    ENV_FLUSH_SECONDS,
+    ENV_FLUSH_STEPS,
+    ENV_LAYER_STRIDE,
+    ENV_RUN_DIR,
+    ENV_STOP_ON_NAN,
+)
 from gradscope.errors import GradscopeError
 
 BOOTSTRAP_DIR = str(Path(__file__).resolve().parent / "_bootstrap")
@@ -100,7 +106,8 @@ def default_run_dir(target: Target) -> Path:
     return Path("gradscope_runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{target.label}"
 
 
-def child_env(run_dir: Path, layer_stride: int, flush_steps: int, flush_seconds: float) -> dict[str, str]:
+def child_env(run_dir: Path, layer_stride: int, flush_steps: int, flush_seconds: float,
+              stop_on_nan: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = BOOTSTRAP_DIR + (os.pathsep + old if old else "")
@@ -108,6 +115,7 @@ def child_env(run_dir: Path, layer_stride: int, flush_steps: int, flush_seconds:
     env[ENV_LAYER_STRIDE] = str(layer_stride)
     env[ENV_FLUSH_STEPS] = str(flush_steps)
     env[ENV_FLUSH_SECONDS] = str(flush_seconds)
+    env[ENV_STOP_ON_NAN] = "1" if stop_on_nan else "0"
     return env
 
 
@@ -130,13 +138,14 @@ def run_recorded(
     layer_stride: int = 1,
     flush_steps: int = 100,
     flush_seconds: float = 2.0,
+    stop_on_nan: bool = False,
 ) -> int:
     """Launch the target, wait for it, finish meta.json. Returns the child's return code
     (negative: killed by that signal)."""
     argv = target.argv()
     meta = rundir.new_meta(argv, target=target.kind)
     rundir.write_json_atomic(run_dir / rundir.META_FILE, meta)
-    env = child_env(run_dir, layer_stride, flush_steps, flush_seconds)
+    env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan)
 
     try:
         child = subprocess.Popen(argv, env=env)

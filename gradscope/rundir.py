@@ -51,6 +51,8 @@ STEP_COLUMNS = [
 # Columns that load_run adds: the rank the row came from.
 TABLE_COLUMNS = ["rank", *STEP_COLUMNS]
 BOOL_COLUMNS = ("clipped", "skipped")
+# Parse types for steps-r{R}.csv: no inference, and 0/1 flags read straight as bool.
+_STEP_DTYPES = {"optimizer": "int64", "step": "int64", "clipped": "bool", "skipped": "bool"}
 INT_COLUMNS = ("rank", "optimizer", "step")
 
 # Status values written to meta.json "status".
@@ -222,21 +224,24 @@ class Run:
         return Run(self.path, steps, layers, self.meta, self.source)
 
 
-def _read_whole_lines(path: Path) -> bytes:
-    data = path.read_bytes()
-    end = data.rfind(b"\n")
-    return data[: end + 1] if end >= 0 else b""
-
-
-def _read_csv(path: Path):
+def _read_csv(path: Path, dtype: dict | None = None):
+    """Parse a CSV this format wrote; a partial last line (a killed writer) is dropped."""
     import io
 
     import pandas as pd
 
-    data = _read_whole_lines(path)
-    if not data.strip():
-        return pd.DataFrame()
-    return pd.read_csv(io.BytesIO(data))
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return pd.DataFrame()
+        f.seek(size - 1)
+        whole = f.read(1) == b"\n"
+    if whole:  # the usual case: let pandas read the file itself, no copy
+        return pd.read_csv(path, dtype=dtype)
+    data = path.read_bytes()
+    data = data[: data.rfind(b"\n") + 1]
+    return pd.read_csv(io.BytesIO(data), dtype=dtype) if data.strip() else pd.DataFrame()
 
 
 def _rank_of(name: str) -> int:
@@ -265,23 +270,32 @@ def empty_steps():
 
 
 def normalize_steps(df):
-    """Give a steps table every contract column with its dtype (missing ones as NaN/False)."""
+    """Give a steps table every contract column with its dtype (missing ones as NaN/False).
+
+    Columns that already have the right dtype are left alone: on a million-step run
+    this is most of the difference between loading and just parsing the file.
+    """
     import numpy as np
     import pandas as pd
 
-    df = df.copy()
-    for c in TABLE_COLUMNS:
-        if c not in df.columns:
+    missing = [c for c in TABLE_COLUMNS if c not in df.columns]
+    if missing:
+        df = df.copy()
+        for c in missing:
             df[c] = False if c in BOOL_COLUMNS else (0 if c in ("rank", "optimizer") else np.nan)
-    for c in INT_COLUMNS:
-        df[c] = pd.to_numeric(df[c], errors="coerce").fillna(-1).astype("int64")
-    for c in BOOL_COLUMNS:
-        df[c] = df[c].fillna(0).astype(bool)
     for c in TABLE_COLUMNS:
-        if c not in INT_COLUMNS and c not in BOOL_COLUMNS:
+        if c in INT_COLUMNS:
+            if df[c].dtype != np.int64:
+                df[c] = pd.to_numeric(df[c], errors="coerce").fillna(-1).astype("int64")
+        elif c in BOOL_COLUMNS:
+            if df[c].dtype != np.bool_:
+                df[c] = pd.to_numeric(df[c], errors="coerce").fillna(0).astype(bool)
+        elif df[c].dtype != np.float64:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
-    extra = [c for c in df.columns if c not in TABLE_COLUMNS]
-    return df[TABLE_COLUMNS + extra]
+    if list(df.columns[: len(TABLE_COLUMNS)]) != TABLE_COLUMNS:
+        extra = [c for c in df.columns if c not in TABLE_COLUMNS]
+        df = df[TABLE_COLUMNS + extra]
+    return df
 
 
 def looks_like_run(path: str | os.PathLike) -> bool:
@@ -342,14 +356,17 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
         if rank is not None and r != rank:
             continue
         try:
-            df = _read_csv(f)
+            df = _read_csv(f, dtype=_STEP_DTYPES)
         except (OSError, ValueError, pd.errors.ParserError) as e:
             raise GradscopeError(f"cannot read '{f}': {e}") from None
         if df.empty:
             continue
         df.insert(0, "rank", r)
         frames.append(df)
-    steps = normalize_steps(pd.concat(frames, ignore_index=True)) if frames else empty_steps()
+    if not frames:
+        steps = empty_steps()
+    else:
+        steps = normalize_steps(frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True))
 
     layer_frames = []
     for f in sorted(p.glob("layers-r*-o*.csv")):

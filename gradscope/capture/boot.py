@@ -16,6 +16,7 @@ ENV_RUN_DIR = "GRADSCOPE_RUN_DIR"
 ENV_LAYER_STRIDE = "GRADSCOPE_LAYER_STRIDE"
 ENV_FLUSH_STEPS = "GRADSCOPE_FLUSH_STEPS"
 ENV_FLUSH_SECONDS = "GRADSCOPE_FLUSH_SECONDS"
+ENV_STOP_ON_NAN = "GRADSCOPE_STOP_ON_NAN"
 
 
 def _start() -> None:
@@ -26,6 +27,7 @@ def _start() -> None:
         layer_stride=int(os.environ.get(ENV_LAYER_STRIDE, "1")),
         flush_steps=int(os.environ.get(ENV_FLUSH_STEPS, "100")),
         flush_seconds=float(os.environ.get(ENV_FLUSH_SECONDS, "2.0")),
+        stop_on_nan=os.environ.get(ENV_STOP_ON_NAN) == "1",
     ).start()
 
 

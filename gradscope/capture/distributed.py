@@ -146,11 +146,11 @@ def global_norms(
     squares = torch.stack([t.to(device, dtype, non_blocking=True) for t in locals_]).square()
     out = GlobalNorms(total=total, vector=None, _squares=squares, _scale=grad_scale)
     if any(d != 1.0 for d in divisors):
-        out._divisor = torch.tensor(divisors, dtype=dtype).to(device, non_blocking=True)
+        out._divisor = _constant(divisors, dtype, device)
     stream_ordered = False
     for key, index in groups.items():
         whole = len(index) == len(locals_)
-        buf = squares if whole else squares[torch.tensor(index, device=device)]
+        buf = squares if whole else squares[_constant(index, torch.long, device)]
         pgs = [None] if key == "world" else _mesh_groups(key)
         for k, pg in enumerate(pgs):
             work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg, async_op=True)
@@ -162,12 +162,26 @@ def global_norms(
             else:
                 out.works.append(work)
         if not whole:
-            out._parts.append((torch.tensor(index, device=device), buf))
+            out._parts.append((_constant(index, torch.long, device), buf))
     if not out.works:
         out._complete()
     elif stream_ordered:
         out.finish()
     return out
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, built once per pattern (a host-to-device copy per step would not be free)."""
+    key = (tuple(values), dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 256:
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype).to(device)
+    return t
 
 
 def _local_part(n) -> tuple[torch.Tensor, float]:

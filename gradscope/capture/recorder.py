@@ -21,6 +21,7 @@ The user's gradients, RNG state and dtypes are never touched.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import signal
 import sys
@@ -67,6 +68,7 @@ class _Row:
     values: torch.Tensor  # [grad_norm, loss, clipped, skipped, loss_scale] on the device
     layers: torch.Tensor | None
     norms: Any = None  # distributed.GlobalNorms still being reduced across ranks (gloo): see _resolve
+    loss_from: int | None = None  # set while the loss may still come from inside step() (closures)
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Recorder:
         flush_seconds: float = 2.0,
         rank: int | None = None,
         handle_sigterm: bool = True,
+        stop_on_nan: bool = False,
     ) -> None:
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.layer_stride = max(0, int(layer_stride))  # 0 = no per-layer table
@@ -115,6 +118,8 @@ class Recorder:
         self.flush_seconds = float(flush_seconds)
         self._rank = rank
         self._handle_sigterm = handle_sigterm
+        self.stop_on_nan = stop_on_nan
+        self._first_bad: str | None = None  # first non-finite step seen on the host
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._patches: list[tuple[Any, str, Any, Any]] = []
@@ -219,10 +224,11 @@ class Recorder:
         self._patches.append((owner, name, original, replacement))
 
     def _install(self) -> None:
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         rec = self
         self._handles.append(register_optimizer_step_pre_hook(self._on_step))
+        self._handles.append(register_optimizer_step_post_hook(self._after_step))
 
         def make_init(orig):
             def __init__(opt, *args, **kwargs):
@@ -319,6 +325,7 @@ class Recorder:
                 if st.steps == before:
                     # The scaler found inf/nan and never called optimizer.step(): still a row.
                     rec._record(st, optimizer.param_groups, skipped=True, scaler=scaler)
+                    rec._maybe_flush()
                 return result
 
             return step
@@ -411,6 +418,7 @@ class Recorder:
             # so the clip call is the step (as in PyTorch's word_language_model example).
             st = self._manual_state(params)
             self._record(st, [{"params": params, "lr": float("nan")}])
+            self._maybe_flush()
 
     def _manual_state(self, params: list) -> _OptState:
         st = self._manual
@@ -436,6 +444,27 @@ class Recorder:
         skipped = getattr(opt, "found_inf", None)  # fused optimizers skip inside step()
         self._record(st, opt.param_groups, skipped=skipped, scaler=self._active_scaler,
                      grad_scale=getattr(opt, "grad_scale", None))
+
+    def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        st = self._opts.get(opt)
+        if st is None or not self._mine():
+            return
+        row = st.rows[-1] if st.rows else None
+        if row is not None and row.loss_from is not None:
+            # Closure optimizers (LBFGS) call backward() inside step(), after the pre-hook:
+            # the step's loss is the first value its closure passed to backward().
+            losses = self._losses[max(0, row.loss_from - self._loss_base):]
+            if losses:
+                row.values[1] = losses[0].to(row.values.device, row.values.dtype, non_blocking=True)
+            row.loss_from = None
+            st.loss_from = self._loss_base + len(self._losses)
+            self._trim_losses()
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        # Called after a step is complete (never inside _record), so a row is whole when copied.
+        if self._pending >= self.flush_steps or time.monotonic() - self._last_flush >= self.flush_seconds:
+            self._flush()
 
     # ------------------------------------------------------------------ the row
 
@@ -521,7 +550,10 @@ class Recorder:
             lr = param_groups[0].get("lr", float("nan")) if param_groups else float("nan")
             if isinstance(lr, torch.Tensor):
                 lr = lr.detach().clone()
-            st.rows.append(_Row(st.steps, clip_max_norm, clip_value, lr, time.time(), values, layers, dist_norms))
+            row = _Row(st.steps, clip_max_norm, clip_value, lr, time.time(), values, layers, dist_norms)
+            if not losses:
+                row.loss_from = st.loss_from
+            st.rows.append(row)
             st.steps += 1
             self._devices.add(str(device))
 
@@ -533,8 +565,6 @@ class Recorder:
                 self._pre_norms.clear()
 
             self._pending += 1
-            if self._pending >= self.flush_steps or time.monotonic() - self._last_flush >= self.flush_seconds:
-                self._flush()
 
     def _layer_vector(self, st: _OptState, params: list, grads: list, vector: torch.Tensor,
                       device: torch.device) -> torch.Tensor:
@@ -639,6 +669,12 @@ class Recorder:
             wrote = True
         if wrote:
             self._write_process()  # small, atomic: keeps step counts and optimizers current
+        if self.stop_on_nan and self._first_bad and self._status == "running":
+            # Values reach the host only here, so this is the earliest moment we can know,
+            # without a per-step sync: within one flush interval of the bad step.
+            print(f"gradscope: stopping the training (--stop-on-nan): {self._first_bad}", file=sys.stderr)
+            self._status = "failed"
+            raise SystemExit(1)
 
     def _write(self, batch: _Batch) -> None:
         if self._writer is None:
@@ -650,6 +686,9 @@ class Recorder:
         lines = []
         for r, (gn, loss, clipped, skipped, scale) in zip(batch.rows, values):
             lr = next(lrs) if isinstance(r.lr, torch.Tensor) else float(r.lr)
+            if self._first_bad is None and not skipped and not (math.isfinite(loss) and math.isfinite(gn)):
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                self._first_bad = f"non-finite {what} at step {r.step} of optimizer {st.id}"
             lines.append((
                 str(st.id), str(r.step), f32(gn), f32(loss), f64(r.clip_max_norm), str(int(clipped)),
                 f64(r.clip_value), str(int(skipped)), f64(scale), f64(lr), "%.6f" % r.time,

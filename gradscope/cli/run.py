@@ -38,6 +38,9 @@ def run_command(
     layer_stride: int = typer.Option(1, "--layer-stride", min=0, help="Per-layer norms every N steps (0: off)."),
     flush_steps: int = typer.Option(100, "--flush-steps", min=1, help="Copy values to disk every N steps..."),
     flush_seconds: float = typer.Option(2.0, "--flush-seconds", min=0.0, help="...or every T seconds, whichever first."),
+    stop_on_nan: bool = typer.Option(
+        False, "--stop-on-nan", help="Stop the training within one flush of the first non-finite loss (exit 1)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary at the end."),
 ) -> int:
     from gradscope import launch, rundir
@@ -54,7 +57,8 @@ def run_command(
     run_dir = rundir.prepare_run_dir(run_dir, force=force)
 
     returncode = launch.run_recorded(
-        target, run_dir, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds
+        target, run_dir, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds,
+        stop_on_nan=stop_on_nan,
     )
     if not quiet:
         from gradscope.report.summary import print_summary

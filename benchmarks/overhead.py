@@ -1,0 +1,137 @@
+"""Recorder overhead: step time with and without gradscope, same process, alternating blocks.
+
+Whole-process timings on shared machines drift by several percent, so each
+configuration alternates blocks of steps with recording off and on (the Python
+API, `gradscope.record`) and reports the median of the paired on/off ratios.
+Recording starts and stops outside the timed region; flushes and the one-time
+parameter naming happen inside it, at their real frequency.
+
+    python benchmarks/overhead.py              # ~5M-parameter transformer on CPU, ~3 minutes
+    python benchmarks/overhead.py --quick      # fewer blocks, for a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import gradscope
+
+
+def transformer(vocab: int = 2000, d: int = 256, layers: int = 5) -> torch.nn.Module:
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, d)
+            block = torch.nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(d, vocab)
+
+        def forward(self, x):
+            return self.head(self.encoder(self.embed(x)))
+
+    return LM()
+
+
+def make_step(model, opt, clip: float | None, batch: int, seq: int, vocab: int):
+    x = torch.randint(0, vocab, (batch, seq))
+    y = torch.randint(0, vocab, (batch, seq))
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+
+    return step
+
+
+def timed_block(step, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return time.perf_counter() - t0
+
+
+def paired_ratios(step, pairs: int, block: int, workdir: Path) -> list[float]:
+    for _ in range(3):  # warm-up: allocator, thread pools, first-call paths
+        step()
+    ratios = []
+    for i in range(pairs):
+        off = timed_block(step, block)
+        with gradscope.record(workdir / f"run{i}"):
+            on = timed_block(step, block)
+        # alternate which comes first so a slow drift cancels out
+        if i % 2:
+            with gradscope.record(workdir / f"run{i}b"):
+                on2 = timed_block(step, block)
+            off2 = timed_block(step, block)
+            ratios.append((on + on2) / (off + off2))
+        else:
+            ratios.append(on / off)
+    return ratios
+
+
+def fixed_cost_us(workdir: Path, steps: int = 2000) -> tuple[float, float]:
+    """Per-step cost on a model too small to hide anything: absolute µs added."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(2, 4)
+
+    def step():
+        loss = model(x).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(200):
+        step()
+    offs, ons = [], []
+    for i in range(5):
+        offs.append(timed_block(step, steps) / steps)
+        with gradscope.record(workdir / f"tiny{i}"):
+            ons.append(timed_block(step, steps) / steps)
+    off, on = statistics.median(offs), statistics.median(ons)
+    return off * 1e6, (on - off) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=12)
+    ap.add_argument("--block", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.pairs, args.block = 4, 5
+
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for clip in (None, 1.0):
+            torch.manual_seed(0)
+            model = transformer()
+            n = sum(p.numel() for p in model.parameters())
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            step = make_step(model, opt, clip, args.batch, args.seq, 2000)
+            ratios = paired_ratios(step, args.pairs, args.block, work / f"clip{clip}")
+            label = "script clips (clip_grad_norm_ 1.0)" if clip else "script does not clip"
+            print(
+                f"{n / 1e6:.1f}M params, {label}: median ratio with/without {statistics.median(ratios):.4f} "
+                f"(pairs {len(ratios)}, min {min(ratios):.4f}, max {max(ratios):.4f})"
+            )
+        base, extra = fixed_cost_us(work)
+        print(f"tiny model (Linear 4x4): {base:.0f} us/step without, +{extra:.0f} us/step with recording")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,500 @@
+"""The CI gate behind `gradscope check`: non-finite steps and policy rules -> pass/fail verdicts.
+
+Pure functions: a Run (plus the analyzer's per-optimizer facts) in, dataclasses out.
+How a verdict looks (plain lines, GitHub annotations, JUnit XML) is report/ci.py's job.
+
+A step fails the non-finite check when its loss is inf/NaN, or when its gradient
+norm is inf/NaN and no loss scaler absorbed it (a GradScaler that skipped the
+update applied nothing: that is the scaler working, not a failure).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from gradscope.errors import GradscopeError
+
+REGIMES = ("always-clips", "never-clips", "healthy", "unclipped")
+POLICY_FILE = "check.yaml"
+# Policy keys as written in YAML (dashes and underscores both accepted) -> Policy fields.
+_POLICY_KEYS = {
+    "fail_on": "fail_on",
+    "max_clip_fraction": "max_clip_fraction",
+    "max_spikes": "max_spikes",
+    "max_skipped_fraction": "max_skipped_fraction",
+}
+MAX_LAYERS_LISTED = 5
+
+PASS, FAIL, SKIP = "pass", "fail", "skipped"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Optional rules on top of the non-finite check; None / () turns a rule off."""
+
+    fail_on: tuple[str, ...] = ()
+    max_clip_fraction: float | None = None
+    max_spikes: int | None = None
+    max_skipped_fraction: float | None = None
+
+
+@dataclass
+class SeriesFacts:
+    """What the analyzer concluded about one optimizer's series (one rank)."""
+
+    rank: int
+    optimizer: int
+    regime: str | None = None
+    clip_fraction: float | None = None
+    clip_norm: float | None = None
+    spikes: int | None = None
+
+
+@dataclass
+class NonFinite:
+    """The first step that went bad, and how much of the run did."""
+
+    rank: int
+    optimizer: int
+    optimizer_class: str | None
+    step: int
+    quantity: str  # "loss", "gradient" or "loss and gradient"
+    loss: float
+    grad_norm: float
+    bad_steps: int  # failing steps in the whole run
+    absorbed_steps: int  # non-finite gradients a loss scaler skipped (not failures)
+    layers: list[str] = field(default_factory=list)  # non-finite layers, inf before nan
+    layers_total: int = 0  # layers recorded at layers_step
+    layers_step: int | None = None
+    # Just before: the layers whose norm had grown most over their own median,
+    # (name, norm, step, norm / median of that layer's earlier norms).
+    growing: list[tuple[str, float, int, float]] = field(default_factory=list)
+    multi_rank: bool = False
+    multi_optimizer: bool = False
+
+    @property
+    def where(self) -> str:
+        opt = f"optimizer {self.optimizer}" + (f" {self.optimizer_class}" if self.optimizer_class else "")
+        rank = f", rank {self.rank}" if self.multi_rank else ""
+        return f"step {self.step} ({opt}{rank})"
+
+
+@dataclass
+class CheckResult:
+    """One check as CI sees it: a JUnit testcase, a line, an annotation."""
+
+    name: str  # "non-finite", "fail-on", "max-clip-fraction", "max-spikes", "max-skipped-fraction"
+    status: str  # PASS, FAIL or SKIP
+    message: str
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAIL
+
+
+@dataclass
+class Verdict:
+    checks: list[CheckResult]
+    non_finite: NonFinite | None
+    notes: list[str] = field(default_factory=list)  # what the input cannot show, etc.
+    steps: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not any(c.failed for c in self.checks)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+
+# ---------------------------------------------------------------- policy (YAML + flags)
+
+
+def parse_fail_on(value: str | Iterable[str] | None, where: str = "--fail-on") -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        name = str(item).strip().lower().replace("_", "-")
+        if not name:
+            continue
+        if name not in REGIMES:
+            raise GradscopeError(f"{where}: unknown regime '{item}' (choose from: {', '.join(REGIMES)})")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def _number(value: Any, key: str, where: str, *, integer: bool = False, fraction: bool = False):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GradscopeError(f"'{where}': {key} must be a number, got {value!r}")
+    if integer and value != int(value):
+        raise GradscopeError(f"'{where}': {key} must be a whole number, got {value!r}")
+    if value < 0 or (fraction and value > 1):
+        bound = "between 0 and 1" if fraction else "0 or more"
+        raise GradscopeError(f"'{where}': {key} must be {bound}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def policy_from_mapping(data: Any, where: str) -> Policy:
+    """A Policy from a parsed YAML mapping; unknown keys and bad values are errors naming the file."""
+    if data is None:
+        return Policy()
+    if not isinstance(data, dict):
+        raise GradscopeError(f"'{where}': a check config must be a mapping (keys: {', '.join(_POLICY_KEYS)})")
+    norm = {}
+    for k, v in data.items():
+        key = str(k).strip().replace("-", "_")
+        if key not in _POLICY_KEYS:
+            raise GradscopeError(
+                f"'{where}': unknown setting '{k}' (valid: {', '.join(k.replace('_', '-') for k in _POLICY_KEYS)})"
+            )
+        norm[key] = v
+    fail_on = norm.get("fail_on")
+    if fail_on is not None and not isinstance(fail_on, (str, list)):
+        raise GradscopeError(f"'{where}': fail-on must be a list of regimes, got {fail_on!r}")
+    return Policy(
+        fail_on=parse_fail_on(fail_on, f"'{where}': fail-on"),
+        max_clip_fraction=_number(norm.get("max_clip_fraction"), "max-clip-fraction", where, fraction=True),
+        max_spikes=_number(norm.get("max_spikes"), "max-spikes", where, integer=True),
+        max_skipped_fraction=_number(norm.get("max_skipped_fraction"), "max-skipped-fraction", where, fraction=True),
+    )
+
+
+def load_policy(path: str | os.PathLike | None = None) -> Policy:
+    """configs/check.yaml (shipped with gradscope), or the user's file instead of it."""
+    import yaml
+
+    if path is None:
+        from importlib.resources import files
+
+        where = f"gradscope.configs/{POLICY_FILE}"
+        text = files("gradscope.configs").joinpath(POLICY_FILE).read_text(encoding="utf-8")
+    else:
+        where = os.fspath(path)
+        try:
+            with open(where, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise GradscopeError(f"config file '{where}' does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise GradscopeError(f"cannot read config file '{where}': {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GradscopeError(f"cannot parse '{where}' as YAML: {first}") from None
+    return policy_from_mapping(data, where)
+
+
+def override(policy: Policy, **flags: Any) -> Policy:
+    """Flags given on the command line win over the file; None means 'not given'."""
+    from dataclasses import replace
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    return replace(policy, **given)
+
+
+# ---------------------------------------------------------------- non-finite
+
+
+def _finite(x: float) -> bool:
+    return x == x and not math.isinf(x)
+
+
+def _fmt(x: float) -> str:
+    if x != x:
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.4g}"
+
+
+def _optimizer_class(meta: dict, opt_id: int) -> str | None:
+    for o in meta.get("optimizers", []) or []:
+        if isinstance(o, dict) and o.get("id") == opt_id:
+            return o.get("class")
+    return None
+
+
+def _bad_masks(steps, source: str):
+    """(bad loss, bad gradient, absorbed) boolean arrays over the steps table."""
+    import numpy as np
+
+    loss = steps["loss"].to_numpy(dtype=float)
+    grad = steps["grad_norm"].to_numpy(dtype=float)
+    skipped = steps["skipped"].to_numpy(dtype=bool)
+    bad_loss = np.isinf(loss)
+    bad_grad = ~np.isfinite(grad)
+    keys = steps["rank"].to_numpy() * 1_000_003 + steps["optimizer"].to_numpy()
+    for key in np.unique(keys):
+        sel = keys == key
+        # NaN in the loss column also means "no loss recorded" (a series without a
+        # backward() gradscope saw, a log without the key): it counts as a NaN loss only
+        # where the series does record losses, and, for foreign logs, where the
+        # gradient agrees that something went wrong.
+        if np.isfinite(loss[sel]).any() or np.isinf(loss[sel]).any():
+            nan_loss = sel & np.isnan(loss)
+            if source != "gradscope":
+                nan_loss &= bad_grad
+            bad_loss |= nan_loss
+        if source != "gradscope" and np.isnan(grad[sel]).all():
+            # A trainer that logs NaN for every step (DeepSpeed ZeRO / FSDP) has no norm to judge.
+            bad_grad &= ~sel
+    absorbed = bad_grad & skipped
+    return bad_loss, bad_grad & ~skipped, absorbed
+
+
+def find_non_finite(run) -> NonFinite | None:
+    """The first failing step (by wall-clock time when known, else by step), or None."""
+    import numpy as np
+
+    steps = run.steps
+    if steps is None or len(steps) == 0:
+        return None
+    bad_loss, bad_grad, absorbed = _bad_masks(steps, run.source)
+    bad = bad_loss | bad_grad
+    if not bad.any():
+        return None
+    idx = np.flatnonzero(bad)
+    times = steps["time"].to_numpy(dtype=float)[idx]
+    if np.isfinite(times).all():
+        order = np.lexsort((steps["step"].to_numpy()[idx], times))
+    else:
+        order = np.lexsort((steps["rank"].to_numpy()[idx], steps["optimizer"].to_numpy()[idx], steps["step"].to_numpy()[idx]))
+    i = int(idx[order[0]])
+    row = steps.iloc[i]
+    quantity = " and ".join(q for q, m in (("loss", bad_loss), ("gradient", bad_grad)) if m[i])
+    rank, opt, step = int(row["rank"]), int(row["optimizer"]), int(row["step"])
+    nf = NonFinite(
+        rank=rank,
+        optimizer=opt,
+        optimizer_class=_optimizer_class(run.meta, opt),
+        step=step,
+        quantity=quantity,
+        loss=float(row["loss"]),
+        grad_norm=float(row["grad_norm"]),
+        bad_steps=int(bad.sum()),
+        absorbed_steps=int(absorbed.sum()),
+        multi_rank=steps["rank"].nunique() > 1,
+        multi_optimizer=steps["optimizer"].nunique() > 1,
+    )
+    _attach_layers(nf, run, steps, bad)
+    return nf
+
+
+def _attach_layers(nf: NonFinite, run, steps, bad) -> None:
+    """Layers non-finite at the first bad step, else at the earliest recorded step where any was."""
+    import numpy as np
+
+    layers = run.layers
+    if layers is None or len(layers) == 0:
+        return
+    sel = layers[(layers["rank"] == nf.rank) & (layers["optimizer"] == nf.optimizer)]
+    names = [c for c in sel.columns if c not in ("rank", "optimizer", "step")]
+    if sel.empty or not names:
+        return
+    # Steps a scaler skipped have inf layers by design: they are not where it went wrong.
+    mine = (steps["rank"].to_numpy() == nf.rank) & (steps["optimizer"].to_numpy() == nf.optimizer)
+    absorbed = mine & steps["skipped"].to_numpy(dtype=bool) & ~bad
+    skipped_steps = set(steps["step"].to_numpy()[absorbed].tolist())
+    sel = sel[~sel["step"].isin(skipped_steps)]
+    all_values = sel[names].to_numpy(dtype=float)
+    all_at = sel["step"].to_numpy()
+    later = all_at >= nf.step
+    values, at = all_values[later], all_at[later]
+    any_bad = ~np.isfinite(values).all(axis=1)
+    if not any_bad.any():
+        return
+    exact = np.flatnonzero(any_bad & (at == nf.step))
+    j = int(exact[0]) if len(exact) else int(np.flatnonzero(any_bad)[np.argmin(at[any_bad])])
+    row = values[j]
+    inf_first = [n for n, v in zip(names, row) if np.isinf(v)] + [n for n, v in zip(names, row) if np.isnan(v)]
+    nf.layers = inf_first
+    nf.layers_total = len(names)
+    nf.layers_step = int(at[j])
+    ok = (all_at < nf.layers_step) & np.isfinite(all_values).all(axis=1)
+    before, before_at = all_values[ok], all_at[ok]
+    if len(before) >= 2:
+        last = before[-1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            growth = last / np.median(before[:-1], axis=0)
+        growth = np.where(np.isfinite(growth), growth, 0.0)
+        top = np.argsort(-growth)[:3]
+        nf.growing = [
+            (names[k], float(last[k]), int(before_at[-1]), float(growth[k])) for k in top if growth[k] > 1.5
+        ]
+
+
+def describe_non_finite(nf: NonFinite) -> str:
+    """One line naming the step, the quantity that went bad, and the layers."""
+    text = f"{nf.quantity} went non-finite at {nf.where}: loss {_fmt(nf.loss)}, grad_norm {_fmt(nf.grad_norm)}"
+    if nf.layers:
+        shown = nf.layers[:MAX_LAYERS_LISTED]
+        more = len(nf.layers) - len(shown)
+        listed = ", ".join(shown) + (f" and {more} more" if more else "")
+        at = "" if nf.layers_step == nf.step else f" at step {nf.layers_step} (the first with layer norms recorded)"
+        if len(nf.layers) == nf.layers_total:
+            text += f"; every layer non-finite{at} ({nf.layers_total} of {nf.layers_total})"
+            if nf.growing:
+                grew = ", ".join(f"{n} {_fmt(v)} ({r:.1f}x its median)" for n, v, _, r in nf.growing)
+                text += f"; fastest-growing layers just before (step {nf.growing[0][2]}): {grew}"
+        else:
+            text += f"; non-finite layers{at}: {len(nf.layers)} of {nf.layers_total}: {listed}"
+    later = nf.bad_steps - 1
+    if later:
+        text += f"; {later} more bad step{'s' if later != 1 else ''} after it"
+    return text
+
+
+# ---------------------------------------------------------------- the verdict
+
+
+def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None = None) -> Verdict:
+    """Run every check: non-finite always, the policy's rules when set."""
+    import numpy as np
+
+    policy = policy or Policy()
+    facts = facts or []
+    steps = run.steps
+    checks: list[CheckResult] = []
+    notes = list(_visibility_notes(run))
+
+    nf = find_non_finite(run)
+    if nf is not None:
+        checks.append(CheckResult("non-finite", FAIL, describe_non_finite(nf)))
+    else:
+        n = len(steps)
+        _, _, absorbed = _bad_masks(steps, run.source) if n else (None, None, np.zeros(0, bool))
+        if absorbed.any():
+            msg = (f"{n} steps: losses finite; gradient norms finite except {int(absorbed.sum())} overflow "
+                   "steps the loss scaler skipped (nothing applied: harmless)")
+        else:
+            msg = f"{n} steps: every loss and gradient norm finite" if n else "no steps recorded"
+        checks.append(CheckResult("non-finite", PASS if n else SKIP, msg))
+
+    if policy.fail_on:
+        checks.append(_check_fail_on(policy.fail_on, facts))
+    if policy.max_clip_fraction is not None:
+        checks.append(_check_clip_fraction(policy.max_clip_fraction, facts))
+    if policy.max_spikes is not None:
+        checks.append(_check_spikes(policy.max_spikes, facts))
+    if policy.max_skipped_fraction is not None:
+        checks.append(_check_skipped(policy.max_skipped_fraction, steps))
+    return Verdict(checks=checks, non_finite=nf, notes=notes, steps=len(steps))
+
+
+def _label(f: SeriesFacts, facts: list[SeriesFacts]) -> str:
+    parts = []
+    if len({x.optimizer for x in facts}) > 1:
+        parts.append(f"optimizer {f.optimizer}")
+    if len({x.rank for x in facts}) > 1:
+        parts.append(f"rank {f.rank}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _check_fail_on(fail_on: tuple[str, ...], facts: list[SeriesFacts]) -> CheckResult:
+    judged = [f for f in facts if f.regime]
+    if not judged:
+        return CheckResult("fail-on", SKIP, "no regime could be judged (too few finite steps)")
+    hits = [f for f in judged if f.regime in fail_on]
+    if hits:
+        why = "; ".join(
+            f"regime {f.regime}{_label(f, facts)}" + (
+                f": clips {f.clip_fraction:.1%} of steady-state steps at max_norm {_fmt(f.clip_norm)}"
+                if f.clip_fraction is not None and f.clip_norm is not None else ""
+            )
+            for f in hits
+        )
+        return CheckResult("fail-on", FAIL, f"{why} (policy fails on {', '.join(fail_on)})")
+    regimes = ", ".join(sorted({f.regime for f in judged}))
+    return CheckResult("fail-on", PASS, f"regime {regimes} (policy fails on {', '.join(fail_on)})")
+
+
+def _check_clip_fraction(limit: float, facts: list[SeriesFacts]) -> CheckResult:
+    judged = [f for f in facts if f.clip_fraction is not None]
+    if not judged:
+        return CheckResult("max-clip-fraction", SKIP, "the run does not clip (no clip_grad_norm_ threshold known)")
+    worst = max(judged, key=lambda f: f.clip_fraction)
+    text = f"clips {worst.clip_fraction:.1%} of steady-state steps{_label(worst, facts)}"
+    if worst.clip_norm is not None:
+        text += f" at max_norm {_fmt(worst.clip_norm)}"
+    if worst.clip_fraction > limit:
+        return CheckResult("max-clip-fraction", FAIL, f"{text}, more than the allowed {limit:.1%}")
+    return CheckResult("max-clip-fraction", PASS, f"{text} (allowed {limit:.1%})")
+
+
+def _check_spikes(limit: int, facts: list[SeriesFacts]) -> CheckResult:
+    judged = [f for f in facts if f.spikes is not None]
+    if not judged:
+        return CheckResult("max-spikes", SKIP, "spikes could not be counted (too few finite steps)")
+    total = sum(f.spikes for f in judged)
+    if total > limit:
+        return CheckResult("max-spikes", FAIL, f"{total} gradient-norm spikes, more than the allowed {limit}")
+    return CheckResult("max-spikes", PASS, f"{total} gradient-norm spikes (allowed {limit})")
+
+
+def _check_skipped(limit: float, steps) -> CheckResult:
+    if len(steps) == 0:
+        return CheckResult("max-skipped-fraction", SKIP, "no steps recorded")
+    frac = float(steps["skipped"].mean())
+    n = int(steps["skipped"].sum())
+    text = f"the loss scaler skipped {n} of {len(steps)} steps ({frac:.1%})"
+    if frac > limit:
+        return CheckResult("max-skipped-fraction", FAIL, f"{text}, more than the allowed {limit:.1%}")
+    return CheckResult("max-skipped-fraction", PASS, f"{text} (allowed {limit:.1%})")
+
+
+def _visibility_notes(run) -> Iterable[str]:
+    """What a foreign log cannot show the non-finite check."""
+    meta = run.meta or {}
+    notes = [str(n) for n in meta.get("notes", []) or []]
+    for n in notes:
+        low = n.lower()
+        if "nan_inf_filter" in low or ("nan" in low and "drop" in low and "loss" in low):
+            yield (
+                "this log cannot show NaN/inf losses: the trainer dropped them before logging "
+                "(Hugging Face logging_nan_inf_filter=True); only the gradient norms were checked"
+            )
+        elif "cannot be trusted" in low or "per-rank" in low:
+            yield n
+    if meta.get("sampled"):
+        k = meta.get("logging_steps")
+        yield (
+            f"the log holds every {k}th step only: a non-finite step between entries cannot be seen"
+            if k else "the log holds a sample of the steps only: a non-finite step between entries cannot be seen"
+        )
+
+
+def facts_from_analysis(analysis: Any) -> list[SeriesFacts]:
+    """The analyzer's RunAnalysis -> the few facts the policy rules read."""
+    out = []
+    for o in getattr(analysis, "optimizers", []) or []:
+        verdict = getattr(o, "verdict", None)
+        spikes = getattr(o, "spikes", None)
+        rank = getattr(o, "rank", None)
+        out.append(
+            SeriesFacts(
+                rank=int(rank) if rank is not None else int(getattr(analysis, "rank", 0) or 0),
+                optimizer=int(getattr(o, "optimizer", 0)),
+                regime=getattr(o, "regime", None),
+                clip_fraction=_maybe(getattr(o, "clip_fraction", None)),
+                clip_norm=_maybe(getattr(verdict, "clip_norm", None)),
+                spikes=getattr(spikes, "count", None),
+            )
+        )
+    return out
+
+
+def _maybe(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and x != x) else float(x)
+
+
+def needs_analysis(policy: Policy) -> bool:
+    return bool(policy.fail_on) or policy.max_clip_fraction is not None or policy.max_spikes is not None

@@ -1,0 +1,141 @@
+"""The data-driven clip norm, its drift between early and late training, and the preset comparison.
+
+Method (all in log-norm space, so it is blind to the units of the norm: multiply every
+norm by c and the recommendation is multiplied by c, its clip fraction unchanged):
+
+1. level(t) = trailing median of log(grad_norm) over the previous `level.window` finite
+   steps: the typical norm of that moment of training, untouched by spikes and NaNs.
+2. residual(t) = log(grad_norm(t)) - level(t): how far a step stands above its moment.
+3. headroom = the `residual_quantile` (0.98) quantile of the steady-state residuals of the
+   steps that are not spikes (spikes.py), and at least log(min_headroom): the excursion an
+   ordinary step makes above the typical level. Spikes and non-finite steps cannot move it.
+4. reference = the `level_quantile` (0.9) quantile of the level over steady state: the
+   typical level of the run's high stretches, so that a slow drift upward or downward is not
+   clipped as if it were a spike.
+5. clip norm = exp(reference + headroom). On a stationary run it clips about 2 % of the
+   steps, the largest ones; a residual that is a spike lands far beyond the headroom.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gradscope.analysis.config import AnalysisConfig, Preset
+from gradscope.analysis.model import Drift, PresetCheck, Recommendation
+from gradscope.analysis.robust import clip_fraction, mean_multiplier, percentiles, round_sig
+
+
+def recommend(
+    x_s: np.ndarray, level_s: np.ndarray, cfg: AnalysisConfig, spike: np.ndarray | None = None
+) -> Recommendation:
+    """x_s: steady-state log-norms; level_s: their trailing median (NaN where none yet); spike: mask of
+    the steps found as spikes, left out of the headroom so that spikes cannot raise it."""
+    rc = cfg.recommend
+    have = np.isfinite(level_s)
+    if have.sum() < 3:
+        # Too short for a trailing level: the series' own median stands in for it.
+        level_s = np.full(len(x_s), np.median(x_s))
+    elif not have.all():
+        level_s = np.where(have, level_s, level_s[np.argmax(have)])
+    resid = x_s - level_s
+    if spike is not None and spike.any() and (~spike).sum() >= 3:
+        resid = resid[~spike]
+    headroom = max(float(np.quantile(resid, rc.residual_quantile)), float(np.log(rc.min_headroom)))
+    ref = float(np.quantile(level_s, rc.level_quantile))
+    tau = float(np.exp(ref + headroom))
+    g = np.exp(x_s)
+    return Recommendation(
+        clip_norm=tau,
+        clip_norm_rounded=round_sig(tau),
+        clip_fraction=clip_fraction(g, tau),
+        clipped_steps=int(np.count_nonzero(g > tau)),
+        mean_multiplier=mean_multiplier(g, tau),
+        reference_level=float(np.exp(ref)),
+        headroom=float(np.exp(headroom)),
+        based_on_steps=len(x_s),
+    )
+
+
+def drift(g_s: np.ndarray, step_s: np.ndarray, tau: float, cfg: AnalysisConfig) -> Drift | None:
+    """Early (first third) vs late (last third) of steady state; None when a third has < 3 steps."""
+    n = len(g_s)
+    k = n // 3
+    if k < 3:
+        return None
+    early, late = g_s[:k], g_s[n - k:]
+    pe = percentiles(early, cfg.drift.percentiles)
+    pl = percentiles(late, cfg.drift.percentiles)
+    me = pe["p50"] if "p50" in pe else float(np.median(early))
+    ml = pl["p50"] if "p50" in pl else float(np.median(late))
+    ratio = ml / me
+    drifting = ratio > cfg.drift.max_ratio or ratio < 1 / cfg.drift.max_ratio
+    fe, fl = clip_fraction(early, tau), clip_fraction(late, tau)
+    always = cfg.regime.always_fraction
+    warning = None
+    if drifting or fe >= always or fl >= always:
+        way = "fell" if ratio < 1 else "rose"
+        parts = [
+            f"grad norms {way} {max(ratio, 1 / ratio):.3g}x from early (p50 {me:.3g}) "
+            f"to late (p50 {ml:.3g}) training; clip norm {round_sig(tau):g} clips {fe:.1%} early "
+            f"and {fl:.1%} late"
+        ]
+        if fl == 0 and ratio < 1:
+            parts.append(
+                f"late in the run it only stops spikes above {tau / ml:.3g}x the late median"
+            )
+        if fe == 0 and ratio > 1:
+            parts.append(f"early in the run it only stops spikes above {tau / me:.3g}x the early median")
+        if fe >= always:
+            parts.append("early in the run it acts as a learning-rate cut")
+        if fl >= always:
+            parts.append("late in the run it acts as a learning-rate cut")
+        parts.append(
+            "one threshold cannot serve both: consider a threshold schedule"
+            if drifting else "check the stretches separately"
+        )
+        warning = "; ".join(parts)
+    return Drift(
+        early=pe, late=pl,
+        early_steps=(int(step_s[0]), int(step_s[k - 1])),
+        late_steps=(int(step_s[n - k]), int(step_s[-1])),
+        p50_ratio=ratio, drifting=drifting,
+        recommended_clip_fraction_early=fe, recommended_clip_fraction_late=fl,
+        warning=warning,
+    )
+
+
+def compare_preset(preset: Preset, rec: Recommendation, g_s: np.ndarray, p50: float | None = None) -> PresetCheck:
+    """Where the data-driven value sits relative to a model family's usual range, and why."""
+    lo, hi = preset.low, preset.high
+    tau = rec.clip_norm_rounded
+    span = f"{lo:g}-{hi:g}" if hi is not None else f">= {lo:g}"
+    f_lo = clip_fraction(g_s, lo)
+    f_hi = clip_fraction(g_s, hi) if hi is not None else None
+    m_lo = mean_multiplier(g_s, lo)
+    p50 = float(np.median(g_s)) if p50 is None else p50
+    tail = (
+        " The scale of a norm depends on the loss reduction (sum or mean), model size, batch size and "
+        "parametrisation, so the data win; the preset is a sanity check."
+    )
+    if rec.clip_norm < lo:
+        position = "below"
+        what = "never clip" if f_lo == 0 else f"clip only {f_lo:.1%} of steps"
+        message = (
+            f"The data suggest {tau:g}, below the {preset.name} range ({span}): this run's norms are small "
+            f"(p50 {p50:.3g}), and {lo:g} would {what}, so it would rarely protect against a spike." + tail
+        )
+    elif hi is not None and rec.clip_norm > hi:
+        position = "above"
+        m_hi = mean_multiplier(g_s, hi)
+        message = (
+            f"The data suggest {tau:g}, above the {preset.name} range ({span}): this run's norms are large "
+            f"(p50 {p50:.3g}), and {hi:g} would clip {f_hi:.1%} of steps (average update x{m_hi:.2f}), "
+            + ("acting as a learning-rate cut rather than as spike protection." if f_hi >= 0.5
+               else "cutting ordinary large steps, not only outliers.") + tail
+        )
+    else:
+        position = "within"
+        message = f"The data-driven {tau:g} agrees with the {preset.name} range ({span})."
+    return PresetCheck(
+        name=preset.name, low=lo, high=hi, source=preset.source, position=position,
+        clip_fraction_at_low=f_lo, clip_fraction_at_high=f_hi, mean_multiplier_at_low=m_lo, message=message,
+    )

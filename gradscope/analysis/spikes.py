@@ -1,0 +1,64 @@
+"""Spikes: steps whose norm jumps far above the recent typical level, and the layers behind them."""
+from __future__ import annotations
+
+import numpy as np
+
+from gradscope.analysis.config import AnalysisConfig
+from gradscope.analysis.model import Spike, Spikes
+from gradscope.analysis.robust import MAD_TO_SIGMA
+
+
+def find_spikes(
+    x: np.ndarray, level: np.ndarray, mad: np.ndarray, steps: np.ndarray, warmup: int, cfg: AnalysisConfig
+) -> tuple[Spikes, np.ndarray]:
+    """Spikes among the finite log-norms x (trailing level/MAD from robust.trailing_median_mad).
+
+    A spike has robust z = (x - level) / max(1.4826 * MAD, mad_floor) >= z_threshold and a
+    norm at least min_ratio times the level: the z-score alone would flag 10 % wiggles of a
+    very steady run, the ratio alone ordinary steps of a very noisy one. Returns the Spikes
+    and the positions (into x) of every spike.
+    """
+    sc = cfg.spikes
+    # NaN level (too early) gives NaN z, and NaN compares False: no mask needed.
+    resid = x - level
+    z = resid / np.maximum(MAD_TO_SIGMA * mad, sc.mad_floor)
+    with np.errstate(invalid="ignore"):
+        hit = (z >= sc.z_threshold) & (resid >= np.log(sc.min_ratio))
+    pos = np.flatnonzero(hit)
+    listed = [
+        Spike(
+            step=int(steps[i]), grad_norm=float(np.exp(x[i])), level=float(np.exp(level[i])),
+            ratio=float(np.exp(x[i] - level[i])), z=float(z[i]), in_warmup=bool(i < warmup),
+        )
+        for i in pos[: sc.max_listed]
+    ]
+    return Spikes(len(pos), listed, sc.z_threshold, sc.min_ratio, False), pos
+
+
+def attach_layers(spikes: Spikes, layers, rank: int | None, optimizer: int, top: int) -> None:
+    """Give each listed spike its top layers by share of the squared norm (when run.layers has that step)."""
+    if not spikes.listed or top <= 0 or layers is None or len(layers) == 0:
+        return
+    names = [c for c in layers.columns if c not in ("rank", "optimizer", "step")]
+    if not names:
+        return
+    want = [s.step for s in spikes.listed]
+    sel = layers["step"].isin(want) & (layers["optimizer"] == optimizer)
+    if rank is not None and "rank" in layers.columns:
+        sel &= layers["rank"] == rank
+    rows = layers.loc[sel]
+    if rows.empty:
+        return
+    by_step = {int(st): i for i, st in enumerate(rows["step"].to_numpy())}
+    vals = rows[names].to_numpy(dtype=float)
+    for sp in spikes.listed:
+        i = by_step.get(sp.step)
+        if i is None:
+            continue
+        sq = np.where(np.isfinite(vals[i]), vals[i], 0.0) ** 2
+        total = sq.sum()
+        if total <= 0:
+            continue
+        order = np.argsort(-sq, kind="stable")[:top]
+        sp.layers = [(names[j], float(sq[j] / total)) for j in order if sq[j] > 0]
+        spikes.layers_available = True

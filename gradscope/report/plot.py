@@ -1,0 +1,555 @@
+"""`gradscope plot`: one headless figure of a run (matplotlib Agg), fast and honest at any length.
+
+Panels: gradient norm over steps (log scale) with the judged and recommended
+thresholds, clipped / skipped / non-finite steps marked; the loss; a histogram of
+log10 norms; the clip fraction as a function of the threshold; a per-layer heatmap
+when layer norms were recorded.
+
+Long runs are drawn from at most a few thousand points per series: each bin keeps
+its minimum and maximum (downsample_minmax), so a single-step spike in a million
+steps is still drawn, and non-finite steps are marked, never dropped.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Points per line series after downsampling: 2 per bin, a bin narrower than a pixel
+# of a 14-inch figure at 100 dpi.
+MAX_BINS = 2000
+MAX_MARKERS = 2000
+HEATMAP_COLUMNS = 600
+HEATMAP_ROWS = 80
+TAU_GRID = 300
+
+COLORS = ("#1f77b4", "#9467bd", "#2ca02c", "#8c564b", "#e377c2", "#17becf")
+JUDGED_COLOR = "#d62728"
+RECOMMENDED_COLOR = "#2ca02c"
+CLIPPED_COLOR = "#ff7f0e"
+SKIPPED_COLOR = "#7f7f7f"
+NONFINITE_COLOR = "#000000"
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def downsample_minmax(x: np.ndarray, y: np.ndarray, max_bins: int = MAX_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """At most 2 * max_bins points that draw like (x, y): each of max_bins equal-count bins
+    keeps its finite minimum and maximum, in step order. Non-finite values are skipped
+    (mark them separately); a bin with none finite contributes nothing.
+
+    Short series come back unchanged (non-finite values included, so a line breaks there).
+    """
+    x = np.asarray(x)
+    y = np.asarray(y, dtype=float)
+    n = len(y)
+    if max_bins < 1:
+        raise ValueError("max_bins must be at least 1")
+    if n <= 2 * max_bins:
+        return x, y
+    k = -(-n // max_bins)  # ceil: points per bin
+    bins = -(-n // k)
+    pad = bins * k - n
+    finite = np.isfinite(y)
+    lo_src = np.where(finite, y, np.inf)
+    hi_src = np.where(finite, y, -np.inf)
+    if pad:
+        lo_src = np.concatenate([lo_src, np.full(pad, np.inf)])
+        hi_src = np.concatenate([hi_src, np.full(pad, -np.inf)])
+    lo_src = lo_src.reshape(bins, k)
+    hi_src = hi_src.reshape(bins, k)
+    i_lo = lo_src.argmin(axis=1)
+    i_hi = hi_src.argmax(axis=1)
+    has = np.isfinite(lo_src[np.arange(bins), i_lo])
+    base = np.arange(bins) * k
+    first = np.minimum(i_lo, i_hi)
+    second = np.maximum(i_lo, i_hi)
+    idx = np.stack([base + first, base + second], axis=1)[has]
+    # A bin whose min and max are the same point keeps it once.
+    same = idx[:, 0] == idx[:, 1]
+    flat = idx.ravel()
+    keep = np.ones(len(flat), dtype=bool)
+    keep[1::2] = ~same
+    flat = flat[keep]
+    return x[flat], y[flat]
+
+
+def thin_markers(x: np.ndarray, max_points: int = MAX_MARKERS) -> np.ndarray:
+    """At most ~max_points marker positions: every position when few, else the first of
+    each occupied bin of the range (a lone event still gets its marker)."""
+    x = np.asarray(x)
+    if len(x) <= max_points:
+        return x
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if hi <= lo:
+        return x[:1]
+    b = np.floor((x.astype(float) - lo) / (hi - lo) * (max_points - 1)).astype(np.int64)
+    _, first = np.unique(b, return_index=True)
+    return x[np.sort(first)]
+
+
+def survival(norms: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """Fraction of finite norms strictly above each tau (what clipping at tau would clip)."""
+    g = np.sort(np.asarray(norms, dtype=float)[np.isfinite(norms)])
+    if len(g) == 0:
+        return np.full(len(taus), np.nan)
+    return 1.0 - np.searchsorted(g, taus, side="right") / len(g)
+
+
+def tau_grid(norms: np.ndarray, *marks: float | None, n: int = TAU_GRID) -> np.ndarray:
+    """A log-spaced grid of thresholds spanning the finite positive norms and the marks."""
+    g = np.asarray(norms, dtype=float)
+    g = g[np.isfinite(g) & (g > 0)]
+    pts = [v for v in marks if v is not None and np.isfinite(v) and v > 0]
+    vals = np.concatenate([g, np.asarray(pts, dtype=float)]) if pts else g
+    if len(vals) == 0:
+        return np.logspace(-3, 3, n)
+    lo, hi = float(vals.min()), float(vals.max())
+    if hi <= lo:
+        lo, hi = lo / 2, hi * 2
+    return np.logspace(math.log10(lo) - 0.2, math.log10(hi) + 0.2, n)
+
+
+def heatmap_matrix(
+    values: np.ndarray, max_cols: int = HEATMAP_COLUMNS, skipped: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log10 of a (steps x layers) array as (layers x columns), columns binned by max so a
+    spike stays. A column with a non-finite value of a step the loss scaler did not skip
+    is NaN (drawn as 'non-finite'); skipped steps are left out of the bins.
+    Returns (matrix, index of the first row of each column, column holds only skipped steps)."""
+    v = np.asarray(values, dtype=float)
+    n, width = v.shape
+    skip = np.zeros(n, dtype=bool) if skipped is None else np.asarray(skipped, dtype=bool)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logv = np.where(v > 0, np.log10(np.where(v > 0, v, 1.0)), -np.inf)  # 0 -> -inf: "below scale"
+    logv = np.where(np.isfinite(v), logv, np.nan)
+    logv[skip] = -np.inf  # ignored by max; the column is flagged below if nothing else is in it
+    k = max(1, -(-n // max_cols))
+    cols = -(-n // k)
+    pad = cols * k - n
+    if pad:
+        logv = np.concatenate([logv, np.full((pad, width), -np.inf)])
+        skip = np.concatenate([skip, np.ones(pad, dtype=bool)])
+    blocks = logv.reshape(cols, k, width)
+    bad = np.isnan(blocks).any(axis=1)
+    mx = np.where(np.isnan(blocks), -np.inf, blocks).max(axis=1)
+    mx = np.where(bad, np.nan, mx)
+    only_skipped = skip.reshape(cols, k).all(axis=1)
+    return mx.T, np.arange(cols) * k, only_skipped
+
+
+# ---------------------------------------------------------------- what to draw
+
+
+@dataclass
+class Series:
+    """One optimizer's steps, as arrays."""
+
+    optimizer: int
+    label: str
+    step: np.ndarray
+    grad_norm: np.ndarray
+    loss: np.ndarray
+    clipped: np.ndarray
+    skipped: np.ndarray
+    clip_norm: float | None = None  # the threshold judged
+    clip_source: str | None = None
+    recommended: float | None = None
+    recommended_fraction: float | None = None
+    judged_fraction: float | None = None
+    regime: str | None = None
+    steady_from: int | None = None  # first step the analyzer judged (after warm-up)
+
+    def steady(self) -> np.ndarray:
+        """Finite, not-skipped norms of the steps the analyzer judged (all when unknown)."""
+        ok = np.isfinite(self.grad_norm) & ~self.skipped
+        if self.steady_from is not None:
+            ok &= self.step >= self.steady_from
+        return self.grad_norm[ok]
+
+
+@dataclass
+class PlotData:
+    title: str
+    series: list[Series]
+    layers: Any = None  # DataFrame of the first series' layer norms (step + columns), or None
+    notes: list[str] = field(default_factory=list)
+
+
+def _mode(values: np.ndarray) -> float | None:
+    v = values[np.isfinite(values)]
+    if len(v) == 0:
+        return None
+    vals, counts = np.unique(v, return_counts=True)
+    return float(vals[np.argmax(counts)])
+
+
+def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | None = None) -> PlotData:
+    """Arrays and thresholds for the figure from a Run and (optionally) the analyzer's result."""
+    steps = run.steps
+    notes: list[str] = []
+    ranks = sorted(steps["rank"].unique().tolist()) if len(steps) else [0]
+    rank = getattr(analysis, "rank", None)
+    rank = ranks[0] if rank is None or rank not in ranks else rank
+    if len(ranks) > 1:
+        notes.append(f"rank {rank} of {len(ranks)}")
+        steps = steps[steps["rank"] == rank]
+    by_opt = {o.optimizer: o for o in (getattr(analysis, "optimizers", None) or [])}
+    meta_clip = (run.meta or {}).get("clip_norm")
+
+    series = []
+    for opt_id, s in steps.groupby("optimizer", sort=True):
+        s = s.sort_values("step", kind="stable")
+        cls = next((o.get("class") for o in (run.meta.get("optimizers") or []) if isinstance(o, dict) and o.get("id") == opt_id), None)
+        ser = Series(
+            optimizer=int(opt_id),
+            label=f"optimizer {opt_id}" + (f" ({cls})" if cls else ""),
+            step=s["step"].to_numpy(),
+            grad_norm=s["grad_norm"].to_numpy(dtype=float),
+            loss=s["loss"].to_numpy(dtype=float),
+            clipped=s["clipped"].to_numpy(dtype=bool),
+            skipped=s["skipped"].to_numpy(dtype=bool),
+        )
+        a = by_opt.get(int(opt_id))
+        th = getattr(a, "threshold", None)
+        if clip_norm is not None:
+            ser.clip_norm, ser.clip_source = float(clip_norm), "--clip-norm"
+        elif th is not None and getattr(th, "clip_norm", None) is not None:
+            ser.clip_norm = float(th.clip_norm)
+            ser.clip_source = {"script": "max_norm", "log": "the log's max_grad_norm", "option": "--clip-norm"}.get(
+                getattr(th, "source", None), "max_norm")
+        else:
+            m = _mode(s["clip_max_norm"].to_numpy(dtype=float))
+            if m is not None:
+                ser.clip_norm, ser.clip_source = m, "max_norm"
+            elif isinstance(meta_clip, (int, float)) and meta_clip > 0:
+                ser.clip_norm, ser.clip_source = float(meta_clip), "the log's max_grad_norm"
+        rec = getattr(a, "recommendation", None)
+        if rec is not None and getattr(rec, "clip_norm_rounded", None):
+            ser.recommended = float(rec.clip_norm_rounded)
+            ser.recommended_fraction = getattr(rec, "clip_fraction", None)
+        if a is not None:
+            ser.judged_fraction = getattr(a, "clip_fraction", None)
+            ser.regime = getattr(a, "regime", None)
+            sf = getattr(a, "steady_from_step", None)
+            ser.steady_from = int(sf) if sf is not None and getattr(a, "warmup_steps", 0) else None
+        series.append(ser)
+
+    layers = None
+    lay = run.layers
+    if series and lay is not None and len(lay):
+        first = series[0].optimizer
+        sel = lay[(lay["rank"] == rank) & (lay["optimizer"] == first)]
+        cols = [c for c in sel.columns if c not in ("rank", "optimizer")]
+        if len(sel) and len(cols) > 1:
+            layers = sel[cols].sort_values("step", kind="stable")
+            if len(series) > 1:
+                notes.append(f"layer heatmap: optimizer {first}")
+
+    label = name or Path(run.path).name or str(run.path)
+    n = sum(len(s.step) for s in series)
+    title = f"{label}  —  {n:,} steps" + (f", {len(series)} optimizers" if len(series) > 1 else "")
+    if series and series[0].regime:
+        title += f"  —  regime: {series[0].regime}"
+    if run.source != "gradscope":
+        title += f"  ({run.source} log)"
+    if (run.meta or {}).get("sampled"):
+        notes.append(f"sampled log: every {run.meta.get('logging_steps')}th step")
+    return PlotData(title=title, series=series, layers=layers, notes=notes)
+
+
+# ---------------------------------------------------------------- the figure
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _plain_log_ticks(axis, lo: float, hi: float) -> None:
+    """Log-axis ticks as plain numbers (0.5, 1, 2), not 5x10^-1, and no crowded minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 1.0
+    subs = (1.0, 2.0, 5.0) if decades <= 3 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _step_ticks(axis) -> None:
+    """Step numbers as 250,000 rather than 0.25 with a 1e6 offset."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+
+
+def _threshold_lines(ax, s: Series, orientation: str = "h", label: bool = True) -> None:
+    draw = ax.axhline if orientation == "h" else ax.axvline
+    if s.clip_norm is not None:
+        txt = f"judged τ = {_fmt(s.clip_norm)} ({s.clip_source})"
+        if s.judged_fraction is not None:
+            txt += f", clips {s.judged_fraction:.1%}"
+        draw(s.clip_norm, color=JUDGED_COLOR, lw=1.4, ls="--", label=txt if label else None, zorder=4)
+    if s.recommended is not None:
+        txt = f"recommended τ = {_fmt(s.recommended)}"
+        if s.recommended_fraction is not None:
+            txt += f", would clip {s.recommended_fraction:.1%}"
+        draw(s.recommended, color=RECOMMENDED_COLOR, lw=1.4, ls="-.", label=txt if label else None, zorder=4)
+
+
+def _mark_top(ax, xs: np.ndarray, label: str | None) -> None:
+    """Non-finite steps: triangles on the top edge of the panel (x in data, y in axes units)."""
+    if len(xs) == 0:
+        return
+    xs = thin_markers(xs)
+    ax.scatter(xs, np.full(len(xs), 0.97), transform=ax.get_xaxis_transform(), marker="v", s=28,
+               color=NONFINITE_COLOR, zorder=6, label=label, clip_on=False)
+
+
+def _draw_norms(ax, data: PlotData) -> None:
+    multi = len(data.series) > 1
+    any_pos = False
+    for i, s in enumerate(data.series):
+        color = COLORS[i % len(COLORS)]
+        g = s.grad_norm
+        ok = np.isfinite(g) & (g > 0)
+        any_pos |= bool(ok.any())
+        # Skipped steps (inf by design) and non-finite ones are markers, not line points.
+        line = np.where(ok & ~s.skipped, g, np.nan)
+        x, y = downsample_minmax(s.step, line)
+        ax.plot(x, y, lw=0.8, color=color, label=s.label if multi else "grad norm (pre-clip)", zorder=2)
+        clipped = s.clipped & ok
+        if clipped.any():
+            idx = np.flatnonzero(clipped)
+            if len(idx) > MAX_MARKERS:  # keep the biggest clipped steps and an even spread
+                big = idx[np.argsort(-g[idx])[: MAX_MARKERS // 2]]
+                idx = np.union1d(big, idx[:: max(1, len(idx) // (MAX_MARKERS // 2))])
+            ax.scatter(s.step[idx], g[idx], s=9, color=CLIPPED_COLOR, zorder=3,
+                       label=f"clipped ({int(clipped.sum()):,} steps)" if i == 0 or multi else None)
+        skipped = s.skipped
+        if skipped.any():
+            xs = thin_markers(s.step[skipped])
+            ax.scatter(xs, np.full(len(xs), 0.03), transform=ax.get_xaxis_transform(), marker="x", s=18,
+                       color=SKIPPED_COLOR, zorder=5, clip_on=False,
+                       label=f"skipped by loss scaler ({int(skipped.sum()):,})")
+        bad = ~np.isfinite(g) & ~skipped
+        _mark_top(ax, s.step[bad], f"non-finite grad norm ({int(bad.sum()):,})" if bad.any() else None)
+    if any_pos:
+        ax.set_yscale("log")
+        pos = np.concatenate([s.grad_norm[np.isfinite(s.grad_norm) & (s.grad_norm > 0)] for s in data.series])
+        _plain_log_ticks(ax.yaxis, float(pos.min()), float(pos.max()))
+    else:
+        ax.text(0.5, 0.5, "no finite gradient norm", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    first = data.series[0] if data.series else None
+    if first is not None:
+        _threshold_lines(ax, first)
+        if first.clip_norm is None:
+            ax.plot([], [], ls="--", color=JUDGED_COLOR, label="no clip threshold: the script does not clip")
+        bad = np.flatnonzero(~np.isfinite(first.grad_norm) & ~first.skipped)
+        if len(bad):
+            ax.axvline(first.step[bad[0]], color=NONFINITE_COLOR, lw=0.8, ls=":", zorder=1,
+                       label=f"first non-finite: step {first.step[bad[0]]}")
+        if first.steady_from is not None and len(first.step) and first.steady_from > first.step[0]:
+            ax.axvspan(first.step[0], first.steady_from, color="0.85", alpha=0.5, lw=0, zorder=0,
+                       label="warm-up (not judged)")
+    ax.set_ylabel("gradient norm (log)")
+    ax.set_title("gradient norm per optimizer step", loc="left", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=7.5, ncol=2, framealpha=0.85)
+
+
+def _draw_loss(ax, data: PlotData) -> None:
+    multi = len(data.series) > 1
+    drawn = False
+    ymins, ymaxs = [], []
+    for i, s in enumerate(data.series):
+        loss = s.loss
+        fin = np.isfinite(loss)
+        if not fin.any() and not np.isinf(loss).any():
+            continue
+        drawn = True
+        x, y = downsample_minmax(s.step, np.where(fin, loss, np.nan))
+        ax.plot(x, y, lw=0.8, color=COLORS[i % len(COLORS)], label=s.label if multi else "loss")
+        if fin.any():
+            ymins.append(np.nanmin(loss[fin]))
+            ymaxs.append(np.nanmax(loss[fin]))
+        # NaN losses count only when the series records losses at all (NaN also means "none").
+        bad = np.isinf(loss) | (np.isnan(loss) & fin.any())
+        _mark_top(ax, s.step[bad], f"non-finite loss ({int(bad.sum()):,})" if bad.any() else None)
+    if not drawn:
+        ax.text(0.5, 0.5, "no loss recorded", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        ax.set_yticks([])
+    else:
+        lo, hi = min(ymins, default=1), max(ymaxs, default=1)
+        if lo > 0 and hi / lo > 50:
+            ax.set_yscale("log")
+        ax.legend(loc="best", fontsize=7.5, framealpha=0.85)
+    ax.set_ylabel("loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_title("loss", loc="left", fontsize=10)
+    ax.grid(True, alpha=0.3)
+
+
+def _draw_hist(ax, data: PlotData) -> None:
+    s = data.series[0] if data.series else None
+    g = s.steady() if s is not None else np.array([])
+    g = g[g > 0]
+    if len(g) == 0:
+        ax.text(0.5, 0.5, "no finite gradient norm", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    else:
+        lg = np.log10(g)
+        lo, hi = lg.min(), lg.max()
+        if hi - lo < 1e-9:
+            lo, hi = lo - 0.5, hi + 0.5
+        ax.hist(lg, bins=min(80, max(10, int(np.sqrt(len(lg))))), range=(lo, hi), color=COLORS[0], alpha=0.8)
+        for v, c, ls, what in ((s.clip_norm, JUDGED_COLOR, "--", "judged τ"),
+                               (s.recommended, RECOMMENDED_COLOR, "-.", "recommended τ")):
+            if v is not None and v > 0:
+                ax.axvline(math.log10(v), color=c, ls=ls, lw=1.4, label=f"{what} = {_fmt(v)}")
+        if s.clip_norm is not None or s.recommended is not None:
+            ax.legend(loc="upper left", fontsize=7.5, framealpha=0.85)
+    ax.set_xlabel("log10 gradient norm")
+    ax.set_ylabel("steps")
+    ax.set_title("distribution of norms" + _scope(s, data), loc="left", fontsize=10)
+    ax.grid(True, alpha=0.3)
+
+
+def _scope(s: Series | None, data: PlotData) -> str:
+    """Which steps a distribution panel shows (the analyzer's, so the numbers agree)."""
+    if s is None:
+        return ""
+    parts = []
+    if len(data.series) > 1:
+        parts.append(f"optimizer {s.optimizer}")
+    if s.steady_from is not None:
+        parts.append(f"steps ≥ {s.steady_from}, after warm-up")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _draw_survival(ax, data: PlotData) -> None:
+    s = data.series[0] if data.series else None
+    g = s.steady() if s is not None else np.array([])
+    if len(g) == 0:
+        ax.text(0.5, 0.5, "no finite gradient norm", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    else:
+        taus = tau_grid(g, s.clip_norm, s.recommended)
+        ax.plot(taus, survival(g, taus) * 100, color=COLORS[0], lw=1.2)
+        ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis, float(taus[0]), float(taus[-1]))
+        for v, c, ls, what in ((s.clip_norm, JUDGED_COLOR, "--", "judged"),
+                               (s.recommended, RECOMMENDED_COLOR, "-.", "recommended")):
+            if v is not None and v > 0:
+                f = float(survival(g, np.array([v]))[0]) * 100
+                ax.axvline(v, color=c, ls=ls, lw=1.4, label=f"{what} τ = {_fmt(v)}: clips {f:.1f}%")
+                ax.plot([v], [f], "o", color=c, ms=4)
+        if s.clip_norm is not None or s.recommended is not None:
+            ax.legend(loc="upper right", fontsize=7.5, framealpha=0.85)
+        ax.set_ylim(-3, 103)
+    ax.set_xlabel("threshold τ (clip_grad_norm_ max_norm)")
+    ax.set_ylabel("% of steps clipped")
+    ax.set_title("share of steps clipped at each τ" + _scope(s, data), loc="left", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _draw_heatmap(fig, ax, data: PlotData) -> None:
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+
+    lay = data.layers
+    steps = lay["step"].to_numpy()
+    names = [c for c in lay.columns if c != "step"]
+    values = lay[names].to_numpy(dtype=float)
+    if len(names) > HEATMAP_ROWS:  # keep the layers with the largest peak norm
+        peak = np.nanmax(np.where(np.isfinite(values), values, np.nan), axis=0)
+        keep = np.sort(np.argsort(-np.nan_to_num(peak, nan=np.inf))[:HEATMAP_ROWS])
+        values, names = values[:, keep], [names[k] for k in keep]
+        data.notes.append(f"heatmap: the {HEATMAP_ROWS} layers with the largest norms of {len(lay.columns) - 1}")
+    first = data.series[0] if data.series else None
+    skipped = None
+    if first is not None and first.skipped.any():
+        skipped = np.isin(steps, first.step[first.skipped])
+    mat, starts, only_skipped = heatmap_matrix(values, skipped=skipped)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=JUDGED_COLOR)  # bad: non-finite
+    finite = mat[np.isfinite(mat)]
+    vmin, vmax = (float(np.percentile(finite, 1)), float(np.percentile(finite, 99.5))) if len(finite) else (0.0, 1.0)
+    if vmax <= vmin:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    # A column spans from its first step to the next column's first step (centred on steps).
+    edges = np.append(steps[starts], steps[-1] + 1).astype(float) - 0.5
+    shown = np.where(np.isneginf(mat), vmin, mat)
+    im = ax.pcolormesh(edges, np.arange(len(names) + 1) - 0.5, np.ma.masked_invalid(shown), cmap=cmap,
+                       vmin=vmin, vmax=vmax, shading="flat", rasterized=True)
+    if only_skipped.any():
+        grey = np.where(only_skipped[None, :], 1.0, np.nan).repeat(len(names), axis=0)
+        ax.pcolormesh(edges, np.arange(len(names) + 1) - 0.5, np.ma.masked_invalid(grey),
+                      cmap=ListedColormap([SKIPPED_COLOR]), shading="flat", rasterized=True)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    if len(names) <= 40:
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=6 if len(names) > 20 else 7)
+    else:
+        ax.set_ylabel(f"{len(names)} parameters")
+    ax.set_xlabel("optimizer step")
+    legend = "red: non-finite" + ("; grey: skipped by the loss scaler" if only_skipped.any() else "")
+    ax.set_title(f"per-parameter gradient norm (log10; {legend})", loc="left", fontsize=10)
+    fig.colorbar(im, ax=ax, pad=0.01, fraction=0.025, label="log10 norm")
+
+
+def build_figure(data: PlotData):
+    """The matplotlib Figure (Agg canvas, no pyplot state) for PlotData."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    with_layers = data.layers is not None
+    n_names = 0 if not with_layers else len(data.layers.columns) - 1
+    heat_h = min(6.0, max(2.2, 0.16 * min(n_names, HEATMAP_ROWS))) if with_layers else 0.0
+    heights = [3.4, 1.8, 2.6] + ([heat_h] if with_layers else [])
+    fig = Figure(figsize=(13, sum(heights) + 1.1), dpi=100, layout="constrained")
+    gs = fig.add_gridspec(len(heights), 2, height_ratios=heights)
+    ax_norm = fig.add_subplot(gs[0, :])
+    ax_loss = fig.add_subplot(gs[1, :], sharex=ax_norm)
+    ax_hist = fig.add_subplot(gs[2, 0])
+    ax_surv = fig.add_subplot(gs[2, 1])
+    _step_ticks(ax_norm.xaxis)
+    _draw_norms(ax_norm, data)
+    _draw_loss(ax_loss, data)
+    _draw_hist(ax_hist, data)
+    _draw_survival(ax_surv, data)
+    if with_layers:
+        _draw_heatmap(fig, fig.add_subplot(gs[3, :], sharex=ax_norm), data)
+    title = data.title + ("\n" + "; ".join(data.notes) if data.notes else "")
+    fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+    return fig
+
+
+def default_output(path: str | os.PathLike) -> Path:
+    """RUN/gradscope.png for a directory, <log>.gradscope.png beside a log file."""
+    p = Path(path)
+    if p.is_dir():
+        return p / "gradscope.png"
+    return p.with_name(p.name + ".gradscope.png")
+
+
+FORMATS = {".png", ".svg", ".pdf"}
+
+
+def save(fig, out: str | os.PathLike) -> Path:
+    from gradscope.errors import GradscopeError
+
+    out = Path(out)
+    ext = out.suffix.lower()
+    if ext not in FORMATS:
+        raise GradscopeError(f"cannot write '{out}': choose a .png, .svg or .pdf file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format=ext[1:])
+    except OSError as e:
+        raise GradscopeError(f"cannot write '{out}': {e.strerror or e}") from None
+    return out

@@ -1,0 +1,344 @@
+"""How `gradscope recommend` looks: a rich report for people, a stable JSON object for tools.
+
+JSON schema "gradscope.recommend/1" (what `to_json` returns; NaN/inf never appear, null does)
+---------------------------------------------------------------------------------------------
+Top level: the optimizer with the most steps, flattened (every per-optimizer key below),
+plus these run-level keys:
+
+    schema          "gradscope.recommend/1"
+    path            the run directory or log that was read
+    format          "gradscope" or the importer's format name (hf, swift, csv, ...)
+    rank            the rank analysed (null for an empty table); ranks: every rank present
+    sampled         true when the log holds only every k-th step
+    optimizers      list of per-optimizer objects (one per optimizer, by id)
+    notes           run-level notes followed by the main optimizer's notes (strings)
+
+Per optimizer:
+
+    optimizer, optimizer_class (str|null), rank
+    steps               rows of this optimizer (optimizer steps; logged points if sampled)
+    finite_steps        finite, positive, not skipped: the steps statistics can use
+    skipped_steps, skipped_fraction       the loss scaler skipped the update (inf/NaN grads)
+    nonfinite_steps     steps with a non-finite grad_norm or an infinite loss
+    first_nonfinite_step (int|null), nonfinite_kind ("overflow-skipped"|"recovered"|"divergence"|null)
+    nonfinite           {count, first_step, first_kind, overflow_skipped, recovered,
+                         divergence_step (int|null), steps (first 20)}
+    warmup_steps        finite steps left out at the start
+    steady_steps        finite steps judged; steady_from_step: the first one's step number
+    analysis_until_step step where a divergence began (statistics stop there), or null
+    percentiles         {"p50", "p90", "p99", "max"} of steady-state grad norms
+    clip_norm           threshold judged, or null; clip_norm_source: "option"|"script"|"log"|null
+    clip_norm_changed   the script's max_norm changed during the run; script_clip_norms: distinct
+                        values passed to clip_grad_norm_, most used first; clip_value: a
+                        clip_grad_value_ threshold or null
+    regime              "never-clips" | "always-clips" | "healthy" | "unclipped"
+    clip_fraction       share of steady-state steps with grad_norm > clip_norm (null: unclipped)
+    clipped_steps, mean_multiplier (mean of min(1, clip_norm/grad_norm)),
+    clip_norm_to_max    clip_norm / largest steady-state norm; clip_norm_to_p50: / median
+    meaning             one sentence on what the regime means for the user
+    recommended_clip_norm          exact float; recommended_clip_norm_rounded: 2-3 significant digits
+    recommended_clip_fraction, recommended_clipped_steps, recommended_mean_multiplier
+    recommendation      {reference_level, headroom, based_on_steps, method}
+    drift               null (steady state too short) or {early, late (percentile objects),
+                        early_steps, late_steps ([first, last] step numbers), p50_ratio,
+                        drifting, recommended_clip_fraction_early, recommended_clip_fraction_late,
+                        warning (str|null)}
+    spikes              {count, z_threshold, min_ratio, layers_available, listed: [{step,
+                        grad_norm, level, ratio, z, in_warmup, layers: [{name, share}]}]}
+    preset              null or {name, low, high (null: no upper bound), source, position
+                        ("below"|"within"|"above"), clip_fraction_at_low, clip_fraction_at_high,
+                        mean_multiplier_at_low, message}
+    snippets            {pytorch, huggingface, lightning, deepspeed, keras, paddle, ms-swift}
+    notes               strings
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from gradscope.analysis.model import OptimizerAnalysis, RunAnalysis
+
+SCHEMA = "gradscope.recommend/1"
+
+METHOD = (
+    "exp(q{lq} of the trailing median of log grad_norm + max(q{rq} of log grad_norm minus that median, "
+    "log {mh})) over steady-state finite steps"
+)
+
+
+def snippets(clip_norm: float) -> dict[str, str]:
+    """Ready-to-paste settings for the common trainers (norm clipping, global L2 norm everywhere)."""
+    v = f"{clip_norm:g}"
+    return {
+        "pytorch": f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={v})",
+        "huggingface": f"TrainingArguments(max_grad_norm={v})",
+        "lightning": f"Trainer(gradient_clip_val={v})",
+        "deepspeed": f'"gradient_clipping": {v}',
+        "keras": f"keras.optimizers.AdamW(global_clipnorm={v})",
+        "paddle": f"paddle.nn.ClipGradByGlobalNorm(clip_norm={v})",
+        "ms-swift": f"--max_grad_norm {v}",
+    }
+
+
+SNIPPET_LABELS = {
+    "pytorch": "PyTorch", "huggingface": "Hugging Face", "lightning": "Lightning", "deepspeed": "DeepSpeed",
+    "keras": "Keras", "paddle": "Paddle", "ms-swift": "ms-swift",
+}
+
+
+# ------------------------------------------------------------------------------- JSON
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf -> None, tuples -> lists, numpy scalars -> Python: what json.dumps(allow_nan=False) takes."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    try:
+        f = float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
+    if hasattr(obj, "dtype") and getattr(obj.dtype, "kind", "") in "iub":
+        return bool(obj) if obj.dtype.kind == "b" else int(obj)
+    return f if math.isfinite(f) else None
+
+
+def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
+    v, r, th, nf, sp = o.verdict, o.recommendation, o.threshold, o.nonfinite, o.spikes
+    rc = config.recommend if config is not None else None
+    d = {
+        "optimizer": o.optimizer,
+        "optimizer_class": o.optimizer_class,
+        "rank": o.rank,
+        "steps": o.steps,
+        "finite_steps": o.finite_steps,
+        "skipped_steps": o.skipped_steps,
+        "skipped_fraction": o.skipped_fraction,
+        "nonfinite_steps": nf.count,
+        "first_nonfinite_step": nf.first_step,
+        "nonfinite_kind": nf.first_kind,
+        "nonfinite": {
+            "count": nf.count, "first_step": nf.first_step, "first_kind": nf.first_kind,
+            "overflow_skipped": nf.overflow_skipped, "recovered": nf.recovered,
+            "divergence_step": nf.divergence_step, "steps": nf.steps,
+        },
+        "warmup_steps": o.warmup_steps,
+        "steady_steps": o.steady_steps,
+        "steady_from_step": o.steady_from_step,
+        "analysis_until_step": o.analysis_until_step,
+        "percentiles": o.percentiles,
+        "clip_norm": v.clip_norm,
+        "clip_norm_source": th.source,
+        "clip_norm_changed": th.changed,
+        "script_clip_norms": th.script_values,
+        "clip_value": th.clip_value,
+        "regime": v.regime,
+        "clip_fraction": v.clip_fraction,
+        "clipped_steps": v.clipped_steps,
+        "mean_multiplier": v.mean_multiplier,
+        "clip_norm_to_max": v.clip_norm_to_max,
+        "clip_norm_to_p50": v.clip_norm_to_p50,
+        "meaning": v.meaning,
+        "recommended_clip_norm": r.clip_norm,
+        "recommended_clip_norm_rounded": r.clip_norm_rounded,
+        "recommended_clip_fraction": r.clip_fraction,
+        "recommended_clipped_steps": r.clipped_steps,
+        "recommended_mean_multiplier": r.mean_multiplier,
+        "recommendation": {
+            "reference_level": r.reference_level,
+            "headroom": r.headroom,
+            "based_on_steps": r.based_on_steps,
+            "method": METHOD.format(lq=rc.level_quantile, rq=rc.residual_quantile, mh=rc.min_headroom)
+            if rc is not None else None,
+        },
+        "drift": None,
+        "spikes": {
+            "count": sp.count, "z_threshold": sp.z_threshold, "min_ratio": sp.min_ratio,
+            "layers_available": sp.layers_available,
+            "listed": [
+                {
+                    "step": s.step, "grad_norm": s.grad_norm, "level": s.level, "ratio": s.ratio, "z": s.z,
+                    "in_warmup": s.in_warmup, "layers": [{"name": n, "share": f} for n, f in s.layers],
+                }
+                for s in sp.listed
+            ],
+        },
+        "preset": None,
+        "snippets": snippets(r.clip_norm_rounded),
+        "notes": list(o.notes),
+    }
+    if o.drift is not None:
+        dr = o.drift
+        d["drift"] = {
+            "early": dr.early, "late": dr.late, "early_steps": dr.early_steps, "late_steps": dr.late_steps,
+            "p50_ratio": dr.p50_ratio, "drifting": dr.drifting,
+            "recommended_clip_fraction_early": dr.recommended_clip_fraction_early,
+            "recommended_clip_fraction_late": dr.recommended_clip_fraction_late,
+            "warning": dr.warning,
+        }
+    if o.preset is not None:
+        p = o.preset
+        d["preset"] = {
+            "name": p.name, "low": p.low, "high": p.high, "source": p.source, "position": p.position,
+            "clip_fraction_at_low": p.clip_fraction_at_low, "clip_fraction_at_high": p.clip_fraction_at_high,
+            "mean_multiplier_at_low": p.mean_multiplier_at_low, "message": p.message,
+        }
+    return d
+
+
+def to_json(result: RunAnalysis, config=None) -> dict:
+    """The JSON object of the module docstring (already free of NaN)."""
+    per = [optimizer_json(o, config) for o in result.optimizers]
+    main = per[result.optimizers.index(result.main)]
+    top = {
+        "schema": SCHEMA,
+        "path": result.path,
+        "format": result.source,
+        "rank": result.rank,
+        "ranks": result.ranks,
+        "sampled": result.sampled,
+    }
+    top.update({k: v for k, v in main.items() if k not in ("notes",)})
+    top["notes"] = list(result.notes) + list(main["notes"])
+    top["optimizers"] = per
+    return _clean(top)
+
+
+def dumps(result: RunAnalysis, config=None) -> str:
+    return json.dumps(to_json(result, config), indent=2, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------- rich
+
+
+def _f(x: float | None, spec: str = ".4g") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(x, spec)
+
+
+_REGIME_STYLE = {"never-clips": "yellow", "always-clips": "red", "healthy": "green", "unclipped": "magenta"}
+_SOURCE = {"option": "--clip-norm", "script": "the script's max_norm", "log": "the log's settings"}
+_KIND = {
+    "overflow-skipped": "a loss-scaler overflow the scaler skipped (harmless)",
+    "recovered": "non-finite, but training went on (something skipped the update)",
+    "divergence": "a real divergence: non-finite to the end of the run",
+}
+
+
+def render(result: RunAnalysis, console=None, config=None) -> None:
+    """Print the report (rich) to console (default: stdout)."""
+    from rich.console import Console, Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    where = f"{result.path}  [dim]({result.source}"
+    if result.rank is not None and len(result.ranks) > 1:
+        where += f", rank {result.rank} of {len(result.ranks)}"
+    where += ")[/dim]"
+    console.print(f"[bold]gradscope recommend[/bold] {where}", highlight=False)
+    for n in result.notes:
+        console.print(Text(f"note: {n}", style="dim"))
+    main = result.main
+    for o in result.optimizers:
+        parts: list = []
+        head = Text()
+        head.append(f"{o.steps} steps", style="bold")
+        head.append(
+            f"  warm-up {o.warmup_steps}, steady state {o.steady_steps} finite steps from step {o.steady_from_step}"
+        )
+        if o.skipped_steps:
+            head.append(f", {o.skipped_steps} skipped by the loss scaler ({o.skipped_fraction:.1%})")
+        parts.append(head)
+
+        pt = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+        pt.add_column("grad norm")
+        for k in o.percentiles:
+            pt.add_column(k, justify="right")
+        pt.add_row("steady state", *(_f(v) for v in o.percentiles.values()))
+        if o.drift is not None:
+            pt.add_row(f"early (steps {o.drift.early_steps[0]}-{o.drift.early_steps[1]})",
+                       *(_f(o.drift.early.get(k)) for k in o.percentiles))
+            pt.add_row(f"late (steps {o.drift.late_steps[0]}-{o.drift.late_steps[1]})",
+                       *(_f(o.drift.late.get(k)) for k in o.percentiles))
+        parts.append(pt)
+
+        v = o.verdict
+        line = Text("verdict  ")
+        line.append(v.regime, style=f"bold {_REGIME_STYLE[v.regime]}")
+        if v.clip_norm is not None:
+            line.append(
+                f"  max_norm {v.clip_norm:g} ({_SOURCE.get(o.threshold.source, '?')}): clips {v.clip_fraction:.1%} "
+                f"({v.clipped_steps} steps), mean update multiplier {v.mean_multiplier:.3f}, "
+                f"{v.clip_norm_to_max:.3g}x the largest norm"
+            )
+        parts.append(line)
+        parts.append(Text(v.meaning, style="italic"))
+
+        r = o.recommendation
+        rec = Text("recommend  ")
+        rec.append(f"max_norm = {r.clip_norm_rounded:g}", style="bold cyan")
+        rec.append(
+            f"  (exact {r.clip_norm:.6g}): would clip {r.clip_fraction:.1%} of steady-state steps "
+            f"({r.clipped_steps}), mean update multiplier {r.mean_multiplier:.3f}; "
+            f"{r.headroom:.3g}x the typical level {r.reference_level:.4g}"
+        )
+        parts.append(rec)
+        if o.drift is not None:
+            dr = o.drift
+            d = Text(
+                f"drift  late/early median {dr.p50_ratio:.3g}x; the recommendation clips "
+                f"{dr.recommended_clip_fraction_early:.1%} early and {dr.recommended_clip_fraction_late:.1%} late"
+            )
+            parts.append(d)
+            if dr.warning:
+                parts.append(Text("warning: " + dr.warning, style="yellow"))
+        if o.preset is not None:
+            parts.append(Text(f"preset {o.preset.name}: {o.preset.message}",
+                              style="" if o.preset.position == "within" else "yellow"))
+
+        sp = o.spikes
+        if sp.count:
+            parts.append(Text(f"spikes  {sp.count} (z >= {sp.z_threshold:g} and >= {sp.min_ratio:g}x the recent level)"))
+            st = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+            for c in ("step", "grad norm", "x level", "z", "top layers (share of squared norm)"):
+                st.add_column(c, justify="left" if c.startswith("top") else "right")
+            for s in sp.listed[:10]:
+                layers = ", ".join(f"{n} {f:.0%}" for n, f in s.layers) or ("-" if not s.in_warmup else "(warm-up)")
+                st.add_row(str(s.step), _f(s.grad_norm), _f(s.ratio, ".3g"), _f(s.z, ".3g"), layers)
+            parts.append(st)
+            if sp.count > 10:
+                parts.append(Text(f"  ... and {sp.count - 10} more (--json lists up to {len(sp.listed)})", style="dim"))
+        else:
+            parts.append(Text("spikes  none"))
+
+        nf = o.nonfinite
+        if nf.count:
+            t = Text(f"non-finite  {nf.count} step{'s' if nf.count != 1 else ''}, first at step {nf.first_step}: {_KIND.get(nf.first_kind, '')}",
+                     style="red" if nf.first_kind == "divergence" else "yellow")
+            parts.append(t)
+            if nf.overflow_skipped and nf.overflow_skipped != nf.count:
+                parts.append(Text(f"            {nf.overflow_skipped} of them skipped by the loss scaler"))
+        else:
+            parts.append(Text("non-finite  none"))
+        for n in o.notes:
+            parts.append(Text(f"note: {n}", style="dim"))
+
+        if o is main:
+            sn = Table(box=None, pad_edge=False, show_edge=False, show_header=False)
+            sn.add_column(style="dim")
+            sn.add_column()
+            for k, code in snippets(r.clip_norm_rounded).items():
+                sn.add_row(SNIPPET_LABELS[k], code)
+            parts.append(Text("paste", style="bold"))
+            parts.append(sn)
+        title = f"optimizer {o.optimizer}" + (f" ({o.optimizer_class})" if o.optimizer_class else "")
+        console.print(Panel(Group(*parts), title=title, title_align="left", border_style=_REGIME_STYLE[v.regime]))

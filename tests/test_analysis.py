@@ -1,0 +1,382 @@
+"""gradscope.analysis: every figure against an independent numpy computation, and the properties
+the recommendation promises (scale-free, spike- and NaN-robust)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradscope import rundir
+from gradscope.analysis import analyze, get_preset, load_config, load_presets
+from gradscope.analysis.robust import round_sig, trailing_median_mad
+from gradscope.errors import GradscopeError
+
+CFG = load_config()
+
+
+def make_run(g, clip=None, skipped=None, loss=None, lr=None, optimizer=0, rank=0, meta=None, layers=None, steps=None):
+    g = np.asarray(g, dtype=float)
+    n = len(g)
+    df = pd.DataFrame({
+        "rank": rank, "optimizer": optimizer,
+        "step": np.arange(n) if steps is None else steps,
+        "grad_norm": g,
+        "loss": np.ones(n) if loss is None else loss,
+        "clip_max_norm": np.nan if clip is None else clip,
+        "skipped": False if skipped is None else skipped,
+        "lr": 1e-3 if lr is None else lr,
+    })
+    return rundir.Run(Path("mem"), rundir.normalize_steps(df), layers if layers is not None else pd.DataFrame(), meta or {})
+
+
+def lognormal(n=4000, sigma=0.3, seed=0, scale=1.0):
+    return scale * np.exp(np.random.default_rng(seed).normal(0.0, sigma, n))
+
+
+def expected_warmup(n_valid, cfg=CFG):
+    w = cfg.warmup
+    k = min(max(int(round(w.fraction * n_valid)), w.min_steps), w.max_steps)
+    return min(k, int(w.max_fraction * n_valid))
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_percentiles_clip_fraction_and_multiplier_match_numpy_on_steady_state():
+    g = lognormal(3000)
+    a = analyze(make_run(g, clip=1.2)).main
+    k = expected_warmup(3000)
+    s = g[k:]
+    assert a.warmup_steps == k and a.steady_steps == len(s) and a.steady_from_step == k
+    p50, p90, p99 = np.percentile(s, [50, 90, 99])
+    assert a.percentiles == pytest.approx({"p50": p50, "p90": p90, "p99": p99, "max": s.max()}, rel=1e-12)
+    clipped = sum(1 for v in s if v > 1.2)
+    assert a.verdict.clipped_steps == clipped
+    assert a.clip_fraction == pytest.approx(clipped / len(s))
+    assert a.verdict.mean_multiplier == pytest.approx(sum(min(1.0, 1.2 / v) for v in s) / len(s))
+    assert a.regime == "healthy"
+    assert a.threshold.source == "script"
+
+
+def test_recommendation_effect_is_counted_on_steady_state():
+    g = lognormal(3000, seed=3)
+    a = analyze(make_run(g)).main
+    tau = a.recommendation.clip_norm
+    s = g[expected_warmup(3000):]
+    assert a.recommendation.clipped_steps == int((s > tau).sum())
+    assert a.recommendation.clip_fraction == pytest.approx((s > tau).mean())
+    assert a.recommendation.mean_multiplier == pytest.approx(np.minimum(1, tau / s).mean())
+    assert a.recommendation.clip_norm_rounded == round_sig(tau)
+
+
+# ----------------------------------------------------------------------------- regimes
+
+
+def test_threshold_far_above_never_clips_and_states_the_ratio():
+    g = lognormal(2000)
+    a = analyze(make_run(g, clip=100.0)).main
+    s = g[expected_warmup(2000):]
+    assert a.regime == "never-clips" and a.clip_fraction == 0.0
+    assert a.verdict.clip_norm_to_max == pytest.approx(100.0 / s.max())
+    assert a.verdict.mean_multiplier == 1.0
+    assert "dead code" in a.verdict.meaning
+
+
+def test_threshold_far_below_always_clips():
+    g = lognormal(2000)
+    a = analyze(make_run(g, clip=0.01)).main
+    assert a.regime == "always-clips" and a.clip_fraction == 1.0
+    s = g[expected_warmup(2000):]
+    assert a.verdict.mean_multiplier == pytest.approx(np.mean(0.01 / s))
+    assert "learning-rate cut" in a.verdict.meaning
+
+
+def test_half_the_steps_clipped_is_always_clips():
+    g = np.tile([1.0, 3.0], 500)  # exactly half above 2.0 in any window
+    a = analyze(make_run(g, clip=2.0)).main
+    assert a.clip_fraction == pytest.approx(0.5) and a.regime == "always-clips"
+
+
+def test_no_threshold_is_unclipped_and_still_recommends():
+    a = analyze(make_run(lognormal(1000))).main
+    assert a.regime == "unclipped" and a.clip_fraction is None and a.verdict.clip_norm is None
+    assert a.recommendation.clip_norm > 0
+
+
+def test_threshold_sources_option_then_script_then_log():
+    g = lognormal(500)
+    assert analyze(make_run(g, clip=1.0), clip_norm=5.0).main.threshold.source == "option"
+    assert analyze(make_run(g, clip=1.0), clip_norm=5.0).main.verdict.clip_norm == 5.0
+    assert analyze(make_run(g, clip=1.0, meta={"clip_norm": 3.0})).main.verdict.clip_norm == 1.0
+    t = analyze(make_run(g, meta={"clip_norm": 3.0})).main
+    assert t.threshold.source == "log" and t.verdict.clip_norm == 3.0
+
+
+def test_changed_max_norm_judges_the_most_used_and_says_so():
+    g = lognormal(1000)
+    clip = np.where(np.arange(1000) < 700, 1.0, 0.5)
+    a = analyze(make_run(g, clip=clip)).main
+    assert a.verdict.clip_norm == 1.0 and a.threshold.changed
+    assert a.threshold.script_values == [1.0, 0.5]
+    assert any("changed" in n for n in a.notes)
+
+
+# ----------------------------------------------------------------------------- the recommendation
+
+
+@pytest.mark.parametrize("seed,sigma", [(0, 0.2), (1, 0.3), (2, 0.5)])
+def test_recommendation_is_scale_free_and_clips_a_few_percent(seed, sigma):
+    g = lognormal(5000, sigma=sigma, seed=seed)
+    rng = np.random.default_rng(seed + 10)
+    g[rng.choice(np.arange(600, 5000), 20, replace=False)] *= 30  # spikes
+    base = analyze(make_run(g)).main.recommendation
+    for c in (1e-3, 1e3):
+        r = analyze(make_run(g * c)).main.recommendation
+        assert r.clip_norm == pytest.approx(base.clip_norm * c, rel=1e-9)
+        assert r.clip_fraction == base.clip_fraction
+    assert 0.005 <= base.clip_fraction <= 0.05, base.clip_fraction
+
+
+def test_recommendation_shrugs_off_spikes_and_non_finite_steps():
+    g = lognormal(4000, seed=5)
+    clean = analyze(make_run(g)).main.recommendation.clip_norm
+    dirty = g.copy()
+    rng = np.random.default_rng(6)
+    dirty[rng.choice(4000, 30, replace=False)] *= 1e4
+    dirty[rng.choice(4000, 30, replace=False)] = np.nan
+    dirty[rng.choice(4000, 10, replace=False)] = np.inf
+    a = analyze(make_run(dirty)).main
+    assert math.isfinite(a.recommendation.clip_norm)
+    assert a.recommendation.clip_norm == pytest.approx(clean, rel=0.05)
+    assert a.nonfinite.count == int((~np.isfinite(dirty)).sum())
+    assert a.finite_steps == int(np.isfinite(dirty).sum())
+    fin = dirty[np.isfinite(dirty)][expected_warmup(a.finite_steps):]
+    assert a.percentiles["p50"] == pytest.approx(np.percentile(fin, 50))
+
+
+def test_blown_up_pilot_uses_the_stretch_before_the_first_non_finite_step():
+    g = np.concatenate([lognormal(900, seed=7), np.full(100, np.nan)])
+    a = analyze(make_run(g)).main
+    assert a.nonfinite.first_kind == "divergence" and a.nonfinite.divergence_step == 900
+    assert a.analysis_until_step == 900 and a.finite_steps == 900
+    assert a.steady_steps == 900 - expected_warmup(900)
+    assert any("diverged at step 900" in n for n in a.notes)
+
+
+def test_drift_compares_thirds_and_warns_when_one_threshold_cannot_serve_both():
+    n = 6000
+    g = lognormal(n, sigma=0.2, seed=8) * np.geomspace(10, 1, n)  # norms fall 10x
+    a = analyze(make_run(g)).main
+    s = g[expected_warmup(n):]
+    k = len(s) // 3
+    d = a.drift
+    assert d.early["p90"] == pytest.approx(np.percentile(s[:k], 90))
+    assert d.late["p50"] == pytest.approx(np.percentile(s[-k:], 50))
+    assert d.p50_ratio == pytest.approx(np.median(s[-k:]) / np.median(s[:k]))
+    assert d.drifting and d.warning and "cannot serve both" in d.warning
+    tau = a.recommendation.clip_norm
+    assert d.recommended_clip_fraction_late == pytest.approx((s[-k:] > tau).mean())
+
+
+def test_no_drift_no_warning():
+    d = analyze(make_run(lognormal(3000))).main.drift
+    assert not d.drifting and d.warning is None and 0.8 < d.p50_ratio < 1.25
+
+
+# ----------------------------------------------------------------------------- spikes
+
+
+def test_spikes_found_at_the_injected_steps_with_their_top_layers():
+    g = lognormal(3000, seed=9)
+    at = [400, 1234, 2000, 2999]
+    g[at] *= 25
+    names = ["embed.weight", "block.0.attn", "head.weight"]
+    lay = pd.DataFrame({"rank": 0, "optimizer": 0, "step": at,
+                        "embed.weight": [1.0, 1.0, 1.0, 1.0], "block.0.attn": [3.0, 0.5, 2.0, 0.0],
+                        "head.weight": [0.1, 2.0, 2.0, 0.0]})
+    a = analyze(make_run(g, layers=lay)).main
+    assert a.spikes.count == len(at)
+    assert [s.step for s in a.spikes.listed] == at
+    first = a.spikes.listed[0]
+    assert first.grad_norm == pytest.approx(g[400])
+    sq = np.array([1.0, 9.0, 0.01])
+    assert [n for n, _ in first.layers] == [names[1], names[0], names[2]]
+    assert first.layers[0][1] == pytest.approx(9.0 / sq.sum())
+    assert a.spikes.layers_available
+    assert [n for n, _ in a.spikes.listed[3].layers] == ["embed.weight"]  # zero-norm layers are not listed
+
+
+def test_no_spikes_in_plain_noise():
+    assert analyze(make_run(lognormal(5000, seed=11))).main.spikes.count == 0
+
+
+def test_trailing_median_mad_matches_a_direct_computation():
+    x = np.random.default_rng(12).normal(size=20000)
+    level, mad = trailing_median_mad(x, window=200, stride=100, min_periods=5)
+    s = 100  # min(stride, n // 50)
+    for i in (5000, 5099, 12345, 19999):
+        a = (i // s) * s
+        w = np.sort(x[a - 200:a])
+        assert level[i] == w[100]
+        assert mad[i] == np.sort(np.abs(w - w[100]))[100]
+    assert np.isnan(level[:100]).all() and not np.isnan(level[100:]).any()
+
+
+# ----------------------------------------------------------------------------- non-finite
+
+
+def test_scaler_overflow_skipped_is_told_apart_from_divergence():
+    g = lognormal(1000, seed=13)
+    skipped = np.zeros(1000, bool)
+    g[[100, 500]] = np.inf
+    skipped[[100, 500]] = True
+    a = analyze(make_run(g, skipped=skipped)).main
+    nf = a.nonfinite
+    assert nf.count == 2 and nf.first_step == 100 and nf.first_kind == "overflow-skipped"
+    assert nf.overflow_skipped == 2 and nf.divergence_step is None
+    assert a.skipped_steps == 2 and a.skipped_fraction == pytest.approx(0.002)
+
+    g2 = lognormal(1000, seed=13)
+    g2[700:] = np.nan
+    nf2 = analyze(make_run(g2)).main.nonfinite
+    assert nf2.first_kind == "divergence" and nf2.first_step == 700 and nf2.count == 300
+
+
+def test_unflagged_non_finite_step_that_training_survives_is_recovered():
+    g = lognormal(500, seed=14)
+    g[250] = np.nan
+    nf = analyze(make_run(g)).main.nonfinite
+    assert nf.first_kind == "recovered" and nf.recovered == 1
+
+
+def test_infinite_loss_counts_as_non_finite_but_nan_loss_does_not():
+    g = lognormal(500)
+    loss = np.ones(500)
+    loss[10] = np.inf
+    loss[20] = np.nan  # foreign logs leave loss empty
+    a = analyze(make_run(g, loss=loss)).main
+    assert a.nonfinite.count == 1 and a.nonfinite.first_step == 10
+
+
+# ----------------------------------------------------------------------------- optimizers, ranks, warm-up
+
+
+def test_one_verdict_per_optimizer_and_main_is_the_longest():
+    a = make_run(lognormal(800, seed=1), clip=100.0, optimizer=0)
+    b = make_run(lognormal(1200, seed=2, scale=10), clip=0.5, optimizer=1)
+    run = rundir.Run(Path("mem"), pd.concat([a.steps, b.steps], ignore_index=True), pd.DataFrame(), {})
+    r = analyze(run)
+    assert [o.optimizer for o in r.optimizers] == [0, 1]
+    assert [o.regime for o in r.optimizers] == ["never-clips", "always-clips"]
+    assert r.main.optimizer == 1
+    only = analyze(run, optimizer=0)
+    assert [o.optimizer for o in only.optimizers] == [0]
+    with pytest.raises(GradscopeError, match="optimizers: 0, 1"):
+        analyze(run, optimizer=7)
+
+
+def test_ranks_rank0_by_default_and_disagreement_noted():
+    g = lognormal(500)
+    r0, r1 = make_run(g, rank=0), make_run(g, rank=1)
+    same = rundir.Run(Path("mem"), pd.concat([r0.steps, r1.steps], ignore_index=True), pd.DataFrame(), {})
+    res = analyze(same)
+    assert res.rank == 0 and res.ranks == [0, 1] and res.main.steps == 500
+    assert any("agree" in n for n in res.notes)
+    r1b = make_run(g * (1 + 1e-3), rank=1)
+    diff = rundir.Run(Path("mem"), pd.concat([r0.steps, r1b.steps], ignore_index=True), pd.DataFrame(), {})
+    assert any("ranks disagree" in n for n in analyze(diff).notes)
+    assert analyze(diff, rank=1).rank == 1
+    with pytest.raises(GradscopeError, match="ranks: 0, 1"):
+        analyze(diff, rank=3)
+
+
+def test_warmup_follows_the_learning_rate_peak():
+    n = 2000
+    lr = np.minimum(np.arange(n) / 600, 1.0) * 1e-3
+    a = analyze(make_run(lognormal(n), lr=lr)).main
+    assert a.warmup_steps == 600 and a.steady_from_step == 600
+    capped = analyze(make_run(lognormal(n), lr=np.arange(n) * 1.0)).main  # still warming up at the end
+    assert capped.warmup_steps == int(CFG.warmup.max_fraction * n)
+
+
+def test_sampled_log_is_noted():
+    r = analyze(make_run(lognormal(200), meta={"sampled": True, "notes": ["from importer"]}))
+    assert r.sampled and r.notes[0] == "from importer" and any("every k-th step" in n for n in r.notes)
+
+
+# ----------------------------------------------------------------------------- presets and config
+
+
+def test_presets_cover_the_families_with_sources():
+    p = load_presets()
+    assert {"transformer", "cnn", "rnn", "recommender", "alignment"} <= set(p)
+    assert (p["transformer"].low, p["transformer"].high) == (1.0, 2.0)
+    assert p["recommender"].high is None and p["recommender"].low == 10.0
+    assert all(x.source for x in p.values())
+
+
+def test_preset_compares_but_never_replaces_the_data():
+    g = lognormal(2000)  # norms around 1: the data suggest about 2
+    plain = analyze(make_run(g)).main.recommendation.clip_norm
+    cnn = analyze(make_run(g), preset="cnn").main
+    assert cnn.recommendation.clip_norm == plain
+    assert cnn.preset.position == "below" and cnn.preset.clip_fraction_at_low == 0.0
+    big = analyze(make_run(g * 50), preset="alignment").main.preset
+    s = (g * 50)[expected_warmup(2000):]
+    assert big.position == "above"
+    assert big.clip_fraction_at_high == pytest.approx((s > 1.0).mean())
+    assert analyze(make_run(g * 0.8), preset="transformer").main.preset.position == "within"
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(GradscopeError, match="valid: transformer, cnn, rnn, recommender, alignment") as e:
+        get_preset("gan")
+    assert e.value.exit_code == 2
+
+
+def test_config_file_overrides_and_validates(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("warmup:\n  fraction: 0.2\nspikes:\n  z_threshold: 4\n")
+    cfg = load_config(f)
+    assert cfg.warmup.fraction == 0.2 and cfg.spikes.z_threshold == 4.0 and cfg.warmup.max_steps == 2000
+    a = analyze(make_run(lognormal(1000)), cfg).main
+    assert a.warmup_steps == 200
+    for text, msg in [
+        ("warmup:\n  fractoin: 0.2\n", "unknown setting 'fractoin' under 'warmup'"),
+        ("spikes: 3\n", "must be a mapping"),
+        ("min_steps: many\n", "must be an integer"),
+        ("recommend:\n  residual_quantile: 1.5\n", "out of range"),
+        ("[unclosed", "cannot parse"),
+    ]:
+        f.write_text(text)
+        with pytest.raises(GradscopeError, match=msg):
+            load_config(f)
+    with pytest.raises(GradscopeError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# ----------------------------------------------------------------------------- nothing to judge
+
+
+@pytest.mark.parametrize("g,msg", [
+    ([2.0], "only 1 finite gradient norm; at least 10 are needed"),
+    ([np.nan, np.inf, np.nan], "all 3 gradient norms"),
+    ([np.nan] * 5, "no gradient norms"),
+])
+def test_nothing_to_judge_is_a_user_error(g, msg):
+    with pytest.raises(GradscopeError, match=msg) as e:
+        analyze(make_run(g))
+    assert e.value.exit_code == 2
+
+
+def test_bad_clip_norm_option():
+    with pytest.raises(GradscopeError, match="positive"):
+        analyze(make_run(lognormal(100)), clip_norm=-1.0)
+
+
+def test_round_sig():
+    assert round_sig(1.8634) == 1.86 and round_sig(0.012345) == 0.0123
+    assert round_sig(2.345) == 2.3 and round_sig(97.5) == 98 and round_sig(0.5) == 0.5
