@@ -1,6 +1,6 @@
 """Recording overhead under DDP: 2 ranks (gloo, CPU), a small transformer, blocks on/off.
 
-    python benchmarks/overhead_ddp.py [--blocks 20] [--steps 10]
+    python benchmarks/overhead_ddp.py [--blocks 30] [--steps 10]
 
 Relaunches itself under ``python -m torch.distributed.run --nproc-per-node 2``.
 Inside each rank, blocks of steps alternate between recording (``with
@@ -23,7 +23,7 @@ from contextlib import nullcontext
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--blocks", type=int, default=20)
+    ap.add_argument("--blocks", type=int, default=30)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)

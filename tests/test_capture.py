@@ -258,3 +258,25 @@ def test_no_host_read_from_capture_code_between_flushes(tmp_path, monkeypatch):
         assert reads == [], reads[0][1]
         monkeypatch.undo()
     assert len(gradscope.load_run(tmp_path / "sync").steps) == 20
+
+
+def test_closure_optimizer_loss_comes_from_inside_step(tmp_path):
+    """LBFGS runs backward() inside step(): the step's loss is its closure's first value."""
+    res, out = _run(tmp_path, script("lbfgs_train.py"), "ref.json")
+    assert res.returncode == 0, res.stderr
+    s = gradscope.load_run(out).steps
+    np.testing.assert_allclose(s["loss"], _ref(tmp_path / "ref.json")["loss"], rtol=1e-6)
+
+
+def test_stop_on_nan_stops_within_one_flush_and_exits_1(tmp_path):
+    res, out = _run(tmp_path, "--stop-on-nan", "--flush-steps", "5", script("tiny_train.py"),
+                    "--steps", "500", "--lr", "50", "--progress", "progress")
+    assert res.returncode == 1
+    run = gradscope.load_run(out)
+    bad = ~np.isfinite(run.steps["loss"]) | ~np.isfinite(run.steps["grad_norm"])
+    first_bad = int(run.steps["step"][bad].iloc[0])
+    assert f"non-finite" in res.stderr and f"at step {first_bad}" in res.stderr
+    stopped_after = int((tmp_path / "progress").read_text())
+    assert stopped_after < first_bad + 5  # within one flush interval
+    assert run.meta["status"] == "failed" and run.meta["exit_code"] == 1
+    assert len(run.steps) == stopped_after + 2  # the step that raised was recorded too

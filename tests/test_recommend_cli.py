@@ -191,3 +191,12 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path, pick):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["recommend"], ["recommend", "--bogus", "x"], ["check"], ["plot", "a", "b"],
+                                  ["nosuchcommand"]])
+def test_usage_errors_exit_2_with_usage_not_an_internal_error(args):
+    # typer >= 0.26 no longer runs on the click package: this failed with exit 3 once.
+    p = subprocess.run([sys.executable, "-m", "gradscope", *args], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert "Usage:" in p.stderr and "internal error" not in p.stderr and "Traceback" not in p.stderr

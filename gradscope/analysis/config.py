@@ -129,6 +129,25 @@ def _packaged(name: str) -> tuple[str, str]:
     return res.read_text(encoding="utf-8"), f"gradscope.configs/{name}"
 
 
+def read_yaml(path: str | os.PathLike | None, packaged: str) -> tuple[Any, str]:
+    """(data, where) of the user's YAML file, or of the shipped configs/<packaged> when path is None.
+
+    Every problem (missing, unreadable, not YAML) is one GradscopeError naming the file.
+    """
+    if path is None:
+        text, where = _packaged(packaged)
+        return _read_yaml(text, where), where
+    where = os.fspath(path)
+    try:
+        with open(where, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise GradscopeError(f"config file '{where}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise GradscopeError(f"cannot read config file '{where}': {e}") from None
+    return _read_yaml(text, where), where
+
+
 def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
     bad = GradscopeError(f"'{where}': setting '{key}' must be {_kind(default)}, got {value!r}")
     if isinstance(default, bool):
@@ -204,18 +223,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 def load_config(path: str | os.PathLike | None = None) -> AnalysisConfig:
     """The shipped defaults (configs/analysis.yaml), overlaid with the user's file if given."""
-    text, where = _packaged(ANALYSIS_FILE)
-    data = _read_yaml(text, where) or {}
+    data, where = read_yaml(None, ANALYSIS_FILE)
+    data = data or {}
     if path is not None:
-        p = os.fspath(path)
-        try:
-            with open(p, encoding="utf-8") as f:
-                user_text = f.read()
-        except FileNotFoundError:
-            raise GradscopeError(f"config file '{p}' does not exist") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise GradscopeError(f"cannot read config file '{p}': {e}") from None
-        user = _read_yaml(user_text, p)
+        user, p = read_yaml(path, ANALYSIS_FILE)
         if user is None:
             user = {}
         if not isinstance(user, dict):

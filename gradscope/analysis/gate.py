@@ -169,27 +169,9 @@ def policy_from_mapping(data: Any, where: str) -> Policy:
 
 def load_policy(path: str | os.PathLike | None = None) -> Policy:
     """configs/check.yaml (shipped with gradscope), or the user's file instead of it."""
-    import yaml
+    from gradscope.analysis.config import read_yaml
 
-    if path is None:
-        from importlib.resources import files
-
-        where = f"gradscope.configs/{POLICY_FILE}"
-        text = files("gradscope.configs").joinpath(POLICY_FILE).read_text(encoding="utf-8")
-    else:
-        where = os.fspath(path)
-        try:
-            with open(where, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise GradscopeError(f"config file '{where}' does not exist") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise GradscopeError(f"cannot read config file '{where}': {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GradscopeError(f"cannot parse '{where}' as YAML: {first}") from None
+    data, where = read_yaml(path, POLICY_FILE)
     return policy_from_mapping(data, where)
 
 

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-import click
+import typer
 
 from gradscope.cli.app import app
 from gradscope.errors import GradscopeError
@@ -22,6 +22,16 @@ from gradscope.cli import check as _check  # noqa: F401,E402
 from gradscope.cli import plot as _plot  # noqa: F401,E402
 
 __all__ = ["app", "main"]
+
+# typer <= 0.25 runs on the click package; typer >= 0.26 carries its own copy as
+# typer._click and no longer installs click. Catch the exceptions of whichever runs.
+try:
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as _cx
+
+_EXIT = tuple({typer.Exit, getattr(_cx, "Exit", typer.Exit)})
+_ABORT = tuple({typer.Abort, getattr(_cx, "Abort", typer.Abort), KeyboardInterrupt})
 
 
 def _die_like(sig: int) -> None:
@@ -46,12 +56,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"gradscope: error: {e.message}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:  # usage errors: click's own one-liner
+    except _cx.ClickException as e:  # usage errors: click's own one-liner
         e.show()
-        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.exit(2 if isinstance(e, _cx.UsageError) else e.exit_code)
+    except _ABORT:
         print("gradscope: interrupted", file=sys.stderr)
         _die_like(signal.SIGINT)
     except BrokenPipeError:

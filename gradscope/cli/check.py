@@ -25,7 +25,7 @@ from configs/check.yaml, --config FILE, or the flags (flags win). Exit codes:
 
 @app.command("check", help=CHECK_HELP)
 def check_command(
-    run: Path = typer.Argument(..., help="A gradscope run directory or another trainer's log."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A gradscope run directory or another trainer's log."),
     config: Optional[Path] = typer.Option(None, "--config", help="Policy YAML (default: configs/check.yaml)."),
     fail_on: Optional[str] = typer.Option(
         None, "--fail-on", metavar="REGIMES", help="Fail on these regimes: always-clips,never-clips,unclipped,healthy."

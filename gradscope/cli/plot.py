@@ -20,7 +20,7 @@ norm histogram, clip fraction as a function of the threshold, per-layer heatmap.
 
 @app.command("plot", help=PLOT_HELP)
 def plot_command(
-    run: Path = typer.Argument(..., help="A gradscope run directory or another trainer's log."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A gradscope run directory or another trainer's log."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (.png, .svg, .pdf)."),
     clip_norm: Optional[float] = typer.Option(
         None, "--clip-norm", min=0.0, help="Judge this threshold instead of the recorded one."

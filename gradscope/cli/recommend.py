@@ -22,7 +22,7 @@ Regimes: never-clips, always-clips, healthy, unclipped.
 
 @app.command("recommend", help=RECOMMEND_HELP)
 def recommend_command(
-    run: Path = typer.Argument(..., help="A gradscope run directory, or a training log (see --format)."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A gradscope run directory, or a training log (see --format)."),
     clip_norm: Optional[float] = typer.Option(None, "--clip-norm", help="Judge this threshold instead of the run's own."),
     preset: Optional[str] = typer.Option(
         None, "--preset", help="Compare with a model family's usual range: transformer, cnn, rnn, recommender, alignment."
