@@ -29,6 +29,7 @@ from gradscope.capture.boot import (
     ENV_LAYER_STRIDE,
     ENV_RUN_DIR,
     ENV_STOP_ON_NAN,
+    ENV_CLIP_NORM,
 )
 from gradscope.errors import GradscopeError
 
@@ -107,7 +108,7 @@ def default_run_dir(target: Target) -> Path:
 
 
 def child_env(run_dir: Path, layer_stride: int, flush_steps: int, flush_seconds: float,
-              stop_on_nan: bool = False) -> dict[str, str]:
+              stop_on_nan: bool = False, clip_norm: float | None = None) -> dict[str, str]:
     env = dict(os.environ)
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = BOOTSTRAP_DIR + (os.pathsep + old if old else "")
@@ -116,6 +117,7 @@ def child_env(run_dir: Path, layer_stride: int, flush_steps: int, flush_seconds:
     env[ENV_FLUSH_STEPS] = str(flush_steps)
     env[ENV_FLUSH_SECONDS] = str(flush_seconds)
     env[ENV_STOP_ON_NAN] = "1" if stop_on_nan else "0"
+    env[ENV_CLIP_NORM] = repr(float(clip_norm)) if clip_norm is not None else ""
     return env
 
 
@@ -139,13 +141,15 @@ def run_recorded(
     flush_steps: int = 100,
     flush_seconds: float = 2.0,
     stop_on_nan: bool = False,
+    clip_norm: float | None = None,
 ) -> int:
     """Launch the target, wait for it, finish meta.json. Returns the child's return code
     (negative: killed by that signal)."""
     argv = target.argv()
     meta = rundir.new_meta(argv, target=target.kind)
+    meta["clip_norm_override"] = clip_norm
     rundir.write_json_atomic(run_dir / rundir.META_FILE, meta)
-    env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan)
+    env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan, clip_norm)
 
     try:
         child = subprocess.Popen(argv, env=env)

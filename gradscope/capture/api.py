@@ -19,10 +19,12 @@ def record(
     layer_stride: int = 1,
     flush_steps: int = 100,
     flush_seconds: float = 2.0,
+    clip_norm: float | None = None,
 ) -> Iterator[Recorder]:
     """Record every optimizer step inside the block; every hook is removed on exit.
 
     ``layer_stride`` 0 turns the per-layer table off; N records it every N steps.
+    ``clip_norm`` clips every step at that global norm, as `gradscope run --clip-norm`.
     """
     import torch
 
@@ -31,11 +33,13 @@ def record(
         path = rundir.prepare_run_dir(run_dir, force=force)
         meta = rundir.new_meta(sys.argv, target="python-api", torch_version=torch.__version__)
         meta["launcher_pid"] = os.getpid()
+        meta["clip_norm_override"] = clip_norm
         rundir.write_json_atomic(path / rundir.META_FILE, meta)
     else:  # another rank of a distributed run: rank 0 owns the directory and meta.json
         path = Path(run_dir)
         path.mkdir(parents=True, exist_ok=True)
-    rec = Recorder(path, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds)
+    rec = Recorder(path, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds,
+                   clip_norm=clip_norm)
     rec.start()
     status, code = "completed", 0
     try:

@@ -17,6 +17,7 @@ ENV_LAYER_STRIDE = "GRADSCOPE_LAYER_STRIDE"
 ENV_FLUSH_STEPS = "GRADSCOPE_FLUSH_STEPS"
 ENV_FLUSH_SECONDS = "GRADSCOPE_FLUSH_SECONDS"
 ENV_STOP_ON_NAN = "GRADSCOPE_STOP_ON_NAN"
+ENV_CLIP_NORM = "GRADSCOPE_CLIP_NORM"
 
 
 def _start() -> None:
@@ -28,6 +29,7 @@ def _start() -> None:
         flush_steps=int(os.environ.get(ENV_FLUSH_STEPS, "100")),
         flush_seconds=float(os.environ.get(ENV_FLUSH_SECONDS, "2.0")),
         stop_on_nan=os.environ.get(ENV_STOP_ON_NAN) == "1",
+        clip_norm=float(os.environ[ENV_CLIP_NORM]) if os.environ.get(ENV_CLIP_NORM) else None,
     ).start()
 
 

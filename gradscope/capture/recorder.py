@@ -111,6 +111,7 @@ class Recorder:
         rank: int | None = None,
         handle_sigterm: bool = True,
         stop_on_nan: bool = False,
+        clip_norm: float | None = None,
     ) -> None:
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.layer_stride = max(0, int(layer_stride))  # 0 = no per-layer table
@@ -119,6 +120,12 @@ class Recorder:
         self._rank = rank
         self._handle_sigterm = handle_sigterm
         self.stop_on_nan = stop_on_nan
+        # `gradscope run --clip-norm`: the threshold every step is clipped at, whether or not
+        # the script clips (a script's own clip_grad_norm_ call runs with this max_norm instead).
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self._fused_warned = False
+        self._applying = False  # inside our own --clip-norm call: not a call of the script's
+        self._script_max_norms: list[float] = []  # what the script passed, replaced by clip_norm
         self._first_bad: str | None = None  # first non-finite step seen on the host
         self._pid = os.getpid()
         self._lock = threading.RLock()
@@ -272,6 +279,10 @@ class Recorder:
                 if not rec._mine():
                     return orig(parameters, max_norm, total_norm, foreach)
                 params = _as_list(parameters)
+                if rec.clip_norm is not None:
+                    if not rec._applying:
+                        rec._note_script_threshold(max_norm)
+                    max_norm = rec.clip_norm
                 rec._on_clip(params, "norm", float(max_norm), total_norm)
                 return orig(params, max_norm, total_norm, foreach)
 
@@ -403,8 +414,9 @@ class Recorder:
 
     def _on_clip(self, params: list, kind: str, threshold: float, total: torch.Tensor | None) -> None:
         fn = "clip_grad_norm_" if kind == "norm" else "clip_grad_value_"
-        self._count(fn)
-        if threshold not in self._thresholds[fn] and len(self._thresholds[fn]) < 20:
+        if not self._applying:
+            self._count(fn)
+        if not self._applying and threshold not in self._thresholds[fn] and len(self._thresholds[fn]) < 20:
             self._thresholds[fn].append(threshold)
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
@@ -441,9 +453,42 @@ class Recorder:
         if not self._mine():
             return
         st = self._register(opt)
+        if self.clip_norm is not None:
+            self._apply_clip_norm(opt)
         skipped = getattr(opt, "found_inf", None)  # fused optimizers skip inside step()
         self._record(st, opt.param_groups, skipped=skipped, scaler=self._active_scaler,
                      grad_scale=getattr(opt, "grad_scale", None))
+
+    def _apply_clip_norm(self, opt: torch.optim.Optimizer) -> None:
+        """Clip this step's gradients at `clip_norm` unless the script already clipped them.
+
+        The step pre-hook is the point where the gradients are final: accumulated, all-reduced
+        and (GradScaler.step having called unscale_) unscaled. Going through clip_grad_norm_
+        makes the result bit-identical to a script that calls it itself right before step(),
+        and the recorder reuses the norm that call measures.
+        """
+        if getattr(opt, "grad_scale", None) is not None:
+            # A fused optimizer under GradScaler unscales inside step(): its gradients are still
+            # scaled here, and clipping them at clip_norm would cut by the wrong amount.
+            if not self._fused_warned:
+                self._fused_warned = True
+                print("gradscope: --clip-norm is not applied to a fused optimizer under GradScaler "
+                      "(its gradients are unscaled inside step()); clip in the script instead", file=sys.stderr)
+            return
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        ids = {id(p.grad) for p in params}
+        if not params or any(c.kind == "norm" and c.grad_ids & ids for c in self._clips):
+            return  # the script clipped this step itself, with clip_norm as its max_norm
+        self._applying = True
+        try:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        finally:
+            self._applying = False
+
+    def _note_script_threshold(self, max_norm: Any) -> None:
+        v = float(max_norm)
+        if v not in self._script_max_norms and len(self._script_max_norms) < 20:
+            self._script_max_norms.append(v)
 
     def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         st = self._opts.get(opt)
@@ -736,6 +781,8 @@ class Recorder:
             ],
             "clip_calls": dict(self._clip_calls),
             "clip_thresholds": {k: v for k, v in self._thresholds.items() if v},
+            "clip_norm_override": self.clip_norm,
+            "script_max_norms_overridden": list(self._script_max_norms),
         }
         self._writer.write_process(info)
 

@@ -41,6 +41,10 @@ def run_command(
     stop_on_nan: bool = typer.Option(
         False, "--stop-on-nan", help="Stop the training within one flush of the first non-finite loss (exit 1)."
     ),
+    clip_norm: Optional[float] = typer.Option(
+        None, "--clip-norm", help="Clip every step at this global L2 norm, right before optimizer.step() "
+        "(after accumulation and AMP unscaling); replaces the max_norm of the script's own clip_grad_norm_ calls.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary at the end."),
 ) -> int:
     from gradscope import launch, rundir
@@ -52,13 +56,15 @@ def run_command(
         raise GradscopeError("nothing to run: give a script (gradscope run train.py), -m MODULE, or -- COMMAND")
     else:
         target = _classify(args)
+    if clip_norm is not None and not (0 < clip_norm < float("inf")):
+        raise GradscopeError(f"--clip-norm must be a positive, finite number, got {clip_norm:g}")
     launch.check_target(target)
     run_dir = out if out is not None else launch.default_run_dir(target)
     run_dir = rundir.prepare_run_dir(run_dir, force=force)
 
     returncode = launch.run_recorded(
         target, run_dir, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds,
-        stop_on_nan=stop_on_nan,
+        stop_on_nan=stop_on_nan, clip_norm=clip_norm,
     )
     if not quiet:
         from gradscope.report.summary import print_summary

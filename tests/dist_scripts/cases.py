@@ -161,4 +161,7 @@ for i, case in enumerate(args.cases.split(",")):
         run_fsdp(i, clip=True)
     else:
         raise SystemExit(f"unknown case {case}")
+# Every rank finishes its sends before any rank tears gloo down: without this a rank can
+# abort at exit ("terminate called without an active exception"), with or without gradscope.
+dist.barrier()
 dist.destroy_process_group()

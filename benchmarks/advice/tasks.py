@@ -1,0 +1,279 @@
+"""Small, seeded, CPU-only training tasks whose outcome depends on the clip threshold.
+
+Each task builds its data and model from the seed alone, trains for a fixed number of
+optimizer steps and returns the held-out loss at the end. A `clipper` is called with the
+parameters between backward() and step(); None means no clipping. The same code runs as a
+script (below) so that `gradscope run` can record an unmodified, unclipped pilot of it.
+
+Why these tasks: each is a classic place where clipping decides the outcome.
+- adding:    tanh RNN on the adding problem (Pascanu, Mikolov & Bengio 2013), SGD.
+- lstm_lm:   word-level LSTM LM, SGD at lr 20 as in PyTorch's word_language_model example.
+- tfm_lm:    small transformer LM, AdamW at a high learning rate with no warm-up.
+- deep_mlp:  12-layer tanh MLP with a too-large initialisation, SGD with momentum.
+- gru_copy:  GRU on a delayed-copy task, SGD at a high learning rate (held out while designing).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+Clipper = Callable[[list], None]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    steps: int
+    build: Callable  # seed -> (model, optimizer, next_batch(step) -> (x, y), heldout() -> loss, loss_fn)
+
+
+def _markov_text(seed: int, vocab: int, length: int, branching: int = 3) -> torch.Tensor:
+    """Token stream from a sparse random first-order Markov chain: learnable, not trivial."""
+    rng = random.Random(seed)
+    nxt = [[rng.randrange(vocab) for _ in range(branching)] for _ in range(vocab)]
+    weights = [[math.exp(2.0 * rng.gauss(0, 1)) for _ in range(branching)] for _ in range(vocab)]
+    out, tok = [], 0
+    for _ in range(length):
+        tok = rng.choices(nxt[tok], weights[tok])[0]
+        out.append(tok)
+    return torch.tensor(out, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- adding problem
+
+
+class _RNNReg(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.rnn = nn.RNN(2, hidden, nonlinearity="tanh", batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1]).squeeze(-1)
+
+
+def _adding_batch(gen: torch.Generator, n: int, T: int):
+    vals = torch.rand(n, T, generator=gen)
+    mark = torch.zeros(n, T)
+    a = torch.randint(0, T // 2, (n,), generator=gen)
+    b = torch.randint(T // 2, T, (n,), generator=gen)
+    mark[torch.arange(n), a] = 1.0
+    mark[torch.arange(n), b] = 1.0
+    x = torch.stack([vals, mark], dim=-1)
+    y = (vals * mark).sum(1)
+    return x, y
+
+
+def build_adding(seed: int):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    T = 10
+    model = _RNNReg(48)
+    with torch.no_grad():  # a recurrent matrix with spectral radius > 1: gradients explode
+        model.rnn.weight_hh_l0.copy_(torch.nn.init.orthogonal_(torch.empty(48, 48)) * 1.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    test = _adding_batch(torch.Generator().manual_seed(999), 512, T)
+    loss_fn = nn.MSELoss()
+    return model, opt, lambda step: _adding_batch(gen, 128, T), test, loss_fn
+
+
+# ----------------------------------------------------------------------------- language models
+
+
+class _LSTMLM(nn.Module):
+    def __init__(self, vocab: int, emb: int, hidden: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, emb)
+        self.lstm = nn.LSTM(emb, hidden, num_layers=2, batch_first=True)
+        self.out = nn.Linear(hidden, vocab)
+        for p in self.parameters():  # as word_language_model: uniform init
+            nn.init.uniform_(p, -0.1, 0.1)
+
+    def forward(self, x):
+        h, _ = self.lstm(self.emb(x))
+        return self.out(h)
+
+
+class _TfmLM(nn.Module):
+    def __init__(self, vocab: int, d: int, ctx: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(ctx, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True, norm_first=False)
+        self.body = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(d, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(ctx), persistent=False)
+
+    def forward(self, x):
+        n = x.shape[1]
+        h = self.body(self.emb(x) + self.pos[:n], mask=self.mask[:n, :n], is_causal=True)
+        return self.out(h)
+
+
+class _LMLoss:
+    def __init__(self):
+        self.ce = nn.CrossEntropyLoss()
+
+    def __call__(self, logits, y):
+        return self.ce(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def _lm_data(seed: int, vocab: int, ctx: int, batch: int):
+    text = _markov_text(20_000 + seed % 3, vocab, 30_000)  # three corpora, shared across seeds
+    train, test = text[:26_000], text[26_000:]
+    gen = torch.Generator().manual_seed(30_000 + seed)
+
+    def batch_at(step):
+        i = torch.randint(0, len(train) - ctx - 1, (batch,), generator=gen)
+        x = torch.stack([train[j:j + ctx] for j in i.tolist()])
+        y = torch.stack([train[j + 1:j + ctx + 1] for j in i.tolist()])
+        return x, y
+
+    starts = range(0, len(test) - ctx - 1, ctx)
+    tx = torch.stack([test[j:j + ctx] for j in starts])
+    ty = torch.stack([test[j + 1:j + ctx + 1] for j in starts])
+    return batch_at, (tx, ty)
+
+
+def build_lstm_lm(seed: int):
+    torch.manual_seed(seed)
+    batch_at, test = _lm_data(seed, 64, 24, 16)
+    model = _LSTMLM(64, 32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=20.0)
+    return model, opt, batch_at, test, _LMLoss()
+
+
+def build_tfm_lm(seed: int):
+    torch.manual_seed(seed)
+    batch_at, test = _lm_data(seed, 64, 32, 16)
+    model = _TfmLM(64, 64, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    return model, opt, batch_at, test, _LMLoss()
+
+
+# ----------------------------------------------------------------------------- deep MLP
+
+
+def build_deep_mlp(seed: int):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(40_000 + seed)
+    d = 32
+    teacher = torch.Generator().manual_seed(41_000)
+    w_true = torch.randn(d, 1, generator=teacher) / math.sqrt(d)
+    layers: list[nn.Module] = []
+    for i in range(12):
+        lin = nn.Linear(d, d)
+        nn.init.normal_(lin.weight, std=2.0 / math.sqrt(d))  # twice the stable gain: norms blow up
+        layers += [lin, nn.Tanh()]
+    layers.append(nn.Linear(d, 1))
+    model = nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+
+    def data(g, n):
+        x = torch.randn(n, d, generator=g)
+        return x, (x @ w_true).squeeze(-1) / w_true.norm()  # a linear teacher, variance 1
+
+    test = data(torch.Generator().manual_seed(998), 1024)
+    loss_fn = nn.MSELoss()
+    return model, opt, lambda step: data(gen, 64), test, _Squeeze(loss_fn)
+
+
+class _Squeeze:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, pred, y):
+        return self.fn(pred.squeeze(-1), y)
+
+
+# ----------------------------------------------------------------------------- GRU delayed copy
+
+
+class _GRUSeq(nn.Module):
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 16)
+        self.gru = nn.GRU(16, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, x):
+        h, _ = self.gru(self.emb(x))
+        return self.out(h)
+
+
+def _copy_batch(gen: torch.Generator, n: int, k: int, delay: int, vocab: int):
+    seq = torch.randint(1, vocab, (n, k), generator=gen)
+    blank = torch.zeros(n, delay, dtype=torch.long)
+    x = torch.cat([seq, blank, torch.zeros(n, k, dtype=torch.long)], 1)
+    y = torch.cat([torch.zeros(n, k + delay, dtype=torch.long), seq], 1)
+    return x, y
+
+
+def build_gru_copy(seed: int):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(50_000 + seed)
+    vocab, k, delay = 8, 5, 20
+    model = _GRUSeq(vocab, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=3.0)
+    test = _copy_batch(torch.Generator().manual_seed(997), 256, k, delay, vocab)
+    return model, opt, lambda step: _copy_batch(gen, 32, k, delay, vocab), test, _LMLoss()
+
+
+TASKS = {
+    t.name: t
+    for t in [
+        Task("adding", 600, build_adding),
+        Task("lstm_lm", 300, build_lstm_lm),
+        Task("tfm_lm", 300, build_tfm_lm),
+        Task("deep_mlp", 400, build_deep_mlp),
+        Task("gru_copy", 400, build_gru_copy),
+    ]
+}
+
+
+def train(name: str, seed: int, clipper: Clipper | None = None, stop_at: int | None = None) -> float:
+    """Train task `name` from `seed` and return the final held-out loss (inf when the weights or
+    the loss went non-finite). The learning rate decays linearly to zero over the task's steps, so
+    the final loss measures where training settled, not the noise of its last step; `stop_at`
+    ends early on the same schedule (a pilot)."""
+    task = TASKS[name]
+    torch.set_num_threads(1)
+    model, opt, batch_at, (tx, ty), loss_fn = task.build(seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / task.steps)
+    params = [p for p in model.parameters()]
+    for step in range(task.steps if stop_at is None else stop_at):
+        x, y = batch_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        if clipper is not None:
+            clipper(params)
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        final = float(loss_fn(model(tx), ty))
+    return final if math.isfinite(final) else math.inf
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Train one advice-benchmark task (unclipped unless --clip-norm).")
+    ap.add_argument("--task", required=True, choices=sorted(TASKS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop-at", type=int, default=None, help="stop after this many steps (a pilot)")
+    ap.add_argument("--clip-norm", type=float, default=None)
+    a = ap.parse_args(argv)
+    clipper = None
+    if a.clip_norm is not None:
+        clipper = lambda ps: torch.nn.utils.clip_grad_norm_(ps, a.clip_norm)  # noqa: E731
+    print(f"held-out loss {train(a.task, a.seed, clipper, a.stop_at):.6g}")
+
+
+if __name__ == "__main__":
+    main()
