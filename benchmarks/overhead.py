@@ -8,11 +8,15 @@ parameter naming happen inside it, at their real frequency.
 
     python benchmarks/overhead.py              # ~5M-parameter transformer on CPU, ~3 minutes
     python benchmarks/overhead.py --quick      # fewer blocks, for a smoke test
+
+Then the DDP case: 2 ranks under torchrun (benchmarks/overhead_ddp.py; --no-ddp skips it).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -109,6 +113,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP case (overhead_ddp.py)")
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.block = 4, 5
@@ -131,6 +136,13 @@ def main() -> None:
             )
         base, extra = fixed_cost_us(work)
         print(f"tiny model (Linear 4x4): {base:.0f} us/step without, +{extra:.0f} us/step with recording")
+    if not args.no_ddp:
+        # DDP: two ranks under torchrun, in their own processes (benchmarks/overhead_ddp.py).
+        ddp = [sys.executable, str(Path(__file__).with_name("overhead_ddp.py"))]
+        if args.quick:
+            ddp += ["--blocks", "6", "--steps", "5"]
+        sys.stdout.flush()
+        subprocess.run(ddp, check=False)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,9 @@ def test_recommendation_is_scale_free_and_clips_a_few_percent(seed, sigma):
         r = analyze(make_run(g * c)).main.recommendation
         assert r.clip_norm == pytest.approx(base.clip_norm * c, rel=1e-9)
         assert r.clip_fraction == base.clip_fraction
-    assert 0.005 <= base.clip_fraction <= 0.05, base.clip_fraction
+    # every spike is cut (20 of the 4500 steady-state steps), and only a few ordinary steps
+    assert 20 / 4500 <= base.clip_fraction <= 0.05, base.clip_fraction
+    assert base.situation == "spiky"
 
 
 def test_recommendation_shrugs_off_spikes_and_non_finite_steps():
@@ -150,7 +152,9 @@ def test_recommendation_shrugs_off_spikes_and_non_finite_steps():
     dirty[rng.choice(4000, 10, replace=False)] = np.inf
     a = analyze(make_run(dirty)).main
     assert math.isfinite(a.recommendation.clip_norm)
-    assert a.recommendation.clip_norm == pytest.approx(clean, rel=0.05)
+    # 10^4-fold spikes move the threshold by at most spike_margin (2x), and all of them are cut
+    assert clean / 2 < a.recommendation.clip_norm < 2.2 * clean
+    assert a.recommendation.clip_norm < np.nanmin(dirty[np.isfinite(dirty) & (dirty > 100 * np.median(g))])
     assert a.nonfinite.count == int((~np.isfinite(dirty)).sum())
     assert a.finite_steps == int(np.isfinite(dirty).sum())
     fin = dirty[np.isfinite(dirty)][expected_warmup(a.finite_steps):]

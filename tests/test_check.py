@@ -7,6 +7,7 @@ import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gradscope.analysis import gate
@@ -251,3 +252,19 @@ def test_json_output(capsys):
     assert code == 1 and doc["ok"] is False and doc["exit_code"] == 1
     assert doc["non_finite"]["step"] == 31 and doc["non_finite"]["quantity"] == "loss and gradient"
     assert doc["non_finite"]["grad_norm"] == "nan"
+
+
+def test_check_reports_ranks_that_disagree_without_failing(tmp_path, capsys):
+    """Desynchronised replicas: a note naming the worst step, not a failure (the norms are finite)."""
+    from test_recommend_cli import norms, write_run
+
+    g = norms(200)
+    write_run(tmp_path / "run", g, rank=0)
+    off = [float(v) * (1.01 if i >= 100 else 1.0) for i, v in enumerate(g)]
+    write_run(tmp_path / "run", off, rank=1)
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    worst = 100 + int(np.argmax(np.abs(np.array(off[100:]) - np.array(g[100:])) / np.array(off[100:])))
+    assert "ranks disagree" in out and "on 100 steps" in out and f"step {worst}" in out

@@ -43,6 +43,9 @@ def test_clip_norm_equals_the_script_clipping_itself(tmp_path, script_clip):
     np.testing.assert_array_equal(s["clipped"], g > 4.0)
     assert s["clipped"].any() and not s["clipped"].all()  # the threshold bites on some steps only
     assert run.meta["clip_norm_override"] == 4.0
+    from gradscope.analysis import analyze
+
+    assert any("clipped at 4 by `gradscope run --clip-norm`" in n for n in analyze(run).notes)
     proc = json.loads((tmp_path / "run" / "process-r0.json").read_text())
     assert proc["clip_norm_override"] == 4.0
     assert proc["script_max_norms_overridden"] == ([] if script_clip is None else [script_clip])

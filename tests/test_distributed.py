@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import gradscope
-from gradscope.distributed_check import missing_ranks, rank_disagreement
+from gradscope.analysis.ranks import missing_ranks, rank_disagreement
 from gsutil import env_without_gradscope, gradscope as gs
 
 CASES = ["ddp", "accum", "fsdp", "fsdp_clip"]  # optimizer ids 0..3 in launch order

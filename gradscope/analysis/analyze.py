@@ -1,14 +1,18 @@
 """analyze(run) -> RunAnalysis: one verdict and recommendation per optimizer of one rank."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from gradscope.analysis.config import AnalysisConfig, Preset, get_preset, load_config
 from gradscope.analysis.judge import classify_steps, judge, resolve_threshold, threshold_notes, warmup_length
 from gradscope.analysis.model import DIVERGENCE, OptimizerAnalysis, RunAnalysis
-from gradscope.analysis.recommend import compare_preset, drift, recommend
+from gradscope.analysis.recommend import compare_preset, drift, normalising, recommend
+from gradscope.analysis.situation import assess
 from gradscope.analysis.robust import percentiles, trailing_median_mad
-from gradscope.analysis.select import Series, choose_rank, rank_disagreement, split_optimizers
+from gradscope.analysis.ranks import disagreement_note, missing_ranks
+from gradscope.analysis.select import Series, choose_rank, split_optimizers
 from gradscope.analysis.spikes import attach_layers, find_spikes
 from gradscope.errors import GradscopeError
 
@@ -38,8 +42,17 @@ def analyze(
     chosen, ranks = choose_rank(steps, rank, where)
     notes = [str(n) for n in (run.meta.get("notes") or [])]
     if len(ranks) > 1:
-        notes.append(rank_disagreement(steps, chosen, ranks, cfg.ranks.rtol))
+        note = disagreement_note(steps, chosen, cfg.ranks.rtol)
+        notes.append(note or f"{len(ranks)} ranks agree within {cfg.ranks.rtol:g} (relative); judging rank {chosen}")
         steps = steps[steps["rank"] == chosen]
+    lost = missing_ranks(run)
+    if lost:
+        notes.append(f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of the run recorded nothing "
+                     "(a launcher that did not pass gradscope's environment on, or a node started outside "
+                     "`gradscope run`)")
+    override = run.meta.get("clip_norm_override")
+    if override is not None:
+        notes.append(f"every step was clipped at {override:g} by `gradscope run --clip-norm` (not by the script)")
     sampled = bool(run.meta.get("sampled"))
     if sampled:
         notes.append(
@@ -50,13 +63,16 @@ def analyze(
         raise GradscopeError(f"'{where}' has no gradient norms (the grad_norm column is empty)")
 
     series = split_optimizers(steps, optimizer, where)
-    classes = {o.get("id"): o.get("class") for o in run.meta.get("optimizers") or [] if isinstance(o, dict)}
+    opts = [o for o in run.meta.get("optimizers") or [] if isinstance(o, dict)]
+    classes = {o.get("id"): o.get("class") for o in opts}
+    momenta = {o.get("id"): o.get("momentum") for o in opts}
     results: list[OptimizerAnalysis] = []
     problems: list[str] = []
     for s in series:
         try:
             label = f"optimizer {s.optimizer}" if len(series) > 1 or optimizer is not None else "the run"
-            results.append(_analyze_series(s, run, chosen, cfg, clip_norm, pre, classes.get(s.optimizer), label))
+            results.append(_analyze_series(s, run, chosen, cfg, clip_norm, pre, classes.get(s.optimizer), label,
+                                           momenta.get(s.optimizer)))
         except GradscopeError as e:
             if len(series) == 1:
                 raise
@@ -71,7 +87,7 @@ def analyze(
 
 def _analyze_series(
     s: Series, run, rank: int | None, cfg: AnalysisConfig, clip_norm: float | None, pre: Preset | None, cls,
-    label: str,
+    label: str, momentum: float | None = None,
 ) -> OptimizerAnalysis:
     where, opt = str(run.path), s.optimizer
     g_all = s.grad_norm
@@ -117,6 +133,11 @@ def _analyze_series(
     is_spike = np.zeros(len(x), dtype=bool)
     is_spike[spike_pos] = True
     rec = recommend(x_s, level[k:], cfg, is_spike[k:])
+    sit = assess(g, step, s.loss[valid], nonfinite.divergence_step, spikes.count, cfg.situation, momentum)
+    if sit.clip_norm is not None:
+        rec = normalising(sit, g_s)
+    else:
+        rec = dataclasses.replace(rec, situation=sit.name, evidence=sit.evidence)
     dr = drift(g_s, step_s, rec.clip_norm, cfg)
     attach_layers(spikes, run.layers, rank, opt, cfg.spikes.top_layers)
     skipped = int(s.skipped.sum())

@@ -38,6 +38,7 @@ class RecommendConfig:
     residual_quantile: float = 0.98
     level_quantile: float = 0.9
     min_headroom: float = 1.2
+    spike_margin: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,18 @@ class RanksConfig:
 
 
 @dataclass(frozen=True)
+class SituationConfig:
+    """See gradscope/analysis/situation.py for what each knob means."""
+
+    early_steps: int = 5          # the early level: median of the first finite norms
+    onset_ratio: float = 30.0     # blow-up onset (reported): first norm this many times the early level
+    runaway_ratio: float = 100.0  # late norms this many times the early level: a blow-up under way
+    loss_rise: float = 2.0        # unstable: the loss climbed to this many times its first value
+    normalise_factor: float = 1.0  # blew-up/unstable: clip norm = this x (1 - momentum) x the first norm
+    range_factor: float = 2.0     # those recommendations are stated as a range of this factor either way
+
+
+@dataclass(frozen=True)
 class AnalysisConfig:
     """Every knob of the analysis; configs/analysis.yaml holds the shipped defaults."""
 
@@ -73,6 +86,7 @@ class AnalysisConfig:
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     ranks: RanksConfig = field(default_factory=RanksConfig)
+    situation: SituationConfig = field(default_factory=SituationConfig)
 
 
 @dataclass(frozen=True)

@@ -347,6 +347,12 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
     steps = run.steps
     checks: list[CheckResult] = []
     notes = list(_visibility_notes(run))
+    if steps is not None and len(steps) and "rank" in steps and steps["rank"].nunique() > 1:
+        from gradscope.analysis.ranks import disagreement_note
+
+        note = disagreement_note(steps, None)
+        if note:
+            notes.append(note)
 
     nf = find_non_finite(run)
     if nf is not None:

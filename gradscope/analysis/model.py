@@ -49,6 +49,12 @@ class Recommendation:
     reference_level: float             # exp(level_quantile of the trailing median of log-norms)
     headroom: float                    # clip_norm / reference_level
     based_on_steps: int                # steady-state steps the statistics used
+    situation: str = "stable"          # one of situation.SITUATIONS: which method applies
+    evidence: str = ""                 # one sentence: what put the run in that situation
+    low: float | None = None           # the range the data support (see recommend.py, situation.py)
+    high: float | None = None
+    basis: str | None = None           # a normalising recommendation: what it was computed from
+    onset_step: int | None = None      # blew-up: where the norm left its early level
 
 
 @dataclass

@@ -39,40 +39,6 @@ def choose_rank(steps, rank: int | None, where: str) -> tuple[int | None, list[i
     return (0 if 0 in ranks else ranks[0]), ranks
 
 
-def rank_disagreement(steps, chosen: int, ranks: list[int], rtol: float) -> str | None:
-    """A note when ranks' norms for the same (optimizer, step) differ by more than rtol (relative)."""
-    import pandas as pd
-
-    if len(ranks) < 2:
-        return None
-    cols = ["optimizer", "step", "grad_norm"]
-    base = steps.loc[steps["rank"] == chosen, cols]
-    worst = (0.0, None, None, None)
-    for r in ranks:
-        if r == chosen:
-            continue
-        other = steps.loc[steps["rank"] == r, cols]
-        m = pd.merge(base, other, on=["optimizer", "step"], suffixes=("", "_o"))
-        a = m["grad_norm"].to_numpy()
-        b = m["grad_norm_o"].to_numpy()
-        ok = np.isfinite(a) & np.isfinite(b)
-        if not ok.any():
-            continue
-        a, b = a[ok], b[ok]
-        rel = np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-30)
-        i = int(np.argmax(rel))
-        if rel[i] > worst[0]:
-            worst = (float(rel[i]), r, int(m["optimizer"].to_numpy()[ok][i]), int(m["step"].to_numpy()[ok][i]))
-    rel, r, o, s = worst
-    if rel > rtol:
-        return (
-            f"ranks disagree: grad_norm of rank {r} differs from rank {chosen} by up to {rel:.2g} (relative; "
-            f"optimizer {o}, step {s}). Under DDP every rank sees the same global norm, so these look like "
-            f"per-rank or per-shard norms (ZeRO/FSDP, or measured before the all-reduce); judging rank {chosen} only"
-        )
-    return f"{len(ranks)} ranks agree within {rtol:g} (relative); judging rank {chosen}"
-
-
 def split_optimizers(steps, optimizer: int | None, where: str) -> list[Series]:
     """One Series per optimizer (only `optimizer` when given), sorted by step."""
     o = steps["optimizer"].to_numpy()

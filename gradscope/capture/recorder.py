@@ -83,6 +83,7 @@ class _OptState:
     names: list | None = None
     rows: list = field(default_factory=list)
     ref: Any = None
+    momentum: float | None = None  # SGD-style heavy-ball momentum: updates are ~1/(1-momentum) x lr x grad
 
 
 @dataclass
@@ -372,6 +373,7 @@ class Recorder:
                 n_elements=sum(p.numel() for p in params),
                 loss_from=self._loss_base + len(self._losses),
                 ref=weakref.ref(opt),
+                momentum=_momentum(opt),
             )
             self._opts[opt] = st
             self._states.append(st)
@@ -775,6 +777,7 @@ class Recorder:
                     "parameters": st.n_elements,
                     "tensors": len(st.params),
                     "steps": st.steps,
+                    "momentum": st.momentum,
                     "layers_file": rundir.layers_file(self._writer.rank, st.id) if st.names else None,
                 }
                 for st in self._states
@@ -788,6 +791,15 @@ class Recorder:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _momentum(opt: Any) -> float | None:
+    """The heavy-ball momentum of an SGD/RMSprop-style optimizer (Adam's betas are not one)."""
+    try:
+        m = opt.param_groups[0].get("momentum")
+        return float(m) if isinstance(m, (int, float)) and not isinstance(m, bool) else None
+    except Exception:
+        return None
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,10 @@ Per optimizer:
     recommended_clip_norm          exact float; recommended_clip_norm_rounded: 2-3 significant digits
     recommended_clip_fraction, recommended_clipped_steps, recommended_mean_multiplier
     recommendation      {reference_level, headroom, based_on_steps, method}
+    situation           "stable" | "spiky" | "unstable-needs-normalisation" | "blew-up": which
+                        method made the recommendation; situation_evidence: one sentence why
+    recommended_range   [low, high]: the thresholds the data support (see the README's method)
+    blowup_onset_step   blew-up: step where the norm left its early level (int|null)
     drift               null (steady state too short) or {early, late (percentile objects),
                         early_steps, late_steps ([first, last] step numbers), p50_ratio,
                         drifting, recommended_clip_fraction_early, recommended_clip_fraction_late,
@@ -154,9 +158,14 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
             "reference_level": r.reference_level,
             "headroom": r.headroom,
             "based_on_steps": r.based_on_steps,
-            "method": METHOD.format(lq=rc.level_quantile, rq=rc.residual_quantile, mh=rc.min_headroom)
-            if rc is not None else None,
+            "method": r.basis if r.basis is not None else (
+                METHOD.format(lq=rc.level_quantile, rq=rc.residual_quantile, mh=rc.min_headroom)
+                if rc is not None else None),
         },
+        "situation": r.situation,
+        "situation_evidence": r.evidence,
+        "recommended_range": [r.low, r.high] if r.low is not None else None,
+        "blowup_onset_step": r.onset_step,
         "drift": None,
         "spikes": {
             "count": sp.count, "z_threshold": sp.z_threshold, "min_ratio": sp.min_ratio,
@@ -292,6 +301,17 @@ def render(result: RunAnalysis, console=None, config=None) -> None:
             f"{r.headroom:.3g}x the typical level {r.reference_level:.4g}"
         )
         parts.append(rec)
+        sit = Text("situation  ")
+        sit.append(r.situation, style="bold" if r.situation in ("stable", "spiky") else "bold yellow")
+        sit.append(f": {r.evidence}.")
+        if r.basis is not None and r.situation in ("stable", "spiky"):
+            sit.append(f" The threshold sits {r.basis}.")
+        elif r.basis is not None:
+            sit.append(f" Clipping has to normalise most steps here: {r.basis}.")
+        if r.low is not None:
+            sit.append(f" The data support {r.low:.3g} to {r.high:.3g}; try both ends with "
+                       f"`gradscope run --clip-norm`.")
+        parts.append(sit)
         if o.drift is not None:
             dr = o.drift
             d = Text(

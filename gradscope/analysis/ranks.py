@@ -6,7 +6,7 @@ norms are summed across ranks (FSDP2). Ranks that disagree mean desynchronised
 replicas (a rank that skipped an all-reduce, diverging weights, a broken
 ``no_sync`` pattern) or a parallelism gradscope cannot see through (plain-tensor
 tensor parallelism, pipeline stages: there each rank's norm is its own part).
-Analysis only (pandas): ``recommend`` and ``check`` call it on a loaded run.
+Analysis only (pandas): ``recommend`` and ``check`` report it through ``disagreement_note``.
 """
 from __future__ import annotations
 
@@ -70,3 +70,21 @@ def missing_ranks(run: Any) -> list[int]:
     world = max((int(p.get("world_size") or 1) for p in processes), default=1)
     seen = {int(p.get("rank", -1)) for p in processes}
     return [r for r in range(world) if r not in seen]
+
+
+def disagreement_note(steps: Any, chosen: int | None, rtol: float = DISAGREEMENT_RTOL) -> str | None:
+    """One line for the report when ranks disagree, naming the worst step; None when they agree.
+    ``chosen``: the rank the report goes on to judge alone, if any."""
+    bad = rank_disagreement(steps, rtol)
+    if bad.empty:
+        return None
+    worst = bad.iloc[int(np.argmax(bad["rel_diff"].to_numpy()))]
+    rel = float(worst["rel_diff"])
+    how = "finite on some ranks, non-finite on others" if not np.isfinite(rel) else f"by up to {rel:.2g} (relative)"
+    return (
+        f"ranks disagree about the global grad_norm on {len(bad)} step{'s' if len(bad) != 1 else ''}: {how} at "
+        f"optimizer {int(worst['optimizer'])}, step {int(worst['step'])} (ranks {int(worst['rank_min'])} and "
+        f"{int(worst['rank_max'])}). gradscope records the global norm on every rank, so these are per-rank "
+        f"norms: desynchronised replicas, or a parallelism it cannot see through (tensor/pipeline stages)"
+        + (f"; judging rank {chosen} only" if chosen is not None else "")
+    )

@@ -1,0 +1,83 @@
+"""Which situation a run is in, and the clip norm that situation calls for.
+
+The headroom method (recommend.py) assumes what most runs are: norms that sit at a level
+and make occasional excursions, so the right threshold cuts only the outliers. Two kinds
+of run break that assumption, and on them the best threshold clips most steps, turning
+clipping into gradient normalisation (measured in benchmarks/advice/):
+
+- blew-up: the run went non-finite, or its norm ran away (the late norms are
+  `runaway_ratio` times the early ones). Statistics of the blow-up itself are meaningless
+  (one inf puts any percentile out of reach); the blow-up is read as evidence that
+  unclipped updates are too large.
+- unstable-needs-normalisation: no blow-up, but the loss climbed to `loss_rise` times its
+  first value: updates of the unclipped size made training worse.
+
+In both, the threshold is `normalise_factor` x (1 - momentum) x the norm of the first
+gradient: the update scale at which training started out sane, before the instability fed
+on itself. Heavy-ball momentum m makes each update about 1/(1-m) times lr x grad, and it is
+the update length the threshold must bound; the recorder stores m (1 for Adam and logs).
+
+Otherwise the run is `spiky` (spikes were found) or `stable`, and the headroom method
+stands. See the README ("The advice benchmark") for how these rules were chosen and how
+they fare on seeds that were held out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradscope.analysis.config import SituationConfig
+
+SITUATIONS = ("stable", "spiky", "unstable-needs-normalisation", "blew-up")
+
+
+@dataclass(frozen=True)
+class Situation:
+    name: str                     # one of SITUATIONS
+    evidence: str                 # one sentence: what was seen
+    clip_norm: float | None       # set when the situation overrides the headroom method
+    low: float | None = None      # the range the data support for clip_norm
+    high: float | None = None
+    basis: str | None = None      # what clip_norm was computed from
+    onset_step: int | None = None  # blew-up: where the norm left its early level
+    blowup_step: int | None = None  # blew-up: first non-finite step (None: runaway, still finite)
+
+
+def assess(g: np.ndarray, step: np.ndarray, loss: np.ndarray, divergence_step: int | None, spikes: int,
+           cfg: SituationConfig, momentum: float | None = None) -> Situation:
+    """g, step, loss: the finite, usable steps in order (loss may hold NaN where unknown);
+    divergence_step: first step of a non-finite end of run (None: no such end); momentum:
+    the optimizer's heavy-ball momentum, when known."""
+    damp = 1.0 - momentum if momentum is not None and 0.0 <= momentum < 1.0 else 1.0
+    n = len(g)
+    first = float(g[0])
+    tau = cfg.normalise_factor * damp * first
+    basis = (f"{cfg.normalise_factor:g}"
+             + (f" x (1 - momentum {momentum:g})" if damp != 1.0 else "")
+             + f" x the first gradient norm {first:.4g} (step {int(step[0])})")
+    low, high = tau / cfg.range_factor, tau * cfg.range_factor
+
+    early = float(np.median(g[:min(cfg.early_steps, n)]))
+    tail = g[-max(3, n // 10):]
+    runaway = float(np.median(tail)) >= cfg.runaway_ratio * early
+    if divergence_step is not None or runaway:
+        above = np.flatnonzero(g > cfg.onset_ratio * early)
+        onset_step = int(step[above[0]]) if len(above) else None
+        where = (f"went non-finite at step {divergence_step}" if divergence_step is not None
+                 else f"ran away to {float(np.median(tail)):.3g} (the early level was {early:.3g})")
+        evidence = f"the run {where}" + (f"; the norm left its early level of {early:.3g} at step {onset_step}"
+                                         if onset_step is not None else "")
+        return Situation("blew-up", evidence, tau, low, high, basis, onset_step, divergence_step)
+
+    lf = loss[np.isfinite(loss)]
+    if len(lf) >= 2 and lf[0] > 0:
+        worst = int(np.argmax(lf))
+        if lf[worst] >= cfg.loss_rise * lf[0]:
+            at = int(step[np.flatnonzero(np.isfinite(loss))[worst]])
+            evidence = (f"the loss climbed to {lf[worst]:.4g} at step {at}, {lf[worst] / lf[0]:.3g}x its first value "
+                        f"{lf[0]:.4g}: unclipped updates made training worse")
+            return Situation("unstable-needs-normalisation", evidence, tau, low, high, basis)
+    if spikes:
+        return Situation("spiky", f"{spikes} spike{'s' if spikes != 1 else ''} above an otherwise steady level", None)
+    return Situation("stable", "the norms stay near their level and the loss never climbed far above its start", None)
