@@ -64,12 +64,13 @@ def test_percentiles_clip_fraction_and_multiplier_match_numpy_on_steady_state():
 def test_recommendation_effect_is_counted_on_steady_state():
     g = lognormal(3000, seed=3)
     a = analyze(make_run(g)).main
-    tau = a.recommendation.clip_norm
+    # the effect is that of the value handed out (rounded), which is what a user pastes
+    tau = round_sig(a.recommendation.clip_norm)
+    assert a.recommendation.clip_norm_rounded == tau
     s = g[expected_warmup(3000):]
     assert a.recommendation.clipped_steps == int((s > tau).sum())
     assert a.recommendation.clip_fraction == pytest.approx((s > tau).mean())
     assert a.recommendation.mean_multiplier == pytest.approx(np.minimum(1, tau / s).mean())
-    assert a.recommendation.clip_norm_rounded == round_sig(tau)
 
 
 # ----------------------------------------------------------------------------- regimes
@@ -142,6 +143,18 @@ def test_recommendation_is_scale_free_and_clips_a_few_percent(seed, sigma):
     assert base.situation == "spiky"
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_stable_recommendation_clips_the_largest_one_to_two_percent(seed):
+    # stationary log-normal norms: the headroom is a robust 98th percentile of the excursions,
+    # so tau cuts about 2% of steps (fewer, as the reference is the 90th percentile of the level)
+    g = lognormal(3000, sigma=0.3, seed=seed)
+    r = analyze(make_run(g)).main.recommendation
+    assert r.situation == "stable"
+    steady = g[expected_warmup(len(g)):]
+    assert r.clip_fraction == pytest.approx((steady > r.clip_norm_rounded).mean())
+    assert 0.005 <= r.clip_fraction <= 0.025, r.clip_fraction
+
+
 def test_recommendation_shrugs_off_spikes_and_non_finite_steps():
     g = lognormal(4000, seed=5)
     clean = analyze(make_run(g)).main.recommendation.clip_norm
@@ -181,7 +194,8 @@ def test_drift_compares_thirds_and_warns_when_one_threshold_cannot_serve_both():
     assert d.late["p50"] == pytest.approx(np.percentile(s[-k:], 50))
     assert d.p50_ratio == pytest.approx(np.median(s[-k:]) / np.median(s[:k]))
     assert d.drifting and d.warning and "cannot serve both" in d.warning
-    tau = a.recommendation.clip_norm
+    tau = a.recommendation.clip_norm_rounded
+    assert d.recommended_clip_fraction_early == pytest.approx((s[:k] > tau).mean())
     assert d.recommended_clip_fraction_late == pytest.approx((s[-k:] > tau).mean())
 
 

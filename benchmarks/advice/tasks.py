@@ -10,7 +10,7 @@ Why these tasks: each is a classic place where clipping decides the outcome.
 - lstm_lm:   word-level LSTM LM, SGD at lr 20 as in PyTorch's word_language_model example.
 - tfm_lm:    small transformer LM, AdamW at a high learning rate with no warm-up.
 - deep_mlp:  12-layer tanh MLP with a too-large initialisation, SGD with momentum.
-- gru_copy:  GRU on a delayed-copy task, SGD at a high learning rate (held out while designing).
+- gru_copy:  GRU on a delayed-copy task, SGD at a high learning rate.
 """
 from __future__ import annotations
 

@@ -93,9 +93,11 @@ def recommend(
 
 
 def _effect(g: np.ndarray, tau: float) -> dict:
-    """A threshold and what it would have done to the norms g."""
-    return dict(clip_norm=tau, clip_norm_rounded=round_sig(tau), clip_fraction=clip_fraction(g, tau),
-                clipped_steps=int(np.count_nonzero(g > tau)), mean_multiplier=mean_multiplier(g, tau))
+    """A threshold and what it would have done to the norms g. The effect is that of the rounded
+    value, the one the report and the snippets hand out: rounding may cross a norm."""
+    shown = round_sig(tau)
+    return dict(clip_norm=tau, clip_norm_rounded=shown, clip_fraction=clip_fraction(g, shown),
+                clipped_steps=int(np.count_nonzero(g > shown)), mean_multiplier=mean_multiplier(g, shown))
 
 
 def normalising(sit, g_s: np.ndarray) -> Recommendation:

@@ -37,7 +37,8 @@ Per optimizer:
     clip_norm_to_max    clip_norm / largest steady-state norm; clip_norm_to_p50: / median
     meaning             one sentence on what the regime means for the user
     recommended_clip_norm          exact float; recommended_clip_norm_rounded: 2-3 significant digits
-    recommended_clip_fraction, recommended_clipped_steps, recommended_mean_multiplier
+    recommended_clip_fraction, recommended_clipped_steps, recommended_mean_multiplier: what the
+                        rounded value would do on this run
     recommendation      {reference_level, headroom, based_on_steps, method}
     situation           "stable" | "spiky" | "unstable-needs-normalisation" | "blew-up": which
                         method made the recommendation; situation_evidence: one sentence why
