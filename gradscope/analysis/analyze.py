@@ -138,7 +138,7 @@ def _analyze_series(
         rec = normalising(sit, g_s)
     else:
         rec = dataclasses.replace(rec, situation=sit.name, evidence=sit.evidence)
-    dr = drift(g_s, step_s, rec.clip_norm_rounded, cfg)
+    dr = drift(g_s, step_s, rec.clip_norm_rounded, cfg, normalising=sit.clip_norm is not None)
     attach_layers(spikes, run.layers, rank, opt, cfg.spikes.top_layers)
     skipped = int(s.skipped.sum())
     return OptimizerAnalysis(

@@ -13,13 +13,12 @@ norm by c and the recommendation is multiplied by c, its clip fraction unchanged
 4. reference = the `level_quantile` (0.9) quantile of the level over steady state: the
    typical level of the run's high stretches, so that a slow drift upward or downward is not
    clipped as if it were a spike.
-5. clip norm = exp(reference + headroom). On a stationary run it clips about 2 % of the
+5. clip norm = exp(reference + headroom). On a stationary run it clips about 1-2 % of the
    steps, the largest ones; a residual that is a spike lands far beyond the headroom.
 6. When spikes were found, the run holds two populations, and the clip norm moves to the
    geometric midpoint between the top of the ordinary steps (median level + headroom) and
    the smallest spike, at most `spike_margin` (2) times that top: every spike is cut, the
-   ordinary steps pass. (The advice benchmark's GRU task, whose spikes come every ~10 steps,
-   is where this matters: the best threshold sits between the two.)
+   ordinary steps pass.
 """
 from __future__ import annotations
 
@@ -119,8 +118,11 @@ def normalising(sit, g_s: np.ndarray) -> Recommendation:
     )
 
 
-def drift(g_s: np.ndarray, step_s: np.ndarray, tau: float, cfg: AnalysisConfig) -> Drift | None:
-    """Early (first third) vs late (last third) of steady state; None when a third has < 3 steps."""
+def drift(g_s: np.ndarray, step_s: np.ndarray, tau: float, cfg: AnalysisConfig,
+          normalising: bool = False) -> Drift | None:
+    """Early (first third) vs late (last third) of steady state; None when a third has < 3 steps.
+    normalising: tau is meant to clip most steps (a run that blew up or grew unstable), so
+    neither clipping most steps nor the pilot's drift, a symptom of its instability, is warned of."""
     n = len(g_s)
     k = n // 3
     if k < 3:
@@ -135,7 +137,8 @@ def drift(g_s: np.ndarray, step_s: np.ndarray, tau: float, cfg: AnalysisConfig) 
     fe, fl = clip_fraction(early, tau), clip_fraction(late, tau)
     always = cfg.regime.always_fraction
     warning = None
-    if drifting or fe >= always or fl >= always:
+    cut_early, cut_late = fe >= always, fl >= always
+    if not normalising and (drifting or cut_early or cut_late):
         way = "fell" if ratio < 1 else "rose"
         parts = [
             f"grad norms {way} {max(ratio, 1 / ratio):.3g}x from early (p50 {me:.3g}) "
@@ -148,14 +151,14 @@ def drift(g_s: np.ndarray, step_s: np.ndarray, tau: float, cfg: AnalysisConfig) 
             )
         if fe == 0 and ratio > 1:
             parts.append(f"early in the run it only stops spikes above {tau / me:.3g}x the early median")
-        if fe >= always:
-            parts.append("early in the run it acts as a learning-rate cut")
-        if fl >= always:
-            parts.append("late in the run it acts as a learning-rate cut")
-        parts.append(
-            "one threshold cannot serve both: consider a threshold schedule"
-            if drifting else "check the stretches separately"
-        )
+        if cut_early and cut_late:
+            parts.append("it acts as a learning-rate cut early and late")
+        elif cut_early or cut_late:
+            parts.append(f"{'early' if cut_early else 'late'} in the run it acts as a learning-rate cut")
+        if drifting:
+            parts.append("one threshold cannot serve both: consider a threshold schedule")
+        elif cut_early != cut_late:
+            parts.append("check the stretches separately")
         warning = "; ".join(parts)
     return Drift(
         early=pe, late=pl,
