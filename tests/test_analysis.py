@@ -11,7 +11,7 @@ import pytest
 
 from gradscope import rundir
 from gradscope.analysis import analyze, get_preset, load_config, load_presets
-from gradscope.analysis.robust import round_sig, trailing_median_mad
+from gradscope.analysis.robust import percentiles, quantiles, round_sig, trailing_median_mad
 from gradscope.errors import GradscopeError
 
 CFG = load_config()
@@ -398,3 +398,15 @@ def test_bad_clip_norm_option():
 def test_round_sig():
     assert round_sig(1.8634) == 1.86 and round_sig(0.012345) == 0.0123
     assert round_sig(2.345) == 2.3 and round_sig(97.5) == 98 and round_sig(0.5) == 0.5
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 1001, 100_000])
+def test_quantiles_equal_numpy_bit_for_bit(n):
+    rng = np.random.default_rng(n)
+    qs = [0.0, 0.1, 0.5, 0.9, 0.98, 0.99, 0.999999, 1.0]
+    for a in (np.exp(rng.normal(0, 1, n)), rng.integers(0, 4, n).astype(float)):  # ties too
+        before = a.copy()
+        assert np.array_equal(quantiles(a, qs), np.quantile(a, qs))
+        assert np.array_equal(a, before)  # the caller's array is left alone
+        p = percentiles(a, [50, 90, 99])
+        assert [p["p50"], p["p90"], p["p99"], p["max"]] == [*np.percentile(a, [50, 90, 99]).tolist(), a.max()]

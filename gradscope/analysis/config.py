@@ -129,8 +129,10 @@ _BOUNDS: dict[str, tuple[float, float]] = {
 def _read_yaml(text: str, where: str) -> Any:
     import yaml
 
+    # libyaml's loader when present: same result, ~10x faster than the pure-Python one.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=loader)
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GradscopeError(f"cannot parse '{where}' as YAML: {first}") from None

@@ -28,7 +28,7 @@ import numpy as np
 
 from gradscope.analysis.config import AnalysisConfig, Preset
 from gradscope.analysis.model import Drift, PresetCheck, Recommendation
-from gradscope.analysis.robust import clip_fraction, mean_multiplier, percentiles, round_sig
+from gradscope.analysis.robust import clip_fraction, mean_multiplier, percentiles, quantiles, round_sig, upper_median
 
 
 def recommend(
@@ -50,14 +50,16 @@ def recommend(
     # The q-quantile of the ordinary excursions, read from their median and MAD (as if they were
     # normal in log space): frequent spikes too small for spikes.py to flag would otherwise own
     # the top quantiles and lift the threshold above them (up to half the steps can be outliers).
-    centre = float(np.median(resid))
-    scale = 1.4826 * float(np.median(np.abs(resid - centre)))
+    # resid and its deviations are arrays of our own: partition them in place (the upper median,
+    # the difference from the mean of the two middle values does not matter for a robust scale).
+    centre = float(upper_median(resid))
+    scale = 1.4826 * float(upper_median(np.abs(resid - centre)))
 
     def above(q: float) -> float:
         return max(centre + NormalDist().inv_cdf(q) * scale, floor)
 
     headroom = above(rc.residual_quantile)
-    ref = float(np.quantile(level_s, rc.level_quantile))
+    median_level, ref = (float(v) for v in quantiles(level_s, [0.5, rc.level_quantile]))
     tau = float(np.exp(ref + headroom))
     # The range: the same rule cutting the top 5 % or the top 0.5 % of ordinary excursions.
     low = float(np.exp(ref + above(min(0.95, rc.residual_quantile))))
@@ -70,12 +72,12 @@ def recommend(
         # smallest spike: every spike is cut, no ordinary step is.
         # Capped at spike_margin x that top, so that huge spikes cannot lift it out of reach of a
         # smaller one the run has not shown yet.
-        bulk_top = float(np.median(level_s)) + headroom
+        bulk_top = median_level + headroom
         smallest = float(np.min(x_s[spike]))
         if smallest > bulk_top:
             tau = float(np.exp(min((bulk_top + smallest) / 2, bulk_top + np.log(rc.spike_margin))))
             low, high = float(np.exp(bulk_top)), float(np.exp(smallest))
-            ref = float(np.median(level_s))
+            ref = median_level
             headroom = float(np.log(tau)) - ref
             basis = (f"midway (geometric) between the top of the ordinary steps ({low:.4g}: the median level x "
                      f"the q{rc.residual_quantile:g} excursion) and the smallest of {int(spike.sum())} spikes "

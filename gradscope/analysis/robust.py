@@ -35,19 +35,19 @@ def trailing_median_mad(
     head = anchors < window
     for j in np.flatnonzero(head):  # partial windows at the start: a few, variable length
         w = x[: anchors[j]].copy()
-        m = _upper_median(w)
+        m = upper_median(w)
         med_a[j] = m
-        mad_a[j] = _upper_median(np.abs(w - m))
+        mad_a[j] = upper_median(np.abs(w - m))
     full = ~head
     if full.any():
         from numpy.lib.stride_tricks import sliding_window_view
 
         wins = sliding_window_view(x, window)[anchors[full] - window]  # (k, window) copy
-        m = _upper_median(wins)
+        m = upper_median(wins)
         np.subtract(wins, m[:, None], out=wins)
         np.abs(wins, out=wins)
         med_a[full] = m
-        mad_a[full] = _upper_median(wins)
+        mad_a[full] = upper_median(wins)
     ends = np.append(anchors[1:], n)
     lengths = ends - anchors
     level[anchors[0]:] = np.repeat(med_a, lengths)
@@ -55,7 +55,7 @@ def trailing_median_mad(
     return level, mad
 
 
-def _upper_median(a: np.ndarray) -> np.ndarray:
+def upper_median(a: np.ndarray) -> np.ndarray:
     """Median along the last axis, the upper one of the two middle values for an even count.
 
     One partition in place instead of np.median's two plus a mean: half the cost, and for a
@@ -79,10 +79,37 @@ def mean_multiplier(g: np.ndarray, clip_norm: float) -> float:
         return float(np.minimum(1.0, clip_norm / g).mean())
 
 
+def quantiles(a: np.ndarray, qs) -> np.ndarray:
+    """np.quantile(a, qs) (its default, linear method), bit for bit, about 3x faster.
+
+    numpy partitions once for every index it needs plus the minimum and the maximum; on a
+    million steps that was most of `recommend`'s own time. Here each needed order statistic
+    is found by partitioning only the prefix the larger ones left below them. a: finite values.
+    """
+    a = np.array(a, dtype=np.float64)  # a copy, partitioned in place below
+    n = len(a)
+    qs = np.asarray(qs, dtype=np.float64)
+    virtual = (n - 1) * qs  # numpy's virtual index for the linear method
+    prev = np.floor(virtual)
+    gamma = virtual - prev
+    lo = prev.astype(np.intp)
+    hi = lo + 1
+    top = virtual >= n - 1
+    lo[top] = hi[top] = n - 1
+    stop = n
+    for k in sorted(set(lo.tolist()) | set(hi.tolist()), reverse=True):
+        a[:stop].partition(k)
+        stop = k
+    below, above = a[lo], a[hi]
+    diff = above - below
+    # numpy's _lerp: interpolate from the nearer end, so that gamma 0 and 1 return the points
+    return np.where(gamma >= 0.5, above - diff * (1 - gamma), below + diff * gamma)
+
+
 def percentiles(g: np.ndarray, qs) -> dict[str, float]:
     """{'p50': ..., 'p90': ..., 'max': ...} with numpy's default (linear) percentile."""
     qs = list(qs)
-    vals = np.percentile(g, qs) if len(g) else [float("nan")] * len(qs)
+    vals = quantiles(g, np.asarray(qs, dtype=np.float64) / 100) if len(g) else [float("nan")] * len(qs)
     out = {f"p{_qname(q)}": float(v) for q, v in zip(qs, vals)}
     out["max"] = float(g.max()) if len(g) else float("nan")
     return out
