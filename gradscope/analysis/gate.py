@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from gradscope.analysis.ranks import disagreement_note
 from gradscope.errors import GradscopeError
 
 REGIMES = ("always-clips", "never-clips", "healthy", "unclipped")
@@ -348,8 +349,6 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
     checks: list[CheckResult] = []
     notes = list(_visibility_notes(run))
     if steps is not None and len(steps) and "rank" in steps and steps["rank"].nunique() > 1:
-        from gradscope.analysis.ranks import disagreement_note
-
         note = disagreement_note(steps, None)
         if note:
             notes.append(note)
