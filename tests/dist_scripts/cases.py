@@ -11,8 +11,10 @@ whether gradscope records or not; the final full state dict is saved to prove it
     cases.py OUT [--cases ddp,accum,fsdp,fsdp_clip] [--steps N] [--crash-rank R --crash-at S]
 """
 import argparse
+import atexit
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -161,7 +163,14 @@ for i, case in enumerate(args.cases.split(",")):
         run_fsdp(i, clip=True)
     else:
         raise SystemExit(f"unknown case {case}")
-# Every rank finishes its sends before any rank tears gloo down: without this a rank can
-# abort at exit ("terminate called without an active exception"), with or without gradscope.
+# Every rank finishes its sends before any rank tears gloo down, and the process then skips
+# interpreter finalisation: gloo's worker threads can still abort a rank there ("terminate
+# called without an active exception", SIGABRT; pytorch/pytorch#179291), with or without
+# gradscope. The atexit handlers (gradscope's final flush among them) run first, as on a
+# normal exit.
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+atexit._run_exitfuncs()
+os._exit(0)
