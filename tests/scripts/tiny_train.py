@@ -5,6 +5,7 @@ with --ref, computed on copies so the training itself is untouched.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -62,8 +63,10 @@ for step in range(args.steps):
     sched.step()
     opt.zero_grad(set_to_none=True)
     if args.progress:
-        with open(args.progress, "w") as f:
+        # replaced atomically: a signal between truncating and writing would leave it empty
+        with open(args.progress + ".tmp", "w") as f:
             f.write(str(step))
+        os.replace(args.progress + ".tmp", args.progress)
     if args.sleep:
         time.sleep(args.sleep)
 
