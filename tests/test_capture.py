@@ -260,6 +260,41 @@ def test_no_host_read_from_capture_code_between_flushes(tmp_path, monkeypatch):
     assert len(gradscope.load_run(tmp_path / "sync").steps) == 20
 
 
+def test_tensor_thresholds_are_read_as_often_as_torch_reads_them(tmp_path, monkeypatch):
+    """torch itself reads a tensor max_norm / clip_value / norm_type with float(), once per call;
+    with gradscope recording, a step must read them no more often than that."""
+    reads = []
+    orig = torch.Tensor.__float__
+
+    def spy(self):
+        reads.append(1)
+        return orig(self)
+
+    def train(steps):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), torch.tensor(0.1), norm_type=torch.tensor(2.0))
+            torch.nn.utils.clip_grad_value_(model.parameters(), torch.tensor(0.05))
+            opt.step()
+
+    monkeypatch.setattr(torch.Tensor, "__float__", spy)
+    train(10)
+    without = len(reads)
+    reads.clear()
+    with gradscope.record(tmp_path / "t", flush_steps=1000, flush_seconds=1e9):
+        train(10)
+        with_gradscope = len(reads)
+    monkeypatch.undo()
+    assert without == 30 and with_gradscope == without
+    s = gradscope.load_run(tmp_path / "t").steps
+    assert np.allclose(s["clip_max_norm"], 0.1)
+
+
 def test_closure_optimizer_loss_comes_from_inside_step(tmp_path):
     """LBFGS runs backward() inside step(): the step's loss is its closure's first value."""
     res, out = _run(tmp_path, script("lbfgs_train.py"), "ref.json")

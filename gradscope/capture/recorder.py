@@ -280,11 +280,14 @@ class Recorder:
                 if not rec._mine():
                     return orig(parameters, max_norm, total_norm, foreach)
                 params = _as_list(parameters)
+                # torch reads max_norm with float() too; converting once here and handing torch
+                # the float keeps a tensor argument to one read per call, as without gradscope.
+                max_norm = float(max_norm)
                 if rec.clip_norm is not None:
                     if not rec._applying:
                         rec._note_script_threshold(max_norm)
                     max_norm = rec.clip_norm
-                rec._on_clip(params, "norm", float(max_norm), total_norm)
+                rec._on_clip(params, "norm", max_norm, total_norm)
                 return orig(params, max_norm, total_norm, foreach)
 
             return clip_grads_with_norm_
@@ -298,9 +301,10 @@ class Recorder:
                 if not rec._mine():
                     return orig(parameters, clip_value, foreach)
                 params = _as_list(parameters)
+                clip_value = float(clip_value)  # as torch does; read once (see clip_grads_with_norm_)
                 with torch.no_grad():
                     rec._remember_norms([p.grad for p in params if p.grad is not None])
-                rec._on_clip(params, "value", float(clip_value), None)
+                rec._on_clip(params, "value", clip_value, None)
                 return orig(params, clip_value, foreach)
 
             return clip_grad_value_
@@ -403,8 +407,9 @@ class Recorder:
     def _on_total_norm(self, orig, tensors, norm_type, error_if_nonfinite, foreach):
         self._count("get_total_norm")
         grads = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        norm_type = float(norm_type)  # as torch does; read once (see clip_grads_with_norm_)
         # DTensor gradients (FSDP2) too: the same ops dispatch to DTensor, so the total is torch's.
-        if float(norm_type) == 2.0 and not error_if_nonfinite and grads:
+        if norm_type == 2.0 and not error_if_nonfinite and grads:
             with torch.no_grad():
                 total, norms = total_norm_like_torch(grads, foreach)
             self._remember_norms(grads, norms)
@@ -487,10 +492,9 @@ class Recorder:
         finally:
             self._applying = False
 
-    def _note_script_threshold(self, max_norm: Any) -> None:
-        v = float(max_norm)
-        if v not in self._script_max_norms and len(self._script_max_norms) < 20:
-            self._script_max_norms.append(v)
+    def _note_script_threshold(self, max_norm: float) -> None:
+        if max_norm not in self._script_max_norms and len(self._script_max_norms) < 20:
+            self._script_max_norms.append(max_norm)
 
     def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         st = self._opts.get(opt)
