@@ -95,3 +95,13 @@ def test_bad_clip_norm_is_one_line_exit_2(tmp_path, value):
     assert res.returncode == 2
     assert "--clip-norm" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_python_api_refuses_a_bad_clip_norm_before_touching_anything(tmp_path, value):
+    from gradscope.errors import GradscopeError
+
+    with pytest.raises(GradscopeError, match="--clip-norm must be a positive, finite number"):
+        with gradscope.record(tmp_path / "run", clip_norm=value):
+            pass
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
+from gradscope.analysis.ranks import DISAGREEMENT_RTOL
 from gradscope.errors import GradscopeError
 
 ANALYSIS_FILE = "analysis.yaml"
@@ -58,7 +59,7 @@ class DriftConfig:
 
 @dataclass(frozen=True)
 class RanksConfig:
-    rtol: float = 1e-4
+    rtol: float = DISAGREEMENT_RTOL  # `gradscope check` uses the same default
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from gradscope import rundir
+from gradscope.capture.boot import checked_clip_norm
 from gradscope.capture.recorder import Recorder, _current_rank
 
 
@@ -28,6 +29,7 @@ def record(
     """
     import torch
 
+    clip_norm = checked_clip_norm(clip_norm)  # before the run directory is made
     meta = None
     if _current_rank() == 0:
         path = rundir.prepare_run_dir(run_dir, force=force)

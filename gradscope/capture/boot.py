@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import math
 import os
 import sys
+from typing import Any
+
+from gradscope.errors import GradscopeError
 
 ENV_RUN_DIR = "GRADSCOPE_RUN_DIR"
 ENV_LAYER_STRIDE = "GRADSCOPE_LAYER_STRIDE"
@@ -18,6 +22,17 @@ ENV_FLUSH_STEPS = "GRADSCOPE_FLUSH_STEPS"
 ENV_FLUSH_SECONDS = "GRADSCOPE_FLUSH_SECONDS"
 ENV_STOP_ON_NAN = "GRADSCOPE_STOP_ON_NAN"
 ENV_CLIP_NORM = "GRADSCOPE_CLIP_NORM"
+
+
+def checked_clip_norm(value: Any) -> float | None:
+    """`--clip-norm` / record(clip_norm=): None, or a positive, finite float (0 would zero every
+    gradient, inf would clip nothing)."""
+    if value is None:
+        return None
+    v = float(value)
+    if not 0 < v < math.inf:
+        raise GradscopeError(f"--clip-norm must be a positive, finite number, got {v:g}")
+    return v
 
 
 def _start() -> None:

@@ -36,6 +36,7 @@ from torch.nn.utils import clip_grad as _clip_grad_mod
 
 from gradscope import __version__, rundir
 from gradscope.capture import distributed
+from gradscope.capture.boot import checked_clip_norm
 from gradscope.capture.names import parameter_names
 from gradscope.capture.norms import per_tensor_norms, stack_norms, total_norm_like_torch
 from gradscope.capture.writer import ProcessWriter
@@ -123,7 +124,7 @@ class Recorder:
         self.stop_on_nan = stop_on_nan
         # `gradscope run --clip-norm`: the threshold every step is clipped at, whether or not
         # the script clips (a script's own clip_grad_norm_ call runs with this max_norm instead).
-        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.clip_norm = checked_clip_norm(clip_norm)
         self._fused_warned = False
         self._applying = False  # inside our own --clip-norm call: not a call of the script's
         self._script_max_norms: list[float] = []  # what the script passed, replaced by clip_norm
@@ -421,10 +422,10 @@ class Recorder:
 
     def _on_clip(self, params: list, kind: str, threshold: float, total: torch.Tensor | None) -> None:
         fn = "clip_grad_norm_" if kind == "norm" else "clip_grad_value_"
-        if not self._applying:
+        if not self._applying:  # our own --clip-norm call is not one of the script's
             self._count(fn)
-        if not self._applying and threshold not in self._thresholds[fn] and len(self._thresholds[fn]) < 20:
-            self._thresholds[fn].append(threshold)
+            if threshold not in self._thresholds[fn] and len(self._thresholds[fn]) < 20:
+                self._thresholds[fn].append(threshold)
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return

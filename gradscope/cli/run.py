@@ -48,6 +48,7 @@ def run_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary at the end."),
 ) -> int:
     from gradscope import launch, rundir
+    from gradscope.capture.boot import checked_clip_norm
 
     args = list(ctx.args)
     if module is not None:
@@ -56,8 +57,7 @@ def run_command(
         raise GradscopeError("nothing to run: give a script (gradscope run train.py), -m MODULE, or -- COMMAND")
     else:
         target = _classify(args)
-    if clip_norm is not None and not (0 < clip_norm < float("inf")):
-        raise GradscopeError(f"--clip-norm must be a positive, finite number, got {clip_norm:g}")
+    checked_clip_norm(clip_norm)  # here, before the script starts, as well as in the recorder
     launch.check_target(target)
     run_dir = out if out is not None else launch.default_run_dir(target)
     run_dir = rundir.prepare_run_dir(run_dir, force=force)
