@@ -155,6 +155,29 @@ def test_stable_recommendation_clips_the_largest_one_to_two_percent(seed):
     assert 0.005 <= r.clip_fraction <= 0.025, r.clip_fraction
 
 
+@pytest.mark.parametrize("n", [3000, 3001])  # even and odd steady-state lengths
+def test_stable_recommendation_equals_the_documented_formula(n):
+    """tau = exp(q_level(level) + median(r) + z_q * 1.4826 * MAD(r)), r = log-norm - level, recomputed
+    here from its parts with numpy (the level itself is checked in the trailing-median test)."""
+    from statistics import NormalDist
+
+    g = lognormal(n, sigma=0.3, seed=n)
+    a = analyze(make_run(g)).main
+    r = a.recommendation
+    assert r.situation == "stable"
+    rc, lc = CFG.recommend, CFG.level
+    x = np.log(g)
+    level, _ = trailing_median_mad(x, lc.window, lc.stride, lc.min_periods)
+    k = expected_warmup(n)
+    x_s, level_s = x[k:], level[k:]
+    resid = x_s - level_s
+    centre = np.median(resid)
+    scale = 1.4826 * np.median(np.abs(resid - centre))
+    headroom = max(centre + NormalDist().inv_cdf(rc.residual_quantile) * scale, np.log(rc.min_headroom))
+    expected = np.exp(np.quantile(level_s, rc.level_quantile) + headroom)
+    assert r.clip_norm == pytest.approx(expected, rel=1e-12)
+
+
 def test_recommendation_shrugs_off_spikes_and_non_finite_steps():
     g = lognormal(4000, seed=5)
     clean = analyze(make_run(g)).main.recommendation.clip_norm

@@ -28,7 +28,7 @@ import numpy as np
 
 from gradscope.analysis.config import AnalysisConfig, Preset
 from gradscope.analysis.model import Drift, PresetCheck, Recommendation
-from gradscope.analysis.robust import clip_fraction, mean_multiplier, percentiles, quantiles, round_sig, upper_median
+from gradscope.analysis.robust import clip_fraction, mean_multiplier, percentiles, quantiles, round_sig
 
 
 def recommend(
@@ -50,10 +50,9 @@ def recommend(
     # The q-quantile of the ordinary excursions, read from their median and MAD (as if they were
     # normal in log space): frequent spikes too small for spikes.py to flag would otherwise own
     # the top quantiles and lift the threshold above them (up to half the steps can be outliers).
-    # resid and its deviations are arrays of our own: partition them in place (the upper median,
-    # the difference from the mean of the two middle values does not matter for a robust scale).
-    centre = float(upper_median(resid))
-    scale = 1.4826 * float(upper_median(np.abs(resid - centre)))
+    # resid and its deviations are arrays of our own: numpy may partition them in place.
+    centre = float(np.median(resid, overwrite_input=True))
+    scale = 1.4826 * float(np.median(np.abs(resid - centre), overwrite_input=True))
 
     def above(q: float) -> float:
         return max(centre + NormalDist().inv_cdf(q) * scale, floor)

@@ -35,19 +35,19 @@ def trailing_median_mad(
     head = anchors < window
     for j in np.flatnonzero(head):  # partial windows at the start: a few, variable length
         w = x[: anchors[j]].copy()
-        m = upper_median(w)
+        m = _upper_median(w)
         med_a[j] = m
-        mad_a[j] = upper_median(np.abs(w - m))
+        mad_a[j] = _upper_median(np.abs(w - m))
     full = ~head
     if full.any():
         from numpy.lib.stride_tricks import sliding_window_view
 
         wins = sliding_window_view(x, window)[anchors[full] - window]  # (k, window) copy
-        m = upper_median(wins)
+        m = _upper_median(wins)
         np.subtract(wins, m[:, None], out=wins)
         np.abs(wins, out=wins)
         med_a[full] = m
-        mad_a[full] = upper_median(wins)
+        mad_a[full] = _upper_median(wins)
     ends = np.append(anchors[1:], n)
     lengths = ends - anchors
     level[anchors[0]:] = np.repeat(med_a, lengths)
@@ -55,7 +55,7 @@ def trailing_median_mad(
     return level, mad
 
 
-def upper_median(a: np.ndarray) -> np.ndarray:
+def _upper_median(a: np.ndarray) -> np.ndarray:
     """Median along the last axis, the upper one of the two middle values for an even count.
 
     One partition in place instead of np.median's two plus a mean: half the cost, and for a
