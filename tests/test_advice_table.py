@@ -55,3 +55,14 @@ def test_a_threshold_worse_than_the_untrained_model_counts_as_diverged():
     seeds, taus, grid, init, rec, _ = _fake_results(0)
     row = advice.summarize(["t"], {"design": seeds}, grid, init, rec, ["50.0"])["design"]["t"]
     assert row["methods"]["50.0"] == {"ratio": math.inf, "diverged": 1}
+
+
+def test_no_clipping_as_grid_best_has_no_nudged_cell():
+    seeds, taus, grid, init, rec, _ = _fake_results(1)
+    for s in seeds:  # make "none" the best threshold, on every seed
+        grid[("t", s, "none")] = 0.01
+    summary = advice.summarize(["t"], {"design": seeds}, grid, init, rec, ["1.0"])
+    row = summary["design"]["t"]
+    assert row["grid_best_tau"] == "none" and "nudged" not in row["methods"]
+    line = next(x for x in advice.render(summary, ["1.0"]).splitlines() if x.startswith("| t |"))
+    assert line.rstrip(" |").endswith("-")

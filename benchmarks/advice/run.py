@@ -130,7 +130,8 @@ def summarize(tasks, seed_sets, grid, init, rec, methods):
             runs.update({m: at(m) for m in methods})
             row["methods"] = {name: row_of(vals, best) for name, vals in runs.items()}
             near = [row_of(at(m), best) for m in nudged(best_m)]
-            row["methods"]["nudged"] = max(near, key=lambda r: r["ratio"], default={"ratio": 1.0, "diverged": 0})
+            if near:  # no clipping as the grid-best has no neighbours to nudge to
+                row["methods"]["nudged"] = max(near, key=lambda r: r["ratio"])
             row["recommended_tau"] = [rec[(t, s)].get("tau") for s in seeds]
             row["situation"] = [rec[(t, s)].get("situation") for s in seeds]
             rows[t] = row
@@ -160,7 +161,10 @@ def render(summary, methods) -> str:
         for t, row in rows.items():
             cells = []
             for n in names:
-                m = row["methods"][n]
+                m = row["methods"].get(n)
+                if m is None:
+                    cells.append("-")
+                    continue
                 worst[n] = max(worst[n], m["ratio"])
                 div[n] += m["diverged"]
                 cells.append(f"{m['ratio']:.3f} ({m['diverged']})")
