@@ -37,6 +37,7 @@ from baselines import AutoClip, Fixed, ZClip  # noqa: E402
 from tasks import TASKS, train  # noqa: E402
 
 GRID = [None, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
+GRID_METHODS = ["none" if x is None else str(x) for x in GRID]  # as method names: "none", "0.01", ...
 DEFAULT_TASKS = ["adding", "lstm_lm", "deep_mlp", "gru_copy"]
 NUDGE = 1.1  # the yardstick's resolution is measured at grid-best x NUDGE and / NUDGE
 
@@ -89,13 +90,13 @@ def _pilot_and_recommend(job):
 
 
 def grid_best(tasks, seed_sets, grid, init):
-    """{(set, task): the grid threshold (a GRID string, or "none") with the best mean loss}."""
+    """{(set, task): the GRID_METHODS entry with the best mean loss over the set's seeds}."""
     best = {}
     for set_name, seeds in seed_sets.items():
         for t in tasks:
             def mean_at(m):
                 return _mean([_scored(grid[(t, s, m)], init[(t, s)]) for s in seeds])
-            best[(set_name, t)] = min(["none"] + [str(x) for x in GRID if x is not None], key=mean_at)
+            best[(set_name, t)] = min(GRID_METHODS, key=mean_at)
     return best
 
 
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
 
     methods = ["1.0", "autoclip", "zclip", "none"]
     jobs = [(t, s, m) for t in tasks for s in seeds
-            for m in ["none", "autoclip", "zclip"] + [str(x) for x in GRID if x is not None]]
+            for m in ["autoclip", "zclip"] + GRID_METHODS]
     with ThreadPoolExecutor(max(1, a.jobs)) as ex:
         rec_futs = [ex.submit(_pilot_and_recommend, (t, s, out)) for t in tasks for s in seeds]
         with Pool(max(1, a.jobs)) as pool:
