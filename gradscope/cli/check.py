@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -15,6 +15,11 @@ CHECK_HELP = """Fail (exit 1) when a run's loss or gradient norm went NaN/inf.
   gradscope check runs/exp1
   gradscope check runs/exp1 --fail-on always-clips,never-clips --max-clip-fraction 0.3
   gradscope check out/checkpoint-500/trainer_state.json --junit gradscope.xml
+  gradscope check runs/ sweeps/lr3e-4 out/trainer_state.json     (many at once)
+
+RUN may be several paths; a directory that is not itself a run is searched for
+gradscope runs and trainer logs (found recursively). With several, each is checked,
+a summary table lists them, and the exit status is the worst of them.
 
 A GradScaler overflow step that was skipped is not a failure. Policy rules come
 from configs/check.yaml, --config FILE, or the flags (flags win). Exit codes:
@@ -25,7 +30,9 @@ from configs/check.yaml, --config FILE, or the flags (flags win). Exit codes:
 
 @app.command("check", help=CHECK_HELP)
 def check_command(
-    run: Path = typer.Argument(..., metavar="RUN", help="A gradscope run directory or another trainer's log."),
+    runs: List[Path] = typer.Argument(
+        ..., metavar="RUN...", help="Gradscope run directories or trainer logs, or directories holding them."
+    ),
     config: Optional[Path] = typer.Option(None, "--config", help="Policy YAML (default: configs/check.yaml)."),
     fail_on: Optional[str] = typer.Option(
         None, "--fail-on", metavar="REGIMES", help="Fail on these regimes: always-clips,never-clips,unclipped,healthy."
@@ -46,6 +53,7 @@ def check_command(
     column: Optional[str] = typer.Option(None, "--column", help="The grad-norm column of a CSV/JSONL log."),
 ) -> int:
     from gradscope.analysis import gate
+    from gradscope.importers.discover import find_inputs
     from gradscope.report import ci
 
     policy = gate.override(
@@ -55,23 +63,64 @@ def check_command(
         max_spikes=max_spikes,
         max_skipped_fraction=max_skipped_fraction,
     )
-    loaded = open_any(run, format, column)
+    inputs = find_inputs(runs)
+    if len(inputs) == 1:  # one run: the output is exactly that run's
+        target = str(inputs[0])
+        verdict = verdict_for(inputs[0], policy, clip_norm, format, column)
+        if junit is not None:
+            ci.write_junit(verdict, target, junit)
+        if json_out:
+            print(ci.to_json(verdict, target))
+        else:
+            print("\n".join(ci.lines(verdict, target, github=ci.in_github_actions())))
+        sys.stdout.flush()
+        return verdict.exit_code
+    return _check_many(inputs, policy, clip_norm, format, column, junit, json_out)
+
+
+def verdict_for(path: Path, policy, clip_norm: float | None = None, format: str | None = None,
+                column: str | None = None):
+    """Open one run or log and judge it: the gate's Verdict (GradscopeError on bad input)."""
+    from gradscope.analysis import gate
+
+    loaded = open_any(path, format, column)
     facts, problem = None, None
     if gate.needs_analysis(policy):
         facts, problem = analysis_facts(loaded, clip_norm)
     verdict = gate.evaluate(loaded, policy, facts)
     if problem:
         verdict.notes.append(f"policy rules could not be judged: {problem}")
+    return verdict
 
-    target = str(run)
+
+def _check_many(inputs: list[Path], policy, clip_norm, format, column, junit, json_out) -> int:
+    """Every input judged on its own; bad input in one is that one's exit 2, not the end of the others."""
+    import json
+
+    from gradscope.errors import GradscopeError
+    from gradscope.report import ci
+
+    results = []
+    for p in inputs:
+        try:
+            results.append(ci.Checked(str(p), verdict_for(p, policy, clip_norm, format, column)))
+        except GradscopeError as e:
+            results.append(ci.Checked(str(p), None, e.message, e.exit_code))
+    worst = max(r.exit_code for r in results)
     if junit is not None:
-        ci.write_junit(verdict, target, junit)
+        ci.write_junit_many(results, junit)
     if json_out:
-        print(ci.to_json(verdict, target))
+        print(json.dumps(ci.many_to_json(results), indent=2, allow_nan=False))
     else:
-        print("\n".join(ci.lines(verdict, target, github=ci.in_github_actions())))
+        github = ci.in_github_actions()
+        out = []
+        for r in results:
+            out.extend(ci.checked_lines(r, github=github))
+            out.append("")
+        out.extend(ci.summary_lines(results))
+        print("\n".join(out))
     sys.stdout.flush()
-    return verdict.exit_code
+    return worst
 
 
 def open_any(path: Path, format: str | None = None, column: str | None = None):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,122 @@ def to_json(verdict: Verdict, target: str) -> str:
         "notes": verdict.notes,
     }
     return json.dumps(doc, indent=2, allow_nan=False)
+
+
+# ---------------------------------------------------------------- many runs in one call
+
+
+@dataclass
+class Checked:
+    """One input of a many-run `check`: its verdict, or why it could not be judged."""
+
+    target: str
+    verdict: Verdict | None
+    error: str | None = None
+    error_code: int = 2
+
+    @property
+    def exit_code(self) -> int:
+        return self.verdict.exit_code if self.verdict is not None else self.error_code
+
+
+def checked_lines(c: Checked, *, github: bool = False) -> list[str]:
+    """A run's block of lines (as `check RUN` prints them), or one line saying why it was not judged."""
+    if c.verdict is not None:
+        return lines(c.verdict, c.target, github=github)
+    if github:
+        return [annotation("error", "gradscope check", f"{c.target}: {c.error}")]
+    return [f"ERROR {c.target}: {c.error}"]
+
+
+def _first_failure(c: Checked) -> str:
+    if c.verdict is None:
+        return c.error or ""
+    failed = [x for x in c.verdict.checks if x.failed]
+    if not failed:
+        return ""
+    nf = c.verdict.non_finite
+    if failed[0].name == "non-finite" and nf is not None:
+        return f"non-finite {nf.quantity} at step {nf.step}"
+    return failed[0].message
+
+
+def summary_lines(results: list[Checked], width: int = 60) -> list[str]:
+    """A plain table (CI logs have no terminal): run, steps, result, the first failure."""
+    rows = []
+    for c in results:
+        if c.verdict is None:
+            result, steps = f"error (exit {c.exit_code})", "-"
+        else:
+            failed = [x.name for x in c.verdict.checks if x.failed]
+            result = f"FAILED ({', '.join(failed)})" if failed else "ok"
+            steps = str(c.verdict.steps)
+        why = _first_failure(c)
+        if len(why) > width:
+            why = why[: width - 3] + "..."
+        rows.append((c.target, steps, result, why))
+    head = ("run", "steps", "result", "first failure")
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    out = [f"{head[0]:<{w[0]}}  {head[1]:>{w[1]}}  {head[2]:<{w[2]}}  {head[3]}".rstrip()]
+    out += [f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip() for r in rows]
+    failed = sum(1 for c in results if c.verdict is not None and not c.verdict.ok)
+    errors = sum(1 for c in results if c.verdict is None)
+    ok = len(results) - failed - errors
+    parts = [f"{failed} failed"] if failed else []
+    parts += [f"{errors} not judged (bad input)"] if errors else []
+    parts.append(f"{ok} ok")
+    worst = max(c.exit_code for c in results)
+    out.append(f"gradscope check: {len(results)} runs: {', '.join(parts)} (exit {worst})")
+    return out
+
+
+def junit_many_xml(results: list[Checked]) -> bytes:
+    """One testsuite per run, named by the run, each as `check RUN --junit` writes it;
+    an input that could not be read is a suite with one errored testcase."""
+    suites = ET.Element("testsuites", name=SUITE)
+    tests = failures = errors = 0
+    for c in results:
+        if c.verdict is not None:
+            suite = ET.fromstring(junit_xml(c.verdict, c.target)).find("testsuite")
+            suite.set("name", c.target)
+        else:
+            suite = ET.Element("testsuite", name=c.target, tests="1", failures="0", errors="1", skipped="0")
+            props = ET.SubElement(suite, "properties")
+            ET.SubElement(props, "property", name="run", value=c.target)
+            case = ET.SubElement(suite, "testcase", name="input", classname=f"{SUITE}.check")
+            e = ET.SubElement(case, "error", message=c.error or "", type="bad-input")
+            e.text = c.error or ""
+        tests += int(suite.get("tests", "0"))
+        failures += int(suite.get("failures", "0"))
+        errors += int(suite.get("errors", "0"))
+        suites.append(suite)
+    suites.set("tests", str(tests))
+    suites.set("failures", str(failures))
+    suites.set("errors", str(errors))
+    ET.indent(suites)
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def write_junit_many(results: list[Checked], path: str | os.PathLike) -> None:
+    p = Path(path)
+    try:
+        if p.parent and not p.parent.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(junit_many_xml(results))
+    except OSError as e:
+        raise GradscopeError(f"cannot write JUnit file '{p}': {e.strerror or e}") from None
+
+
+def many_to_json(results: list[Checked]) -> dict:
+    """{"runs": [each run's `check --json` object, or {"run", "error", "exit_code"}], "ok", "exit_code"}."""
+    docs = []
+    for c in results:
+        if c.verdict is not None:
+            docs.append(json.loads(to_json(c.verdict, c.target)))
+        else:
+            docs.append({"run": c.target, "error": c.error, "exit_code": c.exit_code})
+    return {
+        "runs": docs,
+        "ok": all(c.exit_code == 0 for c in results),
+        "exit_code": max(c.exit_code for c in results),
+    }

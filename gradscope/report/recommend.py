@@ -363,3 +363,30 @@ def render(result: RunAnalysis, console=None, config=None) -> None:
             parts.append(sn)
         title = f"optimizer {o.optimizer}" + (f" ({o.optimizer_class})" if o.optimizer_class else "")
         console.print(Panel(Group(*parts), title=title, title_align="left", border_style=_REGIME_STYLE[v.regime]))
+
+
+def render_summary(results: list, console=None) -> None:
+    """One table of many runs: [(target, RunAnalysis or None, error or None)], main optimizer of each."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from gradscope.report.table import aligned
+
+    console = console or Console()
+    header = ("run", "steps", "p50", "p99", "max_norm", "regime", "clips", "recommend", "situation")
+    rows = []
+    for target, r, err in results:
+        if r is None:
+            rows.append((target, "-", "-", "-", "-", "error", "-", "-", "not judged (see above)"))
+            continue
+        o = r.main
+        v = o.verdict
+        label = target + (f" (optimizer {o.optimizer})" if len(r.optimizers) > 1 else "")
+        rows.append((
+            label, str(o.steps), _f(o.percentiles.get("p50")), _f(o.percentiles.get("p99")),
+            _f(v.clip_norm, "g"), v.regime, f"{v.clip_fraction:.1%}" if v.clip_fraction is not None else "-",
+            f"{o.recommendation.clip_norm_rounded:g}", o.recommendation.situation,
+        ))
+    console.print("[bold]gradscope recommend: summary[/bold]", highlight=False)
+    for line in aligned(header, rows, left=(0, 5, 8)):
+        console.print(Text(line), no_wrap=True, crop=False, soft_wrap=True)
