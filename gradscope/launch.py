@@ -76,11 +76,8 @@ def check_target(target: Target) -> None:
             raise GradscopeError(f"cannot read script '{target.name}': {e.strerror}") from None
         try:
             compile(source, str(path), "exec", dont_inherit=True)
-        except SyntaxError as e:
-            where = f"{e.filename}:{e.lineno}" if e.lineno else str(e.filename)
-            raise GradscopeError(f"script '{target.name}' has a syntax error at {where}: {e.msg}") from None
-        except ValueError as e:  # null bytes and the like
-            raise GradscopeError(f"script '{target.name}' cannot be compiled: {e}") from None
+        except (SyntaxError, ValueError) as e:  # ValueError: null bytes on older Pythons
+            raise GradscopeError(_compile_error(target.name, source, e)) from None
     elif target.kind == "module":
         # As `python -m` would look: the current directory first.
         sys.path.insert(0, os.getcwd())
@@ -101,6 +98,19 @@ def check_target(target: Target) -> None:
             raise GradscopeError(f"command '{target.name}' not found on PATH")
         if os.sep in target.name and not os.access(target.name, os.X_OK):
             raise GradscopeError(f"command '{target.name}' is not an executable file")
+
+
+def _compile_error(name: str, source: bytes, e: Exception) -> str:
+    """One line naming where the script fails to compile; a null byte (a binary file) has no
+    line in Python's own error, so it is located here."""
+    line = getattr(e, "lineno", None)
+    msg = getattr(e, "msg", None) or str(e)
+    if b"\0" in source and ("null bytes" in msg or line is None):
+        line = source.count(b"\n", 0, source.index(b"\0")) + 1
+        return f"script '{name}' is not Python source: line {line} holds a null byte (a binary file?)"
+    if line is None:
+        return f"script '{name}' cannot be compiled: {msg}"
+    return f"script '{name}' has a syntax error at {name}:{line}: {msg}"
 
 
 def default_run_dir(target: Target) -> Path:
@@ -148,7 +158,10 @@ def run_recorded(
     argv = target.argv()
     meta = rundir.new_meta(argv, target=target.kind)
     meta["clip_norm_override"] = clip_norm
-    rundir.write_json_atomic(run_dir / rundir.META_FILE, meta)
+    try:
+        rundir.write_json_atomic(run_dir / rundir.META_FILE, meta)
+    except OSError as e:
+        raise GradscopeError(f"cannot write in run directory '{run_dir}': {e.strerror or e}; choose another --out") from None
     env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan, clip_norm)
 
     try:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from gradscope import validate
 from gradscope.errors import GradscopeError
 
 FORMAT_NAME = "gradscope-run"
@@ -136,6 +137,12 @@ def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> Path:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GradscopeError(f"cannot create run directory '{p}': {e.strerror}") from None
+    probe = p / f".gradscope-write-test.{os.getpid()}.tmp"
+    try:  # before the script starts: a run that cannot be saved should not train for hours first
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise GradscopeError(f"cannot write in run directory '{p}': {e.strerror}; choose another --out") from None
     return p
 
 
@@ -357,10 +364,17 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
             continue
         try:
             df = _read_csv(f, dtype=_STEP_DTYPES)
-        except (OSError, ValueError, pd.errors.ParserError) as e:
-            raise GradscopeError(f"cannot read '{f}': {e}") from None
+        except OSError as e:
+            raise GradscopeError(f"cannot read '{f}': {e.strerror or e}") from None
+        except (ValueError, pd.errors.ParserError) as e:
+            raise validate.steps_parse_error(f, e) from None
         if df.empty:
             continue
+        # Damage and impossible values are refused here, before any analysis sees them.
+        validate.check_steps_file(f, df)
+        for proc in processes:
+            if proc.get("rank", 0) == r:
+                validate.check_process_counts(f, proc, df)
         df.insert(0, "rank", r)
         frames.append(df)
     if not frames:
@@ -377,9 +391,11 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
         try:
             df = _read_csv(f)
         except (OSError, ValueError, pd.errors.ParserError) as e:
-            raise GradscopeError(f"cannot read '{f}': {e}") from None
+            found = validate.scan_layers_csv(f) if not isinstance(e, OSError) else None
+            raise (validate.damaged(f, *found) if found else GradscopeError(f"cannot read '{f}': {e}")) from None
         if df.empty:
             continue
+        validate.check_layers_file(f, df)
         df.insert(0, "optimizer", o)
         df.insert(0, "rank", r)
         layer_frames.append(df)

@@ -48,20 +48,51 @@ def _die_like(sig: int) -> None:
     sys.exit(128 + sig)
 
 
+def _wants_json(argv: list[str]) -> bool:
+    """`--json` given to a command that has that option (not to a script `gradscope run` starts)."""
+    import typer.main
+
+    try:
+        group = typer.main.get_command(app)
+        name = next((a for a in argv if not a.startswith("-")), None)
+        cmd = group.commands.get(name) if name is not None else None
+    except Exception:  # noqa: BLE001 - deciding the error's format must never fail
+        return False
+    if cmd is None or not any("--json" in getattr(p, "opts", ()) for p in cmd.params):
+        return False
+    args = argv[argv.index(name) + 1:]
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
+def _fail(message: str, exit_code: int, as_json: bool) -> None:
+    """One line on stderr; with --json also the error as the one JSON object on stdout."""
+    print(f"gradscope: {message}", file=sys.stderr)
+    if as_json:
+        import json
+
+        text = message.split("error: ", 1)[1] if message.startswith(("error: ", "internal error: ")) else message
+        print(json.dumps({"error": text, "exit_code": exit_code}))
+        sys.stdout.flush()
+    sys.exit(exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = bool(os.environ.get("GRADSCOPE_DEBUG"))
+    as_json = _wants_json(list(sys.argv[1:] if argv is None else argv))
     try:
         rv = app(args=argv, prog_name="gradscope", standalone_mode=False)
     except GradscopeError as e:
         if debug:
             raise
-        print(f"gradscope: error: {e.message}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _fail(f"error: {e.message}", e.exit_code, as_json)
     except _EXIT as e:
         sys.exit(e.exit_code)
     except _cx.ClickException as e:  # usage errors: click's own one-liner
+        code = 2 if isinstance(e, _cx.UsageError) else e.exit_code
+        if as_json:
+            _fail(f"error: {e.format_message()}", code, True)
         e.show()
-        sys.exit(2 if isinstance(e, _cx.UsageError) else e.exit_code)
+        sys.exit(code)
     except _ABORT:
         print("gradscope: interrupted", file=sys.stderr)
         _die_like(signal.SIGINT)
@@ -70,11 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug in gradscope, not the user's fault
         if debug:
             raise
-        print(
-            f"gradscope: internal error: {type(e).__name__}: {e} (set GRADSCOPE_DEBUG=1 for the traceback)",
-            file=sys.stderr,
-        )
-        sys.exit(3)
+        _fail(f"internal error: {type(e).__name__}: {e} (set GRADSCOPE_DEBUG=1 for the traceback)", 3, as_json)
     if isinstance(rv, int):
         if rv < 0:
             _die_like(-rv)

@@ -84,6 +84,11 @@ def verdict_for(path: Path, policy, clip_norm: float | None = None, format: str 
     from gradscope.analysis import gate
 
     loaded = open_any(path, format, column)
+    if loaded.steps is None or len(loaded.steps) == 0:
+        from gradscope.errors import GradscopeError
+        from gradscope.validate import why_no_steps
+
+        raise GradscopeError(f"nothing to check: {why_no_steps(loaded)}", exit_code=2)
     facts, problem = None, None
     if gate.needs_analysis(policy):
         facts, problem = analysis_facts(loaded, clip_norm)

@@ -37,6 +37,11 @@ def plot_command(
 
         raise GradscopeError(f"cannot write '{target}': choose a .png, .svg or .pdf file name")
     loaded = open_any(run, format, column)
+    if loaded.steps is None or len(loaded.steps) == 0:
+        from gradscope.errors import GradscopeError
+        from gradscope.validate import why_no_steps
+
+        raise GradscopeError(f"nothing to plot: {why_no_steps(loaded)}", exit_code=2)
     analysis, why = analyze_quietly(loaded, clip_norm)
     data = plot.plot_data(loaded, analysis, clip_norm=clip_norm, name=str(run))
     if why:

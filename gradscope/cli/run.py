@@ -81,6 +81,12 @@ def _classify(args: list[str]):
     from gradscope.launch import Target
 
     first, rest = args[0], args[1:]
+    if first.startswith("-") and first != "-":
+        # Options after the script belong to the script; one before it is gradscope's, and unknown.
+        raise GradscopeError(
+            f"no such option for gradscope run: '{first}' (see gradscope run --help; gradscope's options go "
+            "before the script, and a launcher command goes after --)"
+        )
     path = Path(first)
     if first.endswith(".py") or (path.is_file() and not os.access(path, os.X_OK)):
         return Target("script", first, rest)

@@ -435,6 +435,9 @@ def build_run(
     from gradscope.rundir import Run, normalize_steps
 
     rows = [r for r in rows if r.get("step") is not None]
+    from gradscope.validate import check_logged_norms
+
+    check_logged_norms(path, rows)  # text or a negative norm: exit 2 naming the line, not a "non-finite" step
     if dedupe:
         rows, repeats, conflicts = dedupe_by_step(rows)
         if repeats:

@@ -62,7 +62,7 @@ def load_csv(path: Path, column: str | None = None):
     rows = [
         {
             "step": int(s),
-            "grad_norm": to_float(wide.at[s, gcol]),
+            "grad_norm": wide.at[s, gcol],  # raw: build_run refuses text and negative norms
             "loss": to_float(wide.at[s, lcol]) if lcol else None,
             "lr": to_float(wide.at[s, rcol]) if rcol else None,
         }

@@ -85,10 +85,11 @@ def junit_xml(verdict: Verdict, target: str) -> bytes:
 
 
 def write_junit(verdict: Verdict, target: str, path: str | os.PathLike) -> None:
+    from gradscope.report import make_parent
+
     p = Path(path)
     try:
-        if p.parent and not p.parent.exists():
-            p.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(p, "JUnit file")
         p.write_bytes(junit_xml(verdict, target))
     except OSError as e:
         raise GradscopeError(f"cannot write JUnit file '{p}': {e.strerror or e}") from None

@@ -547,8 +547,10 @@ def save(fig, out: str | os.PathLike) -> Path:
     ext = out.suffix.lower()
     if ext not in FORMATS:
         raise GradscopeError(f"cannot write '{out}': choose a .png, .svg or .pdf file name")
+    from gradscope.report import make_parent
+
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(out, "plot")
         fig.savefig(out, format=ext[1:])
     except OSError as e:
         raise GradscopeError(f"cannot write '{out}': {e.strerror or e}") from None
