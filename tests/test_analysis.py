@@ -27,7 +27,7 @@ def make_run(g, clip=None, skipped=None, loss=None, lr=None, optimizer=0, rank=0
         "loss": np.ones(n) if loss is None else loss,
         "clip_max_norm": np.nan if clip is None else clip,
         "skipped": False if skipped is None else skipped,
-        "lr": 1e-3 if lr is None else lr,
+        "lr": np.nan if lr is None else lr,  # unknown by default: the warm-up is then a share of the steps
     })
     return rundir.Run(Path("mem"), rundir.normalize_steps(df), layers if layers is not None else pd.DataFrame(), meta or {})
 
@@ -157,7 +157,7 @@ def test_stable_recommendation_clips_the_largest_one_to_two_percent(seed):
 
 @pytest.mark.parametrize("n", [3000, 3001])  # even and odd steady-state lengths
 def test_stable_recommendation_equals_the_documented_formula(n):
-    """tau = exp(q_level(level) + median(r) + z_q * 1.4826 * MAD(r)), r = log-norm - level, recomputed
+    """tau = exp(q_level(level) + median(r) + z_q * 1.4826 * MAD(r)), r = log-norm - level (over steady state), recomputed
     here from its parts with numpy (the level itself is checked in the trailing-median test)."""
     from statistics import NormalDist
 
@@ -167,9 +167,12 @@ def test_stable_recommendation_equals_the_documented_formula(n):
     assert r.situation == "stable"
     rc, lc = CFG.recommend, CFG.level
     x = np.log(g)
-    level, _ = trailing_median_mad(x, lc.window, lc.stride, lc.min_periods)
     k = expected_warmup(n)
-    x_s, level_s = x[k:], level[k:]
+    x_s = x[k:]
+    # the running level of the steady state alone (warm-up norms do not enter it); its first
+    # positions, before a level exists, take the first level there is
+    level_s, _ = trailing_median_mad(x_s, lc.window, lc.stride, lc.min_periods)
+    level_s = np.where(np.isfinite(level_s), level_s, level_s[np.isfinite(level_s)][0])
     resid = x_s - level_s
     centre = np.median(resid)
     scale = 1.4826 * np.median(np.abs(resid - centre))
@@ -339,8 +342,29 @@ def test_warmup_follows_the_learning_rate_peak():
     lr = np.minimum(np.arange(n) / 600, 1.0) * 1e-3
     a = analyze(make_run(lognormal(n), lr=lr)).main
     assert a.warmup_steps == 600 and a.steady_from_step == 600
+    assert "warm-up: the 600 steps before the learning rate peaks at step 600" in a.notes
+    short = analyze(make_run(lognormal(n), lr=np.minimum(np.arange(n) / 50, 1.0))).main
+    assert short.warmup_steps == 50  # the LR's own warm-up, not 10 % of the steps
     capped = analyze(make_run(lognormal(n), lr=np.arange(n) * 1.0)).main  # still warming up at the end
     assert capped.warmup_steps == int(CFG.warmup.max_fraction * n)
+    # the data do not show a peak: no "peaks" claim, and the last step is named
+    assert not any("peaks" in x for x in capped.notes)
+    assert any("still rises at the last step (1999)" in x for x in capped.notes)
+    late = analyze(make_run(lognormal(n), lr=np.minimum(np.arange(n) / 1500, 1.0))).main  # peaks past the cap
+    assert late.warmup_steps == 1000
+    assert any("capped at 1000 steps" in x and "peaks later, at step 1500" in x for x in late.notes)
+
+
+@pytest.mark.parametrize("lr", [np.full(1000, 3e-4), np.linspace(1e-3, 0.0, 1000), 1e-3 * 0.99 ** np.arange(1000)])
+def test_no_warmup_is_left_out_when_the_learning_rate_never_rises(lr):
+    """Constant LR, linear decay from step 0, exponential decay: the first steps are steady state too,
+    so their largest norms are judged (a foreign log's maxima often sit there)."""
+    g = lognormal(1000, seed=5)
+    g[20] = 40.0
+    a = analyze(make_run(g, lr=lr, clip=1.0)).main
+    assert a.warmup_steps == 0 and a.steady_from_step == 0 and a.steady_steps == 1000
+    assert a.percentiles["max"] == 40.0 and a.verdict.clipped_steps == int((g > 1.0).sum())
+    assert any("never rises above its first value" in x for x in a.notes)
 
 
 def test_sampled_log_is_noted():
@@ -403,7 +427,8 @@ def test_config_file_overrides_and_validates(tmp_path):
 
 
 @pytest.mark.parametrize("g,msg", [
-    ([2.0], "only 1 finite gradient norm; at least 10 are needed"),
+    ([2.0], "only 1 finite gradient norm; at least 3 are needed"),
+    ([2.0, 1.0], "only 2 finite gradient norms; at least 3 are needed"),
     ([np.nan, np.inf, np.nan], "all 3 gradient norms"),
     ([np.nan] * 5, "no gradient norms"),
 ])
@@ -411,6 +436,33 @@ def test_nothing_to_judge_is_a_user_error(g, msg):
     with pytest.raises(GradscopeError, match=msg) as e:
         analyze(make_run(g))
     assert e.value.exit_code == 2
+
+
+@pytest.mark.parametrize("n", [3, 5, 9])
+def test_few_points_are_judged_and_say_how_few(n):
+    """A 3- to 9-entry log gets an answer; the figures are those of its points, and a caveat says how few."""
+    g = lognormal(n, seed=n)
+    a = analyze(make_run(g, clip=1.0)).main
+    s = g[a.warmup_steps:]
+    assert a.finite_steps == n and a.steady_steps == len(s) >= 2
+    assert a.percentiles["max"] == s.max() and a.verdict.clipped_steps == int((s > 1.0).sum())
+    assert a.recommendation.clip_fraction == pytest.approx((s > a.recommendation.clip_norm_rounded).mean())
+    assert any(f"only {n} finite gradient norms ({len(s)} after warm-up)" in c for c in a.caveats)
+    assert not any("finite gradient norms" in c for c in analyze(make_run(lognormal(200), clip=1.0)).main.caveats)
+
+
+def test_all_infinite_norms_with_a_falling_loss_answer_without_a_recommendation():
+    """fp16 norms that overflowed (or were taken before unscaling): the loss trains, the norm says inf."""
+    n = 40
+    loss = np.linspace(3.0, 1.0, n)
+    a = analyze(make_run(np.full(n, np.inf), loss=loss, meta={"clip_norm": 1.0})).main
+    assert a.recommendation is None and a.regime is None and a.finite_steps == 0
+    assert a.verdict.clip_norm == 1.0 and a.threshold.source == "log"
+    assert "All 40 gradient norms of the run are non-finite (inf)" in a.verdict.meaning
+    assert f"falls from {np.median(loss[:13]):.4g} to {np.median(loss[-13:]):.4g}" in a.verdict.meaning
+    assert a.whole_run.finite_steps == 0 and a.whole_run.max is None
+    with pytest.raises(GradscopeError, match="the loss does not fall"):  # a flat loss shows nothing of the kind
+        analyze(make_run(np.full(n, np.inf), loss=np.full(n, 2.0)))
 
 
 def test_bad_clip_norm_option():

@@ -250,7 +250,7 @@ def test_json_output(capsys):
     code, out, _ = check(capsys, SAMPLES / "lstm_nan", "--json")
     doc = json.loads(out)
     assert code == 1 and doc["ok"] is False and doc["exit_code"] == 1
-    assert doc["non_finite"]["step"] == 31 and doc["non_finite"]["quantity"] == "loss and gradient"
+    assert doc["non_finite"]["step"] == 31 and doc["non_finite"]["quantity"] == "gradient"  # the loss followed at 32
     assert doc["non_finite"]["grad_norm"] == "nan"
 
 

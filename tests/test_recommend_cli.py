@@ -164,7 +164,7 @@ def _bad_cases(tmp_path: Path):
         ([tmp_path / "empty"], "empty directory"),
         ([tmp_path / "junk.txt"], "no log format"),
         ([tmp_path / "noloss.csv"], "no gradient-norm column"),
-        ([one], "at least 10 are needed"),
+        ([one], "at least 3 are needed"),
         ([allnan], "non-finite"),
         ([good, "--preset", "gan"], "valid: transformer, cnn, rnn, recommender, alignment"),
         ([good, "--config", tmp_path / "bad.yaml"], "unknown setting 'nope'"),

@@ -6,7 +6,8 @@
     main.regime, main.clip_fraction, main.recommendation.clip_norm, main.spikes.count
 
 Steady state = the finite steps after warm-up (judge.warmup_length). Every figure of a
-verdict, a recommendation, drift and percentiles is computed on the steady-state steps.
+verdict, a recommendation, drift and percentiles is computed on the steady-state steps;
+`whole_run` holds the same run's figures with warm-up included.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from gradscope.analysis.model import (
     OVERFLOW_SKIPPED,
     RECOVERED,
     REGIMES,
+    THRESHOLD_SOURCES,
     Drift,
     NonFinite,
     OptimizerAnalysis,
@@ -27,11 +29,12 @@ from gradscope.analysis.model import (
     Spikes,
     Threshold,
     Verdict,
+    WholeRun,
 )
 
 __all__ = [
     "analyze", "AnalysisConfig", "Preset", "get_preset", "load_config", "load_presets",
-    "REGIMES", "OVERFLOW_SKIPPED", "RECOVERED", "DIVERGENCE",
+    "REGIMES", "THRESHOLD_SOURCES", "OVERFLOW_SKIPPED", "RECOVERED", "DIVERGENCE",
     "Drift", "NonFinite", "OptimizerAnalysis", "PresetCheck", "Recommendation", "RunAnalysis",
-    "Spike", "Spikes", "Threshold", "Verdict",
+    "Spike", "Spikes", "Threshold", "Verdict", "WholeRun",
 ]

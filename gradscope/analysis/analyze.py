@@ -6,9 +6,13 @@ import dataclasses
 import numpy as np
 
 from gradscope.analysis.config import AnalysisConfig, Preset, get_preset, load_config
-from gradscope.analysis.judge import classify_steps, judge, resolve_threshold, threshold_notes, warmup_length
-from gradscope.analysis.model import DIVERGENCE, OptimizerAnalysis, RunAnalysis
-from gradscope.analysis.recommend import compare_preset, drift, normalising, recommend
+from gradscope.analysis.judge import (
+    classify_steps, in_force, judge, resolve_threshold, threshold_notes, warmup_length,
+)
+from gradscope.analysis.model import (
+    DIVERGENCE, OptimizerAnalysis, Recommendation, RunAnalysis, Spikes, Verdict, WholeRun,
+)
+from gradscope.analysis.recommend import _effect, compare_preset, drift, normalising, recommend
 from gradscope.analysis.situation import assess
 from gradscope.analysis.robust import percentiles, trailing_median_mad
 from gradscope.analysis.ranks import disagreement_note, missing_ranks
@@ -45,6 +49,13 @@ def analyze(
         note = disagreement_note(steps, chosen, cfg.ranks.rtol)
         notes.append(note or f"{len(ranks)} ranks agree within {cfg.ranks.rtol:g} (relative); judging rank {chosen}")
         steps = steps[steps["rank"] == chosen]
+    if run.source == "gradscope" and run.meta.get("status") == "running":
+        n = len(steps)
+        per = steps.groupby("optimizer").size() if n else None
+        held = (f"{n} optimizer steps" if per is None or len(per) == 1
+                else f"{n} optimizer steps of {len(per)} optimizers ({', '.join(f'{int(c)}' for c in per)})")
+        notes.append(f"the run is still being recorded (meta.json status 'running'): it holds {held} so far; "
+                     "this report judges those, and a later `gradscope recommend` will see more")
     lost = missing_ranks(run)
     if lost:
         notes.append(f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of the run recorded nothing "
@@ -81,7 +92,8 @@ def analyze(
         raise GradscopeError("; ".join(problems))
     notes.extend(f"skipped: {p}" for p in problems)
     return RunAnalysis(
-        path=where, source=run.source, rank=chosen, ranks=ranks, sampled=sampled, optimizers=results, notes=notes
+        path=where, source=run.source, rank=chosen, ranks=ranks, sampled=sampled, optimizers=results, notes=notes,
+        status=run.meta.get("status"),
     )
 
 
@@ -93,11 +105,15 @@ def _analyze_series(
     g_all = s.grad_norm
     bad, valid, nonfinite = classify_steps(s)
     n_valid = int(valid.sum())
+    th = resolve_threshold(s, clip_norm, run.meta)
     if n_valid == 0:
         if nonfinite.count == len(s):
+            blind = _no_finite_norm(s, nonfinite, th, cfg, cls, rank, label)
+            if blind is not None:
+                return blind
             raise GradscopeError(
                 f"'{where}': all {len(s)} gradient norms of {label} are non-finite (first at step "
-                f"{nonfinite.first_step}): nothing to judge"
+                f"{nonfinite.first_step}) and the loss does not fall: nothing to judge"
             )
         raise GradscopeError(f"'{where}': {label} has no finite, non-zero, non-skipped gradient norm to judge")
     if n_valid < cfg.min_steps:
@@ -106,12 +122,18 @@ def _analyze_series(
             f"at least {cfg.min_steps} are needed to judge clipping (record or log more steps)"
         )
     notes: list[str] = []
+    caveats: list[str] = []
     g = g_all[valid]
     step = s.step[valid]
     x = np.log(g)
-    k, by_lr = warmup_length(n_valid, s.lr[valid], cfg)
-    if by_lr:
-        notes.append(f"warm-up extended to step {int(step[k])}, where the learning rate peaks")
+    k, warmup_note = warmup_length(s.lr[valid], step, cfg)
+    if warmup_note:
+        notes.append(warmup_note)
+    if n_valid < cfg.few_steps:
+        caveats.append(
+            f"only {n_valid} finite gradient norms ({n_valid - k} after warm-up): the verdict and the "
+            f"recommendation rest on that few points, so treat them as a first estimate"
+        )
     if nonfinite.first_kind == DIVERGENCE or nonfinite.divergence_step is not None:
         notes.append(
             f"the run diverged at step {nonfinite.divergence_step} (non-finite to the end): every figure uses the "
@@ -124,7 +146,6 @@ def _analyze_series(
     level, mad = trailing_median_mad(x, cfg.level.window, cfg.level.stride, cfg.level.min_periods)
     g_s, x_s, step_s = g[k:], x[k:], step[k:]
 
-    th = resolve_threshold(s, clip_norm, run.meta)
     notes.extend(threshold_notes(s, th))
     pct = percentiles(g_s, cfg.percentiles)
     p50 = pct["p50"] if "p50" in pct else None
@@ -132,15 +153,33 @@ def _analyze_series(
     spikes, spike_pos = find_spikes(x, level, mad, step, k, cfg)
     is_spike = np.zeros(len(x), dtype=bool)
     is_spike[spike_pos] = True
-    rec = recommend(x_s, level[k:], cfg, is_spike[k:])
-    sit = assess(g, step, s.loss[valid], nonfinite.divergence_step, spikes.count, cfg.situation, momentum)
+    # The recommendation's running level is that of the steady state alone: a warm-up's norms must not
+    # set the level its first steady steps are measured against (spikes are found on the whole run).
+    level_s = level[k:] if k == 0 else trailing_median_mad(x_s, cfg.level.window, cfg.level.stride,
+                                                            cfg.level.min_periods)[0]
+    rec = recommend(x_s, level_s, cfg, is_spike[k:])
+    applied = th.clip_norm if th.source not in (None, "option") else None
+    sit = assess(g, step, s.loss[valid], nonfinite.divergence_step, spikes.count, cfg.situation, momentum,
+                 first_bad_step=nonfinite.first_unskipped_step, clipped_at=applied,
+                 normalises_at=cfg.regime.always_fraction)
     if sit.clip_norm is not None:
         rec = normalising(sit, g_s)
     else:
         rec = dataclasses.replace(rec, situation=sit.name, evidence=sit.evidence)
+    rec, capped = _below_failed_threshold(rec, s, th, run.meta, nonfinite, g_s, cfg)
+    if capped:
+        caveats.append(capped)
     dr = drift(g_s, step_s, rec.clip_norm_rounded, cfg, normalising=sit.clip_norm is not None)
+    if rec.situation == "stable" and dr is not None and dr.drifting:
+        way = "fell" if dr.p50_ratio < 1 else "rose"
+        rec = dataclasses.replace(rec, evidence=f"{rec.evidence}; the level itself {way} "
+                                                f"{max(dr.p50_ratio, 1 / dr.p50_ratio):.3g}x from early to late")
+    raised = _update_growth(verdict, rec, cfg)
+    if raised:
+        caveats.append(raised)
     attach_layers(spikes, run.layers, rank, opt, cfg.spikes.top_layers)
     skipped = int(s.skipped.sum())
+    top = int(np.argmax(g))
     return OptimizerAnalysis(
         optimizer=opt,
         optimizer_class=cls,
@@ -162,4 +201,82 @@ def _analyze_series(
         nonfinite=nonfinite,
         preset=compare_preset(pre, rec, g_s, p50) if pre is not None else None,
         notes=notes,
+        whole_run=WholeRun(steps=len(s), finite_steps=n_valid, min=float(g.min()), p50=float(np.median(g)),
+                           max=float(g[top]), max_step=int(step[top])),
+        caveats=caveats,
+    )
+
+
+def _below_failed_threshold(rec: Recommendation, s: Series, th, meta: dict, nf, g_s: np.ndarray,
+                            cfg: AnalysisConfig) -> tuple[Recommendation, str | None]:
+    """A run that went non-finite while clipped at tau shows tau is too loose: the recommendation
+    stays below it (at most tau / range_factor when it would reach tau), and so does its range."""
+    if nf.divergence_step is None:
+        return rec, None
+    at = nf.first_unskipped_step if nf.first_unskipped_step is not None else nf.divergence_step
+    tau = in_force(s, th, meta, at)
+    if tau is None or (rec.clip_norm < tau and (rec.high is None or rec.high < tau)):
+        return rec, None
+    f = cfg.situation.range_factor
+    if rec.clip_norm >= tau:
+        new = tau / f
+        rule = f"{rec.clip_norm:.4g}" + (f" ({rec.basis})" if rec.basis else "")
+        rec = dataclasses.replace(rec, **_effect(g_s, new), headroom=new / rec.reference_level,
+                                  low=new / f, high=new,
+                                  basis=f"1/{f:g} of the max_norm {tau:g} under which the run went non-finite "
+                                        f"(the rule alone gave {rule})")
+        why = (f"the run went non-finite at step {at} while clipped at max_norm {tau:g}, so a threshold at or "
+               f"above {tau:g} is no fix: the recommendation is capped at {new:.4g} (1/{f:g} of it)")
+    else:
+        rec = dataclasses.replace(rec, high=rec.clip_norm)
+        why = (f"the run went non-finite at step {at} while clipped at max_norm {tau:g}: the range stops at the "
+               f"recommendation, below {tau:g}")
+    return rec, why
+
+
+def _update_growth(v, rec: Recommendation, cfg: AnalysisConfig) -> str | None:
+    """A looser threshold on a run that clipped most steps is an effective learning-rate increase: say so."""
+    if v.regime != "always-clips" or v.mean_multiplier is None or not rec.clip_norm_rounded > v.clip_norm:
+        return None
+    growth = rec.mean_multiplier / v.mean_multiplier
+    if not growth > 1.0:
+        return None
+    return (
+        f"raising max_norm from {v.clip_norm:g} to {rec.clip_norm_rounded:g} makes the average update {growth:.3g}x "
+        f"larger (mean update multiplier {v.mean_multiplier:.3f} -> {rec.mean_multiplier:.3f}): an effective "
+        f"learning-rate increase of {growth:.3g}x. Check that the loss still falls with the larger updates (a short "
+        f"`gradscope run --clip-norm {rec.clip_norm_rounded:g}`), or divide the learning rate by {growth:.3g} to "
+        f"keep the update size"
+    )
+
+
+def _no_finite_norm(s: Series, nf, th, cfg: AnalysisConfig, cls, rank, label: str) -> OptimizerAnalysis | None:
+    """Every norm is non-finite, yet the loss stays finite and falls: the updates were finite, so the logged
+    norm is not the one they used. An answer without a recommendation (None when the loss does not show it)."""
+    loss = s.loss[np.isfinite(s.loss)]
+    if len(loss) < 3:
+        return None
+    third = max(1, len(loss) // 3)
+    first, last = float(np.median(loss[:third])), float(np.median(loss[-third:]))
+    if not last < first:
+        return None
+    g = s.grad_norm
+    kinds = " and ".join(k for k, m in (("inf", np.isinf(g)), ("NaN", np.isnan(g))) if m.any())
+    meaning = (
+        f"All {len(s)} gradient norms of {label} are non-finite ({kinds}) while the loss stays finite and falls "
+        f"from {first:.4g} to {last:.4g}: the updates were finite, so the logged norm is not the one they used "
+        "(a norm computed in fp16 that overflowed, or before the loss scaler unscaled the gradients). Nothing here "
+        "measures the gradients' size, so no threshold can be judged or recommended: log the norm after unscaling, "
+        "or record the run with `gradscope run`."
+    )
+    sc = cfg.spikes
+    return OptimizerAnalysis(
+        optimizer=s.optimizer, optimizer_class=cls, rank=rank, steps=len(s), finite_steps=0,
+        skipped_steps=int(s.skipped.sum()), skipped_fraction=float(s.skipped.sum()) / len(s),
+        warmup_steps=0, steady_steps=0, steady_from_step=None, analysis_until_step=None,
+        percentiles=percentiles(np.array([]), cfg.percentiles), threshold=th,
+        verdict=Verdict(None, th.clip_norm, None, None, None, None, None, meaning),
+        recommendation=None, drift=None, spikes=Spikes(0, [], sc.z_threshold, sc.min_ratio, False),
+        nonfinite=nf, preset=None, notes=threshold_notes(s, th),
+        whole_run=WholeRun(steps=len(s), finite_steps=0, min=None, p50=None, max=None, max_step=None),
     )

@@ -116,7 +116,7 @@ def compare_rows(label: str, run, analysis=None, error: str | None = None) -> li
             final_steps=where,
             non_finite=non_finite_steps(s.grad_norm, s.loss, s.skipped, records_nan),
             skipped=int(s.skipped.sum()),
-            situation=o.recommendation.situation if o is not None else None,
+            situation=o.recommendation.situation if o is not None and o.recommendation is not None else None,
             regime=v.regime if v is not None else None,
             error=error,
             curves=Curves(s.step, s.grad_norm, s.loss, s.skipped),

@@ -78,7 +78,8 @@ class SituationConfig:
 class AnalysisConfig:
     """Every knob of the analysis; configs/analysis.yaml holds the shipped defaults."""
 
-    min_steps: int = 10
+    min_steps: int = 3
+    few_steps: int = 30
     percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     regime: RegimeConfig = field(default_factory=RegimeConfig)
@@ -104,6 +105,7 @@ class Preset:
 # (lowest, highest) allowed value of numeric settings, by dotted name; both inclusive.
 _BOUNDS: dict[str, tuple[float, float]] = {
     "min_steps": (2, math.inf),
+    "few_steps": (0, math.inf),
     "percentiles": (0, 100),
     "warmup.fraction": (0, 0.9),
     "warmup.min_steps": (0, math.inf),

@@ -34,6 +34,7 @@ def classify_steps(s: Series) -> tuple[np.ndarray, np.ndarray, NonFinite]:
     first = int(idx_bad[0])
     kind = OVERFLOW_SKIPPED if skipped_bad[0] else (DIVERGENCE if tail[0] else RECOVERED)
     div = int(s.step[idx_bad[tail][0]]) if tail.any() else None
+    unskipped = idx_bad[~skipped_bad]
     nf = NonFinite(
         count=len(idx_bad),
         first_step=int(s.step[first]),
@@ -42,34 +43,49 @@ def classify_steps(s: Series) -> tuple[np.ndarray, np.ndarray, NonFinite]:
         recovered=int(recovered.sum()),
         divergence_step=div,
         steps=[int(v) for v in s.step[idx_bad[:20]]],
+        first_unskipped_step=int(s.step[unskipped[0]]) if len(unskipped) else None,
     )
     return bad, valid, nf
 
 
-def warmup_length(n_valid: int, lr: np.ndarray, cfg: AnalysisConfig) -> tuple[int, bool]:
-    """Finite steps treated as warm-up, and whether the learning-rate peak set it.
+def warmup_length(lr: np.ndarray, step: np.ndarray, cfg: AnalysisConfig) -> tuple[int, str | None]:
+    """Finite steps treated as warm-up, and one sentence on how that was decided (or None).
 
-    A fraction of the steps, clamped to [min_steps, max_steps]; with follow_lr, extended to
-    the first step where the learning rate reaches its maximum (the end of an LR warm-up:
-    norms are not steady while the LR still rises); never more than max_fraction.
+    lr, step: of the finite steps, in order. With follow_lr and a learning rate known on
+    every step, the warm-up is the learning rate's own: the steps before it first reaches
+    its maximum (none when it never rises above its first value: a constant LR or a decay
+    from the first step). Without a known LR, a fraction of the steps, clamped to
+    [min_steps, max_steps]. Never more than max_fraction of the steps.
     """
     w = cfg.warmup
-    k = int(round(w.fraction * n_valid))
-    k = min(max(k, w.min_steps), w.max_steps)
-    by_lr = False
-    if w.follow_lr and len(lr):
-        fin = np.isfinite(lr)
-        if fin.any():
-            top = np.max(lr[fin])
-            peak = int(np.argmax(fin & (lr >= top - 1e-9 * abs(top))))
-            if peak > k:
-                k, by_lr = peak, True
-    k = min(k, int(w.max_fraction * n_valid))
-    return max(k, 0), by_lr
+    n = len(step)
+    cap = int(w.max_fraction * n)
+    fin = np.isfinite(lr)
+    if w.follow_lr and n and fin.all():
+        top = float(np.max(lr))
+        tol = 1e-9 * abs(top)
+        if top <= lr[0] + tol:
+            return 0, ("no warm-up left out: the learning rate never rises above its first value "
+                       "(constant, or decaying from the start)") if n > 1 else None
+        peak = int(np.argmax(lr >= top - tol))
+        shown = peak < n - 1 and bool(np.all(lr[peak + 1:] <= top + tol))  # a later step shows it stopped rising
+        if peak <= cap and shown:
+            return peak, f"warm-up: the {peak} steps before the learning rate peaks at step {int(step[peak])}"
+        if shown:
+            return cap, (f"warm-up capped at {cap} steps ({w.max_fraction:.0%} of the finite steps, to step "
+                         f"{int(step[cap])}); the learning rate peaks later, at step {int(step[peak])}")
+        return min(peak, cap), (
+            f"the learning rate still rises at the last step ({int(step[-1])}): its warm-up does not end within "
+            f"the data, and the first {min(peak, cap)} steps (to step {int(step[min(peak, cap)])}) are left out")
+    k = int(round(w.fraction * n))
+    k = min(max(k, w.min_steps), w.max_steps, cap)
+    return max(k, 0), None
 
 
 def resolve_threshold(s: Series, clip_norm: float | None, meta: dict) -> Threshold:
-    """--clip-norm, else the max_norm the script passed most often, else the log's metadata."""
+    """--clip-norm, else the run's own threshold: `gradscope run --clip-norm` (override), the
+    max_norm the script passed most often, the log's args file, or the trainer's default (see
+    THRESHOLD_SOURCES)."""
     cm = s.clip_max_norm
     fin = cm[np.isfinite(cm)]
     values: list[float] = []
@@ -83,15 +99,41 @@ def resolve_threshold(s: Series, clip_norm: float | None, meta: dict) -> Thresho
         clip_norm=None, source=None, script_values=values, changed=len(values) > 1,
         clip_call_fraction=float(len(fin) / len(cm)) if len(cm) else 0.0, clip_value=clip_value,
     )
+    override = _positive(meta.get("clip_norm_override"))
     if clip_norm is not None:
         th.clip_norm, th.source = float(clip_norm), "option"
+    elif override is not None:
+        # The recorder clipped every step at this value (the script's own max_norm was replaced).
+        th.clip_norm, th.source = override, "override"
+        th.script_values, th.changed = [v for v in values if v != override], False
+    elif _positive(meta.get("clip_norm")) is not None and values in ([], [_positive(meta["clip_norm"])]):
+        # an importer's threshold from the log's args file (it also fills clip_max_norm with it)
+        th.clip_norm, th.source = _positive(meta["clip_norm"]), "log"
     elif values:
         th.clip_norm, th.source = values[0], "script"
-    else:
-        m = meta.get("clip_norm")
-        if isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m > 0:
-            th.clip_norm, th.source = float(m), "log"
+    elif _positive(meta.get("clip_norm_default")) is not None:
+        th.clip_norm, th.source = _positive(meta["clip_norm_default"]), "default"
+        th.assumed_because = str(meta.get("clip_norm_default_reason") or "the trainer's default")
     return th
+
+
+def in_force(s: Series, th: Threshold, meta: dict, at_step: int) -> float | None:
+    """The clip norm that was applied at step `at_step` of the run (not a --clip-norm to judge)."""
+    override = _positive(meta.get("clip_norm_override"))
+    if override is not None:
+        return override
+    i = np.flatnonzero(s.step == at_step)
+    if len(i) and _positive(s.clip_max_norm[i[0]]) is not None:
+        return float(s.clip_max_norm[i[0]])
+    if th.script_values:
+        return None  # the script clipped, but not on that step
+    return _positive(meta.get("clip_norm")) or _positive(meta.get("clip_norm_default"))
+
+
+def _positive(v) -> float | None:
+    if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+        return float(v)
+    return None
 
 
 def threshold_notes(s: Series, th: Threshold) -> list[str]:
@@ -102,6 +144,9 @@ def threshold_notes(s: Series, th: Threshold) -> list[str]:
         notes.append(f"max_norm changed during the run: {parts}; judging the most used")
     if th.source == "option" and th.script_values and th.script_values[0] != th.clip_norm:
         notes.append(f"judging --clip-norm {th.clip_norm:g} instead of the script's max_norm {th.script_values[0]:g}")
+    if th.source == "default":
+        notes.append(f"max_norm {th.clip_norm:g} assumed: {th.assumed_because}; judge another threshold with "
+                     "`--clip-norm X`")
     if th.script_values and th.clip_call_fraction < 0.99:
         notes.append(f"clip_grad_norm_ was called on {th.clip_call_fraction:.0%} of the steps only")
     if np.isinf(s.clip_max_norm).any():

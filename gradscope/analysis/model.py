@@ -10,24 +10,34 @@ OVERFLOW_SKIPPED = "overflow-skipped"  # a GradScaler skipped the update: harmle
 RECOVERED = "recovered"                # not flagged as skipped, but finite steps follow
 DIVERGENCE = "divergence"              # non-finite from here to the end of the run
 
+# Where a judged clip norm comes from (JSON clip_norm_source; null: no threshold known).
+THRESHOLD_SOURCES = (
+    "option",    # recommend --clip-norm: the user asked to judge this value
+    "override",  # the run was recorded with `gradscope run --clip-norm`, which clipped every step
+    "script",    # the max_norm the script passed to clip_grad_norm_
+    "log",       # a foreign log's args file (max_grad_norm, gradient_clip_val, ...)
+    "default",   # not written anywhere: the trainer's default, assumed (a log that shows it clipped)
+)
+
 
 @dataclass
 class Threshold:
     """The clip norm being judged and where it came from."""
 
     clip_norm: float | None
-    source: str | None                 # "option" (--clip-norm), "script" (max_norm passed), "log" (run.meta), None
+    source: str | None                 # one of THRESHOLD_SOURCES, or None (no threshold known)
     script_values: list[float] = field(default_factory=list)  # distinct finite clip_max_norm, most used first
     changed: bool = False              # the script's max_norm changed during the run
     clip_call_fraction: float = 0.0    # share of steps with a clip_grad_norm_ call recorded
     clip_value: float | None = None    # clip_grad_value_ threshold, if the script used one
+    assumed_because: str | None = None  # source "default": why the trainer's default is assumed
 
 
 @dataclass
 class Verdict:
     """What the judged clip norm does on the steady-state steps."""
 
-    regime: str                        # one of REGIMES
+    regime: str | None                 # one of REGIMES; None: no finite norm to judge
     clip_norm: float | None
     clip_fraction: float | None        # share of steady-state finite steps with grad_norm > clip_norm
     clipped_steps: int | None
@@ -55,6 +65,18 @@ class Recommendation:
     high: float | None = None
     basis: str | None = None           # a normalising recommendation: what it was computed from
     onset_step: int | None = None      # blew-up: where the norm left its early level
+
+
+@dataclass
+class WholeRun:
+    """Figures of every finite, usable step, warm-up included (steady-state ones leave warm-up out)."""
+
+    steps: int                         # rows of this optimizer
+    finite_steps: int                  # finite, positive, not skipped
+    min: float | None                  # None when no step is finite
+    p50: float | None
+    max: float | None
+    max_step: int | None               # step number of the largest norm
 
 
 @dataclass
@@ -103,6 +125,7 @@ class NonFinite:
     recovered: int
     divergence_step: int | None        # first step of a divergence (non-finite to the end)
     steps: list[int] = field(default_factory=list)  # the first few, for display
+    first_unskipped_step: int | None = None  # first non-finite step no loss scaler skipped (its update went on)
 
 
 @dataclass
@@ -131,17 +154,19 @@ class OptimizerAnalysis:
     skipped_fraction: float
     warmup_steps: int                  # finite steps left out at the start
     steady_steps: int                  # finite steps judged
-    steady_from_step: int              # step number where the steady state starts
+    steady_from_step: int | None       # step number where the steady state starts (None: no finite step)
     analysis_until_step: int | None    # set when a divergence cut the run short
     percentiles: dict[str, float]      # of the steady-state norms: p50, p90, p99, max
     threshold: Threshold
     verdict: Verdict
-    recommendation: Recommendation
+    recommendation: Recommendation | None  # None: no finite norm to base one on (see verdict.meaning)
     drift: Drift | None
     spikes: Spikes
     nonfinite: NonFinite
     preset: PresetCheck | None
     notes: list[str] = field(default_factory=list)
+    whole_run: WholeRun | None = None
+    caveats: list[str] = field(default_factory=list)  # what to weigh before applying the recommendation
 
     @property
     def regime(self) -> str:
@@ -161,6 +186,7 @@ class RunAnalysis:
     sampled: bool
     optimizers: list[OptimizerAnalysis]
     notes: list[str] = field(default_factory=list)
+    status: str | None = None          # meta.json's status ("running": still being recorded), or the log's
 
     @property
     def main(self) -> OptimizerAnalysis:

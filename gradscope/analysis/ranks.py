@@ -64,9 +64,12 @@ def missing_ranks(run: Any) -> list[int]:
 
     A launcher that does not pass the environment to its processes (ssh, pdsh,
     docker, a second node started outside ``gradscope run``) leaves ranks
-    unrecorded; this says which.
+    unrecorded; this says which. A run with no process files at all (another trainer's log, a
+    table written by hand) says nothing about its ranks: none are reported missing.
     """
-    processes = (getattr(run, "meta", None) or {}).get("processes", [])
+    processes = (getattr(run, "meta", None) or {}).get("processes") or []
+    if not processes:
+        return []
     world = max((int(p.get("world_size") or 1) for p in processes), default=1)
     seen = {int(p.get("rank", -1)) for p in processes}
     return [r for r in range(world) if r not in seen]

@@ -45,10 +45,16 @@ class Situation:
 
 
 def assess(g: np.ndarray, step: np.ndarray, loss: np.ndarray, divergence_step: int | None, spikes: int,
-           cfg: SituationConfig, momentum: float | None = None) -> Situation:
+           cfg: SituationConfig, momentum: float | None = None, first_bad_step: int | None = None,
+           clipped_at: float | None = None, normalises_at: float = 0.5) -> Situation:
     """g, step, loss: the finite, usable steps in order (loss may hold NaN where unknown);
     divergence_step: first step of a non-finite end of run (None: no such end); momentum:
-    the optimizer's heavy-ball momentum, when known."""
+    the optimizer's heavy-ball momentum, when known; first_bad_step: the first non-finite step
+    no loss scaler skipped (it may precede the non-finite end: the update went on);
+    clipped_at: the clip norm the run applied (None: unclipped); normalises_at: a loss rise is
+    read as instability only when the normalising threshold would clip at least this share of
+    the steps (when the norms fell below the first one, that threshold would clip none, and
+    normalising at it is not what the run shows)."""
     damp = 1.0 - momentum if momentum is not None and 0.0 <= momentum < 1.0 else 1.0
     n = len(g)
     first = float(g[0])
@@ -64,8 +70,12 @@ def assess(g: np.ndarray, step: np.ndarray, loss: np.ndarray, divergence_step: i
     if divergence_step is not None or runaway:
         above = np.flatnonzero(g > cfg.onset_ratio * early)
         onset_step = int(step[above[0]]) if len(above) else None
-        where = (f"went non-finite at step {divergence_step}" if divergence_step is not None
-                 else f"ran away to {float(np.median(tail)):.3g} (the early level was {early:.3g})")
+        if divergence_step is not None:
+            first = first_bad_step if first_bad_step is not None and first_bad_step < divergence_step else None
+            where = (f"went non-finite at step {first} and stayed non-finite from step {divergence_step}"
+                     if first is not None else f"went non-finite at step {divergence_step}")
+        else:
+            where = f"ran away to {float(np.median(tail)):.3g} (the early level was {early:.3g})"
         evidence = f"the run {where}" + (f"; the norm left its early level of {early:.3g} at step {onset_step}"
                                          if onset_step is not None else "")
         return Situation("blew-up", evidence, tau, low, high, basis, onset_step, divergence_step)
@@ -75,9 +85,19 @@ def assess(g: np.ndarray, step: np.ndarray, loss: np.ndarray, divergence_step: i
         worst = int(np.argmax(lf))
         if lf[worst] >= cfg.loss_rise * lf[0]:
             at = int(step[np.flatnonzero(np.isfinite(loss))[worst]])
-            evidence = (f"the loss climbed to {lf[worst]:.4g} at step {at}, {lf[worst] / lf[0]:.3g}x its first value "
-                        f"{lf[0]:.4g}: unclipped updates made training worse")
-            return Situation("unstable-needs-normalisation", evidence, tau, low, high, basis)
+            climbed = (f"the loss climbed to {lf[worst]:.4g} at step {at}, {lf[worst] / lf[0]:.3g}x its first value "
+                       f"{lf[0]:.4g}")
+            share = float(np.mean(g > tau))
+            if share >= normalises_at:
+                how = ("unclipped updates" if clipped_at is None
+                       else f"updates of the size it applied (clipped at max_norm {clipped_at:g})")
+                return Situation("unstable-needs-normalisation", f"{climbed}: {how} made training worse",
+                                 tau, low, high, basis)
+            calm = (f"{climbed}, but the normalising threshold {tau:.3g} ({basis}) would clip only {share:.0%} of "
+                    "the steps: the norms did not grow past their start, so that is not read as instability")
+            return Situation("spiky" if spikes else "stable", calm if not spikes else
+                             f"{spikes} spike{'s' if spikes != 1 else ''} above the recent level; {calm}", None)
     if spikes:
-        return Situation("spiky", f"{spikes} spike{'s' if spikes != 1 else ''} above an otherwise steady level", None)
-    return Situation("stable", "the norms stay near their level and the loss never climbed far above its start", None)
+        return Situation("spiky", f"{spikes} spike{'s' if spikes != 1 else ''} above the recent level", None)
+    return Situation("stable", "no step stood far above the recent level and the loss never climbed far above "
+                               "its start", None)

@@ -15,10 +15,13 @@ def find_spikes(
 
     A spike has robust z = (x - level) / max(1.4826 * MAD, mad_floor) >= z_threshold and a
     norm at least min_ratio times the level: the z-score alone would flag 10 % wiggles of a
-    very steady run, the ratio alone ordinary steps of a very noisy one. Returns the Spikes
+    very steady run, the ratio alone ordinary steps of a very noisy one. The first steps,
+    before a trailing level exists, are held against the level of the steps that follow them
+    (lead_in), so that a spike at the very start of a run is found too. Returns the Spikes
     and the positions (into x) of every spike.
     """
     sc = cfg.spikes
+    level, mad = lead_in(x, level, mad, cfg.level.window, cfg.level.min_periods)
     # NaN level (too early) gives NaN z, and NaN compares False: no mask needed.
     resid = x - level
     z = resid / np.maximum(MAD_TO_SIGMA * mad, sc.mad_floor)
@@ -33,6 +36,23 @@ def find_spikes(
         for i in pos[: sc.max_listed]
     ]
     return Spikes(len(pos), listed, sc.z_threshold, sc.min_ratio, False), pos
+
+
+def lead_in(x: np.ndarray, level: np.ndarray, mad: np.ndarray, window: int, min_periods: int):
+    """level and MAD with the leading positions that have none filled from the median and MAD of
+    the `window` values right after them (at least min_periods of them; else left NaN)."""
+    have = np.isfinite(level)
+    if have.all() or not have.any():
+        return level, mad
+    h = int(np.argmax(have))
+    after = x[h:h + window]
+    if len(after) < min_periods:
+        return level, mad
+    m = float(np.median(after))
+    level, mad = level.copy(), mad.copy()
+    level[:h] = m
+    mad[:h] = float(np.median(np.abs(after - m)))
+    return level, mad
 
 
 def attach_layers(spikes: Spikes, layers, rank: int | None, optimizer: int, top: int) -> None:

@@ -53,6 +53,20 @@ HF_ARGS_FILES = (
 )
 
 
+# Hugging Face TrainingArguments.max_grad_norm defaults to 1.0, and the Trainer logs grad_norm
+# only when it clips (max_grad_norm > 0); ms-swift and LLaMA-Factory train with that Trainer and
+# keep the default. A log of theirs with grad_norm and no args file was clipped, almost surely at 1.0.
+TRAINER_DEFAULT_CLIP_NORM = 1.0
+
+
+def trainer_default(trainer: str, looked_for: str) -> tuple[float, str]:
+    """(value, why) for build_run(default_clip_norm=...) of a log written through the HF Trainer."""
+    return TRAINER_DEFAULT_CLIP_NORM, (
+        f"{trainer}'s default max_grad_norm; the log has grad_norm, which the Hugging Face Trainer logs only "
+        f"when it clips, and no {looked_for} beside it names the threshold"
+    )
+
+
 def fail(message: str) -> GradscopeError:
     return GradscopeError(message, exit_code=2)
 
@@ -428,8 +442,12 @@ def build_run(
     layers=None,
     extra_meta: dict | None = None,
     dedupe: bool = True,
+    default_clip_norm: tuple[float, str] | None = None,
 ):
-    """Rows of {'step', 'grad_norm', 'loss', 'lr'} -> a Run with the contract's columns and meta."""
+    """Rows of {'step', 'grad_norm', 'loss', 'lr'} -> a Run with the contract's columns and meta.
+
+    default_clip_norm: (value, why) when no file names the threshold but the trainer is known
+    to have clipped at its default (meta clip_norm_default: judged with source "default")."""
     import pandas as pd
 
     from gradscope.rundir import Run, normalize_steps
@@ -476,6 +494,8 @@ def build_run(
         "exit_code": None,
         "format": fmt,
         "clip_norm": clip_norm,
+        "clip_norm_default": default_clip_norm[0] if default_clip_norm and clip_norm is None else None,
+        "clip_norm_default_reason": default_clip_norm[1] if default_clip_norm and clip_norm is None else None,
         "sampled": bool(k is not None and k > 1),
         "logging_steps": k,
         "notes": notes,

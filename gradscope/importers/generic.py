@@ -23,6 +23,7 @@ from gradscope.importers._common import (
     sampled_note,
     spacing,
     to_float,
+    trainer_default,
 )
 
 NUMBERED_NOTE = (
@@ -32,14 +33,15 @@ NUMBERED_NOTE = (
 MICRO_NOTE = "'Step' printed in a console log may count micro-batches (gradient accumulation), not optimizer steps"
 
 
-def _clip(path: Path, notes: list[str]) -> float | None:
+def _clip(path: Path, notes: list[str]) -> tuple[float | None, bool]:
+    """The clip threshold of an args file beside the log, and whether a file named one."""
     found = find_args([path.parent, path.parent.parent], HF_ARGS_FILES)
     if found is None:
-        return None
+        return None, False
     obj, f = found
     v = lookup(obj, CLIP_KEYS)
     notes.append(f"clip threshold {v} read from '{f}'")
-    return clip_from_value(v)
+    return clip_from_value(v), True
 
 
 def load_csv(path: Path, column: str | None = None):
@@ -121,24 +123,43 @@ def load_jsonl(path: Path, column: str | None = None, parsed=None):
                      "lr": r.get(rcol) if rcol else None})
     if not rows:
         raise fail(f"no entries with '{gcol}' in '{path}'")
+    counter = scol is None and have_prefix
     if scol is None:
-        notes.append(MICRO_NOTE if have_prefix else NUMBERED_NOTE)
+        k = spacing(sorted({r["step"] for r in rows}))
+        notes.append(_counter_note(k) if counter else NUMBERED_NOTE)
     if other:
         notes.append(f"{other} lines without a log entry were ignored")
-    if "learning_rate" in keys and "epoch" in keys and "grad_norm" in keys and gcol == "grad_norm":
+    hf_console = "learning_rate" in keys and "epoch" in keys and "grad_norm" in keys and gcol == "grad_norm"
+    if hf_console:
         notes.append(
             "these look like Hugging Face console logs: NaN/inf losses are dropped by logging_nan_inf_filter, "
             "and grad_norm is the norm of the last step before each entry"
         )
-    return _finish(path, "jsonl", rows, gcol, notes)
+    default = trainer_default("Hugging Face TrainingArguments", "args file") if hf_console else None
+    return _finish(path, "jsonl", rows, gcol, notes, counter=counter, default=default)
 
 
-def _finish(path: Path, fmt: str, rows: list[dict], gcol: str, notes: list[str]):
+def _counter_note(k: int | None) -> str:
+    """What a 'Step N' printed before each entry tells, and what it does not."""
+    if k is None or k <= 1:
+        return MICRO_NOTE
+    return (
+        f"the 'Step' counter printed before each entry rises by {k} per entry: that is one entry every {k} "
+        f"optimizer steps, or one entry per optimizer step with the counter counting micro-batches (gradient "
+        f"accumulation {k}); the log cannot tell which, so step numbers here are that counter's and the log "
+        "is not treated as sampled"
+    )
+
+
+def _finish(path: Path, fmt: str, rows: list[dict], gcol: str, notes: list[str], counter: bool = False,
+            default: tuple[float, str] | None = None):
     notes.insert(0, f"grad norm read from column '{gcol}'")
-    clip_norm = _clip(path, notes)
+    clip_norm, named = _clip(path, notes)
     k = spacing(sorted({r["step"] for r in rows}))
     s = sampled_note(k)
-    if s:
+    if s and not counter:
         notes.append(s)
-    return build_run(path, fmt, rows, notes=notes, clip_norm=clip_norm)
+    extra = {"sampled": False, "step_counter": "printed"} if counter else None
+    return build_run(path, fmt, rows, notes=notes, clip_norm=clip_norm, extra_meta=extra,
+                     default_clip_norm=None if named else default)
 

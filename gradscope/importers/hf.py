@@ -29,6 +29,7 @@ from gradscope.importers._common import (
     sampled_note,
     spacing,
     to_float,
+    trainer_default,
 )
 
 NAN_FILTER_NOTE = (
@@ -163,4 +164,7 @@ def load(path: Path, column: str | None = None):
     extra = {"global_step": gstep, "max_steps": max_steps, "eval_rows_skipped": skipped}
     if m:
         extra["checkpoint"] = path.parent.name
-    return build_run(path, "hf", rows, notes=notes, clip_norm=clip_norm, status=status, extra_meta=extra)
+    default = None if "max_grad_norm" in args else trainer_default(
+        "Hugging Face TrainingArguments", "args file (training_args.json, args.json, ...) or training_args.bin")
+    return build_run(path, "hf", rows, notes=notes, clip_norm=clip_norm, status=status, extra_meta=extra,
+                     default_clip_norm=default)

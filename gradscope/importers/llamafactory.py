@@ -23,6 +23,7 @@ from gradscope.importers._common import (
     read_records,
     sampled_note,
     spacing,
+    trainer_default,
 )
 
 LF_ARGS_FILES = (
@@ -81,17 +82,18 @@ def load(path: Path, column: str | None = None, records: list[dict] | None = Non
         )
 
     clip_norm = None
+    named = False
     dirs = [path.parent, path.parent.parent]
     found = find_args(dirs, LF_ARGS_FILES, keys=("max_grad_norm",))
     if found is not None:
         obj, f = found
         v = lookup(obj, ("max_grad_norm",))
-        clip_norm = clip_from_value(v)
+        clip_norm, named = clip_from_value(v), True
         notes.append(f"clip threshold max_grad_norm={v} read from '{f}'")
     elif (path.parent / "training_args.bin").is_file():
         v = pickle_scalars(path.parent / "training_args.bin", ("max_grad_norm",)).get("max_grad_norm")
         if v is not None:
-            clip_norm = clip_from_value(v)
+            clip_norm, named = clip_from_value(v), True
             notes.append(f"clip threshold max_grad_norm={v} read from training_args.bin (opcodes only, nothing unpickled)")
     notes.append(
         "Hugging Face drops NaN/inf losses from its logs (logging_nan_inf_filter=True): "
@@ -110,4 +112,6 @@ def load(path: Path, column: str | None = None, records: list[dict] | None = Non
     return build_run(
         path, "llamafactory", rows, notes=notes, clip_norm=clip_norm, status=status,
         extra_meta={"global_step": last, "max_steps": total},
+        default_clip_norm=None if named else trainer_default("LLaMA-Factory (Hugging Face TrainingArguments)",
+                                                             "training_args.yaml or training_args.bin"),
     )

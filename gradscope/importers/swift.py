@@ -23,6 +23,7 @@ from gradscope.importers._common import (
     read_records,
     sampled_note,
     spacing,
+    trainer_default,
 )
 from gradscope.importers.hf import history_rows, is_train_row
 
@@ -106,4 +107,5 @@ def load(path: Path, column: str | None = None, records: list[dict] | None = Non
     return build_run(
         path, "swift", rows, notes=notes, clip_norm=clip_norm, status=status,
         extra_meta={"global_step": last_step, "max_steps": max_steps},
+        default_clip_norm=None if found is not None else trainer_default("ms-swift", "args.json"),
     )

@@ -10,6 +10,8 @@ plus these run-level keys:
     format          "gradscope" or the importer's format name (hf, swift, csv, ...)
     rank            the rank analysed (null for an empty table); ranks: every rank present
     sampled         true when the log holds only every k-th step
+    status          the run's status: meta.json's ("running" while it is still being recorded,
+                    "completed", "failed", "interrupted", "killed") or the log's ("completed", "unknown")
     optimizers      list of per-optimizer objects (one per optimizer, by id)
     notes           run-level notes followed by the main optimizer's notes (strings)
 
@@ -27,16 +29,23 @@ Per optimizer:
     steady_steps        finite steps judged; steady_from_step: the first one's step number
     analysis_until_step step where a divergence began (statistics stop there), or null
     percentiles         {"p50", "p90", "p99", "max"} of steady-state grad norms
-    clip_norm           threshold judged, or null; clip_norm_source: "option"|"script"|"log"|null
+    whole_run           {steps, finite_steps, min, p50, max, max_step}: the same run with warm-up
+                        included (min/p50/max/max_step null when no norm is finite)
+    clip_norm           threshold judged, or null; clip_norm_source: "option" (recommend --clip-norm)
+                        | "override" (recorded with `gradscope run --clip-norm`) | "script" (the max_norm
+                        passed to clip_grad_norm_) | "log" (an args file beside a log) | "default" (the
+                        trainer's default, assumed: a Hugging Face / ms-swift / LLaMA-Factory log with
+                        grad_norm and no args file) | null
     clip_norm_changed   the script's max_norm changed during the run; script_clip_norms: distinct
                         values passed to clip_grad_norm_, most used first; clip_value: a
                         clip_grad_value_ threshold or null
-    regime              "never-clips" | "always-clips" | "healthy" | "unclipped"
+    regime              "never-clips" | "always-clips" | "healthy" | "unclipped" | null (no finite norm)
     clip_fraction       share of steady-state steps with grad_norm > clip_norm (null: unclipped)
     clipped_steps, mean_multiplier (mean of min(1, clip_norm/grad_norm)),
     clip_norm_to_max    clip_norm / largest steady-state norm; clip_norm_to_p50: / median
     meaning             one sentence on what the regime means for the user
     recommended_clip_norm          exact float; recommended_clip_norm_rounded: 2-3 significant digits
+                        (both null, with every recommended_* key, when no norm is finite: see meaning)
     recommended_clip_fraction, recommended_clipped_steps, recommended_mean_multiplier: what the
                         rounded value would do on this run
     recommendation      {reference_level, headroom, based_on_steps, method}
@@ -53,7 +62,9 @@ Per optimizer:
     preset              null or {name, low, high (null: no upper bound), source, position
                         ("below"|"within"|"above"), clip_fraction_at_low, clip_fraction_at_high,
                         mean_multiplier_at_low, message}
-    snippets            {pytorch, huggingface, lightning, deepspeed, keras, paddle, ms-swift}
+    caveats             strings: what to weigh before applying the recommendation (few points,
+                        a cap below a threshold that failed, a larger average update)
+    snippets            {pytorch, huggingface, lightning, deepspeed, keras, paddle, ms-swift} or null
     notes               strings
 """
 from __future__ import annotations
@@ -117,6 +128,7 @@ def _clean(obj: Any) -> Any:
 def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
     v, r, th, nf, sp = o.verdict, o.recommendation, o.threshold, o.nonfinite, o.spikes
     rc = config.recommend if config is not None else None
+    w = o.whole_run
     d = {
         "optimizer": o.optimizer,
         "optimizer_class": o.optimizer_class,
@@ -138,6 +150,10 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
         "steady_from_step": o.steady_from_step,
         "analysis_until_step": o.analysis_until_step,
         "percentiles": o.percentiles,
+        "whole_run": None if w is None else {
+            "steps": w.steps, "finite_steps": w.finite_steps, "min": w.min, "p50": w.p50, "max": w.max,
+            "max_step": w.max_step,
+        },
         "clip_norm": v.clip_norm,
         "clip_norm_source": th.source,
         "clip_norm_changed": th.changed,
@@ -150,23 +166,7 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
         "clip_norm_to_max": v.clip_norm_to_max,
         "clip_norm_to_p50": v.clip_norm_to_p50,
         "meaning": v.meaning,
-        "recommended_clip_norm": r.clip_norm,
-        "recommended_clip_norm_rounded": r.clip_norm_rounded,
-        "recommended_clip_fraction": r.clip_fraction,
-        "recommended_clipped_steps": r.clipped_steps,
-        "recommended_mean_multiplier": r.mean_multiplier,
-        "recommendation": {
-            "reference_level": r.reference_level,
-            "headroom": r.headroom,
-            "based_on_steps": r.based_on_steps,
-            "method": r.basis if r.basis is not None else (
-                METHOD.format(lq=rc.level_quantile, rq=rc.residual_quantile, mh=rc.min_headroom)
-                if rc is not None else None),
-        },
-        "situation": r.situation,
-        "situation_evidence": r.evidence,
-        "recommended_range": [r.low, r.high] if r.low is not None else None,
-        "blowup_onset_step": r.onset_step,
+        **_recommendation_json(r, rc),
         "drift": None,
         "spikes": {
             "count": sp.count, "z_threshold": sp.z_threshold, "min_ratio": sp.min_ratio,
@@ -180,7 +180,8 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
             ],
         },
         "preset": None,
-        "snippets": snippets(r.clip_norm_rounded),
+        "caveats": list(o.caveats),
+        "snippets": snippets(r.clip_norm_rounded) if r is not None else None,
         "notes": list(o.notes),
     }
     if o.drift is not None:
@@ -202,6 +203,34 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
     return d
 
 
+def _recommendation_json(r, rc) -> dict:
+    """The recommended_* keys (all null when there is no recommendation)."""
+    if r is None:
+        return {k: None for k in (
+            "recommended_clip_norm", "recommended_clip_norm_rounded", "recommended_clip_fraction",
+            "recommended_clipped_steps", "recommended_mean_multiplier", "recommendation", "situation",
+            "situation_evidence", "recommended_range", "blowup_onset_step")}
+    return {
+        "recommended_clip_norm": r.clip_norm,
+        "recommended_clip_norm_rounded": r.clip_norm_rounded,
+        "recommended_clip_fraction": r.clip_fraction,
+        "recommended_clipped_steps": r.clipped_steps,
+        "recommended_mean_multiplier": r.mean_multiplier,
+        "recommendation": {
+            "reference_level": r.reference_level,
+            "headroom": r.headroom,
+            "based_on_steps": r.based_on_steps,
+            "method": r.basis if r.basis is not None else (
+                METHOD.format(lq=rc.level_quantile, rq=rc.residual_quantile, mh=rc.min_headroom)
+                if rc is not None else None),
+        },
+        "situation": r.situation,
+        "situation_evidence": r.evidence,
+        "recommended_range": [r.low, r.high] if r.low is not None else None,
+        "blowup_onset_step": r.onset_step,
+    }
+
+
 def to_json(result: RunAnalysis, config=None) -> dict:
     """The JSON object of the module docstring (already free of NaN)."""
     per = [optimizer_json(o, config) for o in result.optimizers]
@@ -213,6 +242,7 @@ def to_json(result: RunAnalysis, config=None) -> dict:
         "rank": result.rank,
         "ranks": result.ranks,
         "sampled": result.sampled,
+        "status": result.status,
     }
     top.update({k: v for k, v in main.items() if k not in ("notes",)})
     top["notes"] = list(result.notes) + list(main["notes"])
@@ -233,20 +263,27 @@ def _f(x: float | None, spec: str = ".4g") -> str:
     return format(x, spec)
 
 
-_REGIME_STYLE = {"never-clips": "yellow", "always-clips": "red", "healthy": "green", "unclipped": "magenta"}
-_SOURCE = {"option": "--clip-norm", "script": "the script's max_norm", "log": "the log's settings"}
+_REGIME_STYLE = {"never-clips": "yellow", "always-clips": "red", "healthy": "green", "unclipped": "magenta",
+                 None: "red"}
+_SOURCE = {
+    "option": "--clip-norm",
+    "override": "`gradscope run --clip-norm`",
+    "script": "the script's max_norm",
+    "log": "the log's settings",
+    "default": "the trainer's default, assumed",
+}
 _KIND = {
     "overflow-skipped": "a loss-scaler overflow the scaler skipped (harmless)",
-    "recovered": "non-finite, but training went on (something skipped the update)",
+    "recovered": "non-finite, and finite steps follow (no loss scaler skipped it)",
     "divergence": "a real divergence: non-finite to the end of the run",
 }
 
 
 def render(result: RunAnalysis, console=None, config=None) -> None:
-    """Print the report (rich) to console (default: stdout)."""
+    """Print the report (rich) to console (default: stdout): a header, run-level notes, and one
+    panel per optimizer made of the sections in SECTIONS, in order."""
     from rich.console import Console, Group
     from rich.panel import Panel
-    from rich.table import Table
     from rich.text import Text
 
     console = console or Console()
@@ -257,112 +294,187 @@ def render(result: RunAnalysis, console=None, config=None) -> None:
     console.print(f"[bold]gradscope recommend[/bold] {where}", highlight=False)
     for n in result.notes:
         console.print(Text(f"note: {n}", style="dim"))
-    main = result.main
     for o in result.optimizers:
         parts: list = []
-        head = Text()
-        head.append(f"{o.steps} steps", style="bold")
+        for section in SECTIONS:
+            parts.extend(section(o, o is result.main))
+        title = f"optimizer {o.optimizer}" + (f" ({o.optimizer_class})" if o.optimizer_class else "")
+        console.print(Panel(Group(*parts), title=title, title_align="left", border_style=_REGIME_STYLE[o.regime]))
+
+
+# Each section: (optimizer analysis, is it the main optimizer) -> renderables (possibly none).
+
+
+def _head(o: OptimizerAnalysis, main: bool) -> list:
+    from rich.text import Text
+
+    head = Text()
+    head.append(f"{o.steps} steps", style="bold")
+    if o.steady_from_step is not None:
         head.append(
             f"  warm-up {o.warmup_steps}, steady state {o.steady_steps} finite steps from step {o.steady_from_step}"
         )
-        if o.skipped_steps:
-            head.append(f", {o.skipped_steps} skipped by the loss scaler ({o.skipped_fraction:.1%})")
-        parts.append(head)
+    else:
+        head.append("  no finite gradient norm")
+    if o.skipped_steps:
+        head.append(f", {o.skipped_steps} skipped by the loss scaler ({o.skipped_fraction:.1%})")
+    return [head]
 
-        pt = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-        pt.add_column("grad norm")
-        for k in o.percentiles:
-            pt.add_column(k, justify="right")
-        pt.add_row("steady state", *(_f(v) for v in o.percentiles.values()))
-        if o.drift is not None:
-            pt.add_row(f"early (steps {o.drift.early_steps[0]}-{o.drift.early_steps[1]})",
-                       *(_f(o.drift.early.get(k)) for k in o.percentiles))
-            pt.add_row(f"late (steps {o.drift.late_steps[0]}-{o.drift.late_steps[1]})",
-                       *(_f(o.drift.late.get(k)) for k in o.percentiles))
-        parts.append(pt)
 
-        v = o.verdict
-        line = Text("verdict  ")
+def _percentile_table(o: OptimizerAnalysis, main: bool) -> list:
+    from rich.table import Table
+    from rich.text import Text
+
+    if o.steady_steps == 0:
+        return []
+    pt = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    pt.add_column("grad norm")
+    for k in o.percentiles:
+        pt.add_column(k, justify="right")
+    pt.add_row("steady state", *(_f(v) for v in o.percentiles.values()))
+    if o.drift is not None:
+        pt.add_row(f"early (steps {o.drift.early_steps[0]}-{o.drift.early_steps[1]})",
+                   *(_f(o.drift.early.get(k)) for k in o.percentiles))
+        pt.add_row(f"late (steps {o.drift.late_steps[0]}-{o.drift.late_steps[1]})",
+                   *(_f(o.drift.late.get(k)) for k in o.percentiles))
+    out: list = [pt]
+    w = o.whole_run
+    if w is not None and w.max is not None and w.max_step is not None and w.max_step < o.steady_from_step:
+        out.append(Text(
+            f"whole run  max {w.max:.4g} at step {w.max_step}, in the warm-up left out above "
+            f"(whole run: min {w.min:.4g}, p50 {w.p50:.4g}, {w.finite_steps} finite steps)", style="yellow"))
+    return out
+
+
+def _verdict(o: OptimizerAnalysis, main: bool) -> list:
+    from rich.text import Text
+
+    v = o.verdict
+    line = Text("verdict  ")
+    if v.regime is None:
+        line.append("nothing to judge", style="bold red")
+    else:
         line.append(v.regime, style=f"bold {_REGIME_STYLE[v.regime]}")
-        if v.clip_norm is not None:
-            line.append(
-                f"  max_norm {v.clip_norm:g} ({_SOURCE.get(o.threshold.source, '?')}): clips {v.clip_fraction:.1%} "
-                f"({v.clipped_steps} steps), mean update multiplier {v.mean_multiplier:.3f}, "
-                f"{v.clip_norm_to_max:.3g}x the largest norm"
-            )
-        parts.append(line)
-        parts.append(Text(v.meaning, style="italic"))
-
-        r = o.recommendation
-        rec = Text("recommend  ")
-        rec.append(f"max_norm = {r.clip_norm_rounded:g}", style="bold cyan")
-        rec.append(
-            f"  (exact {r.clip_norm:.6g}): would clip {r.clip_fraction:.1%} of steady-state steps "
-            f"({r.clipped_steps}), mean update multiplier {r.mean_multiplier:.3f}; "
-            f"{r.headroom:.3g}x the typical level {r.reference_level:.4g}"
+    if v.clip_norm is not None and v.clip_fraction is not None:
+        line.append(
+            f"  max_norm {v.clip_norm:g} ({_SOURCE.get(o.threshold.source, '?')}): clips {v.clip_fraction:.1%} "
+            f"({v.clipped_steps} steps), mean update multiplier {v.mean_multiplier:.3f}, "
+            f"{v.clip_norm_to_max:.3g}x the largest norm"
         )
-        parts.append(rec)
-        sit = Text("situation  ")
-        sit.append(r.situation, style="bold" if r.situation in ("stable", "spiky") else "bold yellow")
-        sit.append(f": {r.evidence}.")
-        if r.basis is not None and r.situation in ("stable", "spiky"):
-            sit.append(f" The threshold sits {r.basis}.")
-        elif r.basis is not None:
-            sit.append(f" Clipping has to normalise most steps here: {r.basis}.")
-        if r.low is not None:
+    return [line, Text(v.meaning, style="italic")]
+
+
+def _recommendation(o: OptimizerAnalysis, main: bool) -> list:
+    from rich.text import Text
+
+    r = o.recommendation
+    if r is None:
+        return [Text("recommend  none (no finite gradient norm to base it on)", style="bold")]
+    rec = Text("recommend  ")
+    rec.append(f"max_norm = {r.clip_norm_rounded:g}", style="bold cyan")
+    rec.append(
+        f"  (exact {r.clip_norm:.6g}): would clip {r.clip_fraction:.1%} of steady-state steps "
+        f"({r.clipped_steps}), mean update multiplier {r.mean_multiplier:.3f}; "
+        f"{r.headroom:.3g}x the reference level {r.reference_level:.4g}"
+        + (" (the median steady-state norm)" if r.situation not in ("stable", "spiky") else
+           " (the running median norm near the top of its steady-state range)" if r.basis is None
+           else " (the running median norm)")
+    )
+    sit = Text("situation  ")
+    sit.append(r.situation, style="bold" if r.situation in ("stable", "spiky") else "bold yellow")
+    sit.append(f": {r.evidence}.")
+    if r.basis is not None:
+        normalise = r.situation not in ("stable", "spiky") and r.clip_fraction >= 0.5
+        sit.append(f" Clipping has to normalise most steps here: {r.basis}." if normalise
+                   else f" The threshold sits {r.basis}." if r.basis.startswith("midway")
+                   else f" The threshold is {r.basis}.")
+    if r.low is not None:
+        if f"{r.low:.3g}" == f"{r.high:.3g}":
+            sit.append(f" The data give no range around {r.low:.3g}: the norms vary too little to tell "
+                       "thresholds apart; try it with `gradscope run --clip-norm`.")
+        else:
             sit.append(f" The data support {r.low:.3g} to {r.high:.3g}; try both ends with "
                        f"`gradscope run --clip-norm`.")
-        parts.append(sit)
-        if o.drift is not None:
-            dr = o.drift
-            d = Text(
-                f"drift  late/early median {dr.p50_ratio:.3g}x; the recommendation clips "
-                f"{dr.recommended_clip_fraction_early:.1%} early and {dr.recommended_clip_fraction_late:.1%} late"
-            )
-            parts.append(d)
-            if dr.warning:
-                parts.append(Text("warning: " + dr.warning, style="yellow"))
-        if o.preset is not None:
-            parts.append(Text(f"preset {o.preset.name}: {o.preset.message}",
-                              style="" if o.preset.position == "within" else "yellow"))
+    out = [rec, sit]
+    for c in o.caveats:
+        out.append(Text(f"caveat: {c}", style="yellow"))
+    return out
 
-        sp = o.spikes
-        if sp.count:
-            parts.append(Text(f"spikes  {sp.count} (z >= {sp.z_threshold:g} and >= {sp.min_ratio:g}x the recent level)"))
-            st = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-            for c in ("step", "grad norm", "x level", "z", "top layers (share of squared norm)"):
-                st.add_column(c, justify="left" if c.startswith("top") else "right")
-            for s in sp.listed[:10]:
-                layers = ", ".join(f"{n} {f:.0%}" for n, f in s.layers) or ("-" if not s.in_warmup else "(warm-up)")
-                st.add_row(str(s.step), _f(s.grad_norm), _f(s.ratio, ".3g"), _f(s.z, ".3g"), layers)
-            parts.append(st)
-            if sp.count > 10:
-                parts.append(Text(f"  ... and {sp.count - 10} more (--json lists up to {len(sp.listed)})", style="dim"))
-        else:
-            parts.append(Text("spikes  none"))
 
-        nf = o.nonfinite
-        if nf.count:
-            t = Text(f"non-finite  {nf.count} step{'s' if nf.count != 1 else ''}, first at step {nf.first_step}: {_KIND.get(nf.first_kind, '')}",
-                     style="red" if nf.first_kind == "divergence" else "yellow")
-            parts.append(t)
-            if nf.overflow_skipped and nf.overflow_skipped != nf.count:
-                parts.append(Text(f"            {nf.overflow_skipped} of them skipped by the loss scaler"))
-        else:
-            parts.append(Text("non-finite  none"))
-        for n in o.notes:
-            parts.append(Text(f"note: {n}", style="dim"))
+def _drift(o: OptimizerAnalysis, main: bool) -> list:
+    from rich.text import Text
 
-        if o is main:
-            sn = Table(box=None, pad_edge=False, show_edge=False, show_header=False)
-            sn.add_column(style="dim")
-            sn.add_column()
-            for k, code in snippets(r.clip_norm_rounded).items():
-                sn.add_row(SNIPPET_LABELS[k], code)
-            parts.append(Text("paste", style="bold"))
-            parts.append(sn)
-        title = f"optimizer {o.optimizer}" + (f" ({o.optimizer_class})" if o.optimizer_class else "")
-        console.print(Panel(Group(*parts), title=title, title_align="left", border_style=_REGIME_STYLE[v.regime]))
+    out: list = []
+    if o.drift is not None:
+        dr = o.drift
+        out.append(Text(
+            f"drift  late/early median {dr.p50_ratio:.3g}x; the recommendation clips "
+            f"{dr.recommended_clip_fraction_early:.1%} early and {dr.recommended_clip_fraction_late:.1%} late"
+        ))
+        if dr.warning:
+            out.append(Text("warning: " + dr.warning, style="yellow"))
+    if o.preset is not None:
+        out.append(Text(f"preset {o.preset.name}: {o.preset.message}",
+                        style="" if o.preset.position == "within" else "yellow"))
+    return out
+
+
+def _spikes(o: OptimizerAnalysis, main: bool) -> list:
+    from rich.table import Table
+    from rich.text import Text
+
+    sp = o.spikes
+    if not sp.count:
+        return [Text("spikes  none" if o.finite_steps else "spikes  - (no finite norm)")]
+    early = sum(s.in_warmup for s in sp.listed)
+    out: list = [Text(f"spikes  {sp.count} (z >= {sp.z_threshold:g} and >= {sp.min_ratio:g}x the recent level)"
+                      + (f", {early} of them in the warm-up" if early else ""))]
+    st = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for c in ("step", "grad norm", "x level", "z", "top layers (share of squared norm)"):
+        st.add_column(c, justify="left" if c.startswith("top") else "right")
+    for s in sp.listed[:10]:
+        layers = ", ".join(f"{n} {f:.0%}" for n, f in s.layers) or ("-" if not s.in_warmup else "(warm-up)")
+        st.add_row(str(s.step), _f(s.grad_norm), _f(s.ratio, ".3g"), _f(s.z, ".3g"), layers)
+    out.append(st)
+    if sp.count > 10:
+        out.append(Text(f"  ... and {sp.count - 10} more (--json lists up to {len(sp.listed)})", style="dim"))
+    return out
+
+
+def _nonfinite(o: OptimizerAnalysis, main: bool) -> list:
+    from rich.text import Text
+
+    nf = o.nonfinite
+    if not nf.count:
+        return [Text("non-finite  none")]
+    out = [Text(f"non-finite  {nf.count} step{'s' if nf.count != 1 else ''}, first at step {nf.first_step}: "
+                f"{_KIND.get(nf.first_kind, '')}", style="red" if nf.first_kind == "divergence" else "yellow")]
+    if nf.overflow_skipped and nf.overflow_skipped != nf.count:
+        out.append(Text(f"            {nf.overflow_skipped} of them skipped by the loss scaler"))
+    return out
+
+
+def _notes(o: OptimizerAnalysis, main: bool) -> list:
+    from rich.text import Text
+
+    return [Text(f"note: {n}", style="dim") for n in o.notes]
+
+
+def _paste(o: OptimizerAnalysis, main: bool) -> list:
+    from rich.table import Table
+    from rich.text import Text
+
+    if not main or o.recommendation is None:
+        return []
+    sn = Table(box=None, pad_edge=False, show_edge=False, show_header=False)
+    sn.add_column(style="dim")
+    sn.add_column()
+    for k, code in snippets(o.recommendation.clip_norm_rounded).items():
+        sn.add_row(SNIPPET_LABELS[k], code)
+    return [Text("paste", style="bold"), sn]
+
+
+SECTIONS = (_head, _percentile_table, _verdict, _recommendation, _drift, _spikes, _nonfinite, _notes, _paste)
 
 
 def render_summary(results: list, console=None) -> None:
@@ -384,8 +496,9 @@ def render_summary(results: list, console=None) -> None:
         label = target + (f" (optimizer {o.optimizer})" if len(r.optimizers) > 1 else "")
         rows.append((
             label, str(o.steps), _f(o.percentiles.get("p50")), _f(o.percentiles.get("p99")),
-            _f(v.clip_norm, "g"), v.regime, f"{v.clip_fraction:.1%}" if v.clip_fraction is not None else "-",
-            f"{o.recommendation.clip_norm_rounded:g}", o.recommendation.situation,
+            _f(v.clip_norm, "g"), v.regime or "-", f"{v.clip_fraction:.1%}" if v.clip_fraction is not None else "-",
+            f"{o.recommendation.clip_norm_rounded:g}" if o.recommendation is not None else "-",
+            o.recommendation.situation if o.recommendation is not None else "no finite norm",
         ))
     console.print("[bold]gradscope recommend: summary[/bold]", highlight=False)
     for line in aligned(header, rows, left=(0, 5, 8)):
