@@ -39,6 +39,7 @@ from gradscope.capture import distributed
 from gradscope.capture.boot import checked_clip_norm
 from gradscope.capture.names import parameter_names
 from gradscope.capture.norms import per_tensor_norms, stack_norms, total_norm_like_torch
+from gradscope.capture.stopper import NanStop, is_bad
 from gradscope.capture.writer import ProcessWriter
 
 _ACTIVE: "Recorder | None" = None
@@ -129,6 +130,7 @@ class Recorder:
         self._applying = False  # inside our own --clip-norm call: not a call of the script's
         self._script_max_norms: list[float] = []  # what the script passed, replaced by clip_norm
         self._first_bad: str | None = None  # first non-finite step seen on the host
+        self._stopper = NanStop() if stop_on_nan else None  # --stop-on-nan: looks at every step (stopper.py)
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._patches: list[tuple[Any, str, Any, Any]] = []
@@ -515,6 +517,8 @@ class Recorder:
 
     def _maybe_flush(self) -> None:
         # Called after a step is complete (never inside _record), so a row is whole when copied.
+        if self._stopper is not None and self._stopper.poll():
+            self._stop_now()
         if self._pending >= self.flush_steps or time.monotonic() - self._last_flush >= self.flush_seconds:
             self._flush()
 
@@ -606,6 +610,8 @@ class Recorder:
             if not losses:
                 row.loss_from = st.loss_from
             st.rows.append(row)
+            if self._stopper is not None:
+                self._stopper.add(row, st.id)
             st.steps += 1
             self._devices.add(str(device))
 
@@ -728,6 +734,14 @@ class Recorder:
             self._status = "failed"
             raise SystemExit(1)
 
+    def _stop_now(self) -> None:
+        """--stop-on-nan saw a bad step: write every row (waiting now is fine: we stop), then stop."""
+        self._flush()
+        self._drain(block=True)  # raises SystemExit once the bad row is written
+        if self._status == "running":  # the row was judged bad before its flush could say so
+            self._first_bad = self._first_bad or self._stopper.reason
+            self._drain(block=True)
+
     def _write(self, batch: _Batch) -> None:
         if self._writer is None:
             self._writer = ProcessWriter(self.run_dir, self.rank)
@@ -738,7 +752,7 @@ class Recorder:
         lines = []
         for r, (gn, loss, clipped, skipped, scale) in zip(batch.rows, values):
             lr = next(lrs) if isinstance(r.lr, torch.Tensor) else float(r.lr)
-            if self._first_bad is None and not skipped and not (math.isfinite(loss) and math.isfinite(gn)):
+            if self._first_bad is None and is_bad(gn, loss, skipped):
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 self._first_bad = f"non-finite {what} at step {r.step} of optimizer {st.id}"
             lines.append((

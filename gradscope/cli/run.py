@@ -39,7 +39,7 @@ def run_command(
     flush_steps: int = typer.Option(100, "--flush-steps", min=1, help="Copy values to disk every N steps..."),
     flush_seconds: float = typer.Option(2.0, "--flush-seconds", min=0.0, help="...or every T seconds, whichever first."),
     stop_on_nan: bool = typer.Option(
-        False, "--stop-on-nan", help="Stop the training within one flush of the first non-finite loss (exit 1)."
+        False, "--stop-on-nan", help="Stop the training at the first non-finite loss or unabsorbed gradient norm (exit 1)."
     ),
     clip_norm: Optional[float] = typer.Option(
         None, "--clip-norm", help="Clip every step at this global L2 norm, right before optimizer.step() "
