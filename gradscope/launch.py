@@ -30,6 +30,7 @@ from gradscope.capture.boot import (
     ENV_RUN_DIR,
     ENV_STOP_ON_NAN,
     ENV_CLIP_NORM,
+    ENV_TRACE_NAN,
 )
 from gradscope.errors import GradscopeError
 
@@ -118,7 +119,8 @@ def default_run_dir(target: Target) -> Path:
 
 
 def child_env(run_dir: Path, layer_stride: int, flush_steps: int, flush_seconds: float,
-              stop_on_nan: bool = False, clip_norm: float | None = None) -> dict[str, str]:
+              stop_on_nan: bool = False, clip_norm: float | None = None,
+              trace_nan: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = BOOTSTRAP_DIR + (os.pathsep + old if old else "")
@@ -128,6 +130,7 @@ def child_env(run_dir: Path, layer_stride: int, flush_steps: int, flush_seconds:
     env[ENV_FLUSH_SECONDS] = str(flush_seconds)
     env[ENV_STOP_ON_NAN] = "1" if stop_on_nan else "0"
     env[ENV_CLIP_NORM] = repr(float(clip_norm)) if clip_norm is not None else ""
+    env[ENV_TRACE_NAN] = "1" if trace_nan else "0"
     return env
 
 
@@ -152,6 +155,7 @@ def run_recorded(
     flush_seconds: float = 2.0,
     stop_on_nan: bool = False,
     clip_norm: float | None = None,
+    trace_nan: bool = False,
 ) -> int:
     """Launch the target, wait for it, finish meta.json. Returns the child's return code
     (negative: killed by that signal)."""
@@ -162,7 +166,7 @@ def run_recorded(
         rundir.write_json_atomic(run_dir / rundir.META_FILE, meta)
     except OSError as e:
         raise GradscopeError(f"cannot write in run directory '{run_dir}': {e.strerror or e}; choose another --out") from None
-    env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan, clip_norm)
+    env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan, clip_norm, trace_nan)
 
     try:
         child = subprocess.Popen(argv, env=env)

@@ -21,11 +21,13 @@ def record(
     flush_steps: int = 100,
     flush_seconds: float = 2.0,
     clip_norm: float | None = None,
+    trace_nan: bool = False,
 ) -> Iterator[Recorder]:
     """Record every optimizer step inside the block; every hook is removed on exit.
 
     ``layer_stride`` 0 turns the per-layer table off; N records it every N steps.
     ``clip_norm`` clips every step at that global norm, as `gradscope run --clip-norm`.
+    ``trace_nan`` records where the first non-finite value appeared, as `gradscope run --trace-nan`.
     """
     import torch
 
@@ -41,7 +43,7 @@ def record(
         path = Path(run_dir)
         path.mkdir(parents=True, exist_ok=True)
     rec = Recorder(path, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds,
-                   clip_norm=clip_norm)
+                   clip_norm=clip_norm, trace_nan=trace_nan)
     rec.start()
     status, code = "completed", 0
     try:

@@ -22,6 +22,7 @@ ENV_FLUSH_STEPS = "GRADSCOPE_FLUSH_STEPS"
 ENV_FLUSH_SECONDS = "GRADSCOPE_FLUSH_SECONDS"
 ENV_STOP_ON_NAN = "GRADSCOPE_STOP_ON_NAN"
 ENV_CLIP_NORM = "GRADSCOPE_CLIP_NORM"
+ENV_TRACE_NAN = "GRADSCOPE_TRACE_NAN"
 
 
 def checked_clip_norm(value: Any) -> float | None:
@@ -45,6 +46,7 @@ def _start() -> None:
         flush_seconds=float(os.environ.get(ENV_FLUSH_SECONDS, "2.0")),
         stop_on_nan=os.environ.get(ENV_STOP_ON_NAN) == "1",
         clip_norm=float(os.environ[ENV_CLIP_NORM]) if os.environ.get(ENV_CLIP_NORM) else None,
+        trace_nan=os.environ.get(ENV_TRACE_NAN) == "1",
     ).start()
 
 

@@ -39,6 +39,7 @@ from gradscope.capture import distributed
 from gradscope.capture.boot import checked_clip_norm
 from gradscope.capture.names import parameter_names
 from gradscope.capture.norms import per_tensor_norms, stack_norms, total_norm_like_torch
+from gradscope.capture.nantrace import NanTrace
 from gradscope.capture.stopper import NanStop, is_bad
 from gradscope.capture.writer import ProcessWriter
 
@@ -115,6 +116,7 @@ class Recorder:
         handle_sigterm: bool = True,
         stop_on_nan: bool = False,
         clip_norm: float | None = None,
+        trace_nan: bool = False,
     ) -> None:
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.layer_stride = max(0, int(layer_stride))  # 0 = no per-layer table
@@ -131,6 +133,7 @@ class Recorder:
         self._script_max_norms: list[float] = []  # what the script passed, replaced by clip_norm
         self._first_bad: str | None = None  # first non-finite step seen on the host
         self._stopper = NanStop() if stop_on_nan else None  # --stop-on-nan: looks at every step (stopper.py)
+        self._nantrace = NanTrace() if trace_nan else None  # --trace-nan: module hooks (nantrace.py)
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._patches: list[tuple[Any, str, Any, Any]] = []
@@ -168,6 +171,8 @@ class Recorder:
             raise RuntimeError("gradscope: a recorder is already active in this process")
         _ACTIVE = self
         self._install()
+        if self._nantrace is not None:
+            self._nantrace.start()
         for opt in _existing_optimizers():
             self._register(opt)
         self._atexit = lambda: self.stop("completed" if self._status == "running" else self._status)
@@ -357,6 +362,8 @@ class Recorder:
         setattr(owner, name, value)
 
     def _uninstall(self) -> None:
+        if self._nantrace is not None:
+            self._nantrace.stop()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -394,6 +401,8 @@ class Recorder:
             return  # a vector backward with explicit gradients has no scalar loss
         value = getattr(t, _UNSCALED_ATTR, None)
         self._losses.append((value if value is not None else t).detach())
+        if self._nantrace is not None:
+            self._nantrace.on_loss(self._losses[-1])
 
     def _remember_norms(self, grads: list[torch.Tensor], norms: list[torch.Tensor] | None = None) -> None:
         """Keep the first (pre-clip) norm seen for each gradient since the last step."""
@@ -610,6 +619,8 @@ class Recorder:
             if not losses:
                 row.loss_from = st.loss_from
             st.rows.append(row)
+            if self._nantrace is not None:
+                self._nantrace.close_step(st.id, st.steps, params, vector if dist_norms is None else None)
             if self._stopper is not None:
                 self._stopper.add(row, st.id)
             st.steps += 1
@@ -684,6 +695,8 @@ class Recorder:
     def _flush(self) -> None:
         """Launch the device-to-host copy of every pending row; write what has arrived."""
         self._pending = 0
+        if self._nantrace is not None:
+            self._nantrace.flush()  # before the rows' copies: their events cover it
         self._last_flush = time.monotonic()
         for st in self._states:
             if not st.rows:
@@ -725,6 +738,8 @@ class Recorder:
             self._inflight.pop(0)
             self._write(batch)
             wrote = True
+        if self._nantrace is not None and self._nantrace.resolve():
+            wrote = True  # the origin is known: into the process file now
         if wrote:
             self._write_process()  # small, atomic: keeps step counts and optimizers current
         if self.stop_on_nan and self._first_bad and self._status == "running":
@@ -760,6 +775,8 @@ class Recorder:
                 f64(r.clip_value), str(int(skipped)), f64(scale), f64(lr), "%.6f" % r.time,
             ))
         self._writer.write_steps(lines)
+        if self._nantrace is not None:
+            self._nantrace.note_rows(st.id, batch.rows, values)
         if batch.layers is not None:
             if st.names is None:
                 st.names = parameter_names(st.params)
@@ -806,6 +823,8 @@ class Recorder:
             "clip_norm_override": self.clip_norm,
             "script_max_norms_overridden": list(self._script_max_norms),
         }
+        if self._nantrace is not None:
+            info["nan_trace"] = self._nantrace.info()
         self._writer.write_process(info)
 
 

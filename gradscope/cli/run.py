@@ -45,6 +45,10 @@ def run_command(
         None, "--clip-norm", help="Clip every step at this global L2 norm, right before optimizer.step() "
         "(after accumulation and AMP unscaling); replaces the max_norm of the script's own clip_grad_norm_ calls.",
     ),
+    trace_nan: bool = typer.Option(
+        False, "--trace-nan", help="Record where the first NaN/inf appeared: input, the module's forward or "
+        "backward, or the loss (no per-step host read; see README)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary at the end."),
 ) -> int:
     from gradscope import launch, rundir
@@ -64,7 +68,7 @@ def run_command(
 
     returncode = launch.run_recorded(
         target, run_dir, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds,
-        stop_on_nan=stop_on_nan, clip_norm=clip_norm,
+        stop_on_nan=stop_on_nan, clip_norm=clip_norm, trace_nan=trace_nan,
     )
     if not quiet:
         from gradscope.report.summary import print_summary
