@@ -7,7 +7,10 @@ run killed at any moment still loads:
       meta.json              run-level facts, written by `gradscope run` or `record()`:
                              command, cwd, versions, start/end, status, exit_code
       process-r{R}.json      one per recording process (rank R): pid, device,
-                             optimizers, clip calls seen, layer names, flush settings
+                             optimizers, clip calls seen, layer names, flush settings;
+                             with --trace-nan also "nan_trace": {enabled, steps_traced,
+                             origin: null or {step, optimizer, phase ("input"|"forward"|
+                             "loss"|"backward"), module (str|null), detail, what, why}}
       steps-r{R}.csv         one row per optimizer step of rank R (STEP_COLUMNS)
       layers-r{R}-o{O}.csv   per-parameter gradient norms of optimizer O on rank R:
                              `step` then one column per parameter name
