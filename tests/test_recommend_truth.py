@@ -323,3 +323,12 @@ def test_analysis_results_for_a_run_that_went_inf_at_step_20_say_step_20(tmp_pat
     a = analyze(gradscope.load_run(table_run(tmp_path / "run", g, loss=loss))).main
     assert a.nonfinite.first_unskipped_step == 20 and a.nonfinite.divergence_step == 29
     assert "went non-finite at step 20 and stayed non-finite from step 29" in a.recommendation.evidence
+
+
+def test_the_plot_names_an_assumed_default_as_such(tmp_path):
+    from gradscope.report import plot
+
+    f = hf_state(tmp_path / "trainer_state.json", lognormal(40, seed=11, scale=2.0))
+    run = open_run(f)
+    data = plot.plot_data(run, analyze(run), name=str(f))
+    assert data.series[0].clip_norm == 1.0 and "default" in data.series[0].clip_source

@@ -32,7 +32,8 @@ def analyze(
     """Judge a Run's clipping (see gradscope.analysis for the contract).
 
     Raises GradscopeError (exit code 2) when there is nothing to judge: no steps, no
-    gradient norms, only non-finite norms, or fewer than config.min_steps finite ones.
+    gradient norms, fewer than config.min_steps finite ones, or only non-finite norms and
+    a loss that does not fall (when it falls, the answer says so and has no recommendation).
     """
     cfg = config if config is not None else load_config()
     where = str(run.path)

@@ -221,7 +221,9 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
             ser.clip_norm, ser.clip_source = float(clip_norm), "--clip-norm"
         elif th is not None and getattr(th, "clip_norm", None) is not None:
             ser.clip_norm = float(th.clip_norm)
-            ser.clip_source = {"script": "max_norm", "log": "the log's max_grad_norm", "option": "--clip-norm"}.get(
+            ser.clip_source = {"script": "max_norm", "log": "the log's max_grad_norm", "option": "--clip-norm",
+                               "override": "gradscope run --clip-norm",
+                               "default": "the trainer's default max_grad_norm (assumed)"}.get(
                 getattr(th, "source", None), "max_norm")
         else:
             m = _mode(s["clip_max_norm"].to_numpy(dtype=float))
