@@ -255,7 +255,9 @@ def test_an_all_inf_log_with_a_falling_loss_exits_0_without_a_recommendation(tmp
     assert j["recommended_clip_norm"] is None and j["regime"] is None and j["snippets"] is None
     assert j["finite_steps"] == 0 and j["whole_run"]["max"] is None and j["clip_norm_source"] == "default"
     assert "non-finite (inf) while the loss stays finite and falls" in j["meaning"]
+    assert j["nonfinite_steps"] == n and j["nonfinite_kind"] is None and j["nonfinite"]["divergence_step"] is None
     out = report([f], capsys)
+    assert "divergence" not in out
     assert "recommend  none" in out and "non-finite (inf) while the loss stays finite and falls" in out
 
 

@@ -278,6 +278,8 @@ def _no_finite_norm(s: Series, nf, th, cfg: AnalysisConfig, cls, rank, label: st
         percentiles=percentiles(np.array([]), cfg.percentiles), threshold=th,
         verdict=Verdict(None, th.clip_norm, None, None, None, None, None, meaning),
         recommendation=None, drift=None, spikes=Spikes(0, [], sc.z_threshold, sc.min_ratio, False),
-        nonfinite=nf, preset=None, notes=threshold_notes(s, th),
+        # not a divergence: the loss shows training went on with finite updates
+        nonfinite=dataclasses.replace(nf, first_kind=None, divergence_step=None),
+        preset=None, notes=threshold_notes(s, th),
         whole_run=WholeRun(steps=len(s), finite_steps=0, min=None, p50=None, max=None, max_step=None),
     )

@@ -22,7 +22,8 @@ Per optimizer:
     finite_steps        finite, positive, not skipped: the steps statistics can use
     skipped_steps, skipped_fraction       the loss scaler skipped the update (inf/NaN grads)
     nonfinite_steps     steps with a non-finite grad_norm or an infinite loss
-    first_nonfinite_step (int|null), nonfinite_kind ("overflow-skipped"|"recovered"|"divergence"|null)
+    first_nonfinite_step (int|null), nonfinite_kind ("overflow-skipped"|"recovered"|"divergence"|null;
+                        null also when every norm is non-finite while the loss falls: no divergence)
     nonfinite           {count, first_step, first_kind, overflow_skipped, recovered,
                          divergence_step (int|null), steps (first 20)}
     warmup_steps        finite steps left out at the start
@@ -447,8 +448,9 @@ def _nonfinite(o: OptimizerAnalysis, main: bool) -> list:
     nf = o.nonfinite
     if not nf.count:
         return [Text("non-finite  none")]
-    out = [Text(f"non-finite  {nf.count} step{'s' if nf.count != 1 else ''}, first at step {nf.first_step}: "
-                f"{_KIND.get(nf.first_kind, '')}", style="red" if nf.first_kind == "divergence" else "yellow")]
+    kind = _KIND.get(nf.first_kind, "") if nf.first_kind else "every norm, while the loss stays finite (see above)"
+    out = [Text(f"non-finite  {nf.count} step{'s' if nf.count != 1 else ''}, first at step {nf.first_step}: {kind}",
+                style="red" if nf.first_kind == "divergence" else "yellow")]
     if nf.overflow_skipped and nf.overflow_skipped != nf.count:
         out.append(Text(f"            {nf.overflow_skipped} of them skipped by the loss scaler"))
     return out
