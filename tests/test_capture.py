@@ -300,11 +300,15 @@ def test_tensor_thresholds_are_read_as_often_as_torch_reads_them(tmp_path, monke
 
 
 def test_closure_optimizer_loss_comes_from_inside_step(tmp_path):
-    """LBFGS runs backward() inside step(): the step's loss is its closure's first value."""
+    """LBFGS runs backward() inside step(), several times: the step's loss and norm are its
+    closure's first evaluation (the gradient the step starts from)."""
     res, out = _run(tmp_path, script("lbfgs_train.py"), "ref.json")
     assert res.returncode == 0, res.stderr
     s = gradscope.load_run(out).steps
-    np.testing.assert_allclose(s["loss"], _ref(tmp_path / "ref.json")["loss"], rtol=1e-6)
+    ref = _ref(tmp_path / "ref.json")
+    assert list(s["step"]) == list(range(5))
+    np.testing.assert_allclose(s["loss"], ref["loss"], rtol=1e-6)
+    np.testing.assert_allclose(s["grad_norm"], ref["grad_norm"], rtol=1e-5)
 
 
 def test_stop_on_nan_stops_within_one_flush_and_exits_1(tmp_path):

@@ -35,7 +35,7 @@ import torch
 from torch.nn.utils import clip_grad as _clip_grad_mod
 
 from gradscope import __version__, rundir
-from gradscope.capture import distributed
+from gradscope.capture import closure, distributed
 from gradscope.capture.boot import checked_clip_norm
 from gradscope.capture.names import parameter_names
 from gradscope.capture.norms import per_tensor_norms, stack_norms, total_norm_like_torch
@@ -59,6 +59,7 @@ class _Clip:
     threshold: float
     grad_ids: set
     total: torch.Tensor | None = None  # pre-clip L2 total, as the script computed it
+    first: Any = None  # weak reference to one of its gradients: dead = no step can apply them any more
 
 
 @dataclass
@@ -71,7 +72,6 @@ class _Row:
     values: torch.Tensor  # [grad_norm, loss, clipped, skipped, loss_scale] on the device
     layers: torch.Tensor | None
     norms: Any = None  # distributed.GlobalNorms still being reduced across ranks (gloo): see _resolve
-    loss_from: int | None = None  # set while the loss may still come from inside step() (closures)
 
 
 @dataclass
@@ -145,7 +145,7 @@ class Recorder:
         self._losses: list[torch.Tensor] = []
         self._loss_base = 0
         self._in_backward = False
-        self._pre_norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pre_norms: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(grad) -> (grad, norm)
         self._clips: list[_Clip] = []
         self._active_scaler: Any = None
         self._pending = 0
@@ -408,13 +408,22 @@ class Recorder:
         """Keep the first (pre-clip) norm seen for each gradient since the last step."""
         if not grads:
             return
+        self._forget_stale()
         if norms is None:
-            todo = [g for g in grads if id(g) not in self._pre_norms]
+            todo = [g for g in grads if self._pre_norm(g) is None]
             if not todo:
                 return
             grads, norms = todo, per_tensor_norms(todo)
         for g, n in zip(grads, norms):
-            self._pre_norms.setdefault(id(g), (g, n))
+            # Weakly: a measured gradient that no step applies (replaced by the next backward)
+            # must not be kept alive; its entry goes when it dies (_forget_stale).
+            if self._pre_norm(g) is None:
+                self._pre_norms[id(g)] = (weakref.ref(g), n)
+
+    def _pre_norm(self, g: torch.Tensor) -> torch.Tensor | None:
+        """The pre-clip norm measured for this very gradient since the last step, if any."""
+        seen = self._pre_norms.get(id(g))
+        return seen[1] if seen is not None and seen[0]() is g else None
 
     def _on_total_norm(self, orig, tensors, norm_type, error_if_nonfinite, foreach):
         self._count("get_total_norm")
@@ -442,8 +451,8 @@ class Recorder:
             return
         ids = {id(g) for g in grads}
         # The total passed in is pre-clip and L2 only if it came from an L2 measurement of these grads.
-        l2 = kind == "norm" and all(id(g) in self._pre_norms for g in grads) and isinstance(total, torch.Tensor)
-        self._clips.append(_Clip(kind, threshold, ids, total if l2 else None))
+        l2 = kind == "norm" and isinstance(total, torch.Tensor) and all(self._pre_norm(g) is not None for g in grads)
+        self._clips.append(_Clip(kind, threshold, ids, total if l2 else None, weakref.ref(grads[0])))
         if not any(id(p) in self._owned for p in params):
             # No optimizer owns these parameters: a hand-written update follows the clip,
             # so the clip call is the step (as in PyTorch's word_language_model example).
@@ -468,10 +477,20 @@ class Recorder:
     def _count(self, name: str) -> None:
         self._clip_calls[name] = self._clip_calls.get(name, 0) + 1
 
-    def _on_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _on_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple | None:
         if not self._mine():
-            return
+            return None
         st = self._register(opt)
+        # A closure runs backward (and Lightning's clipping) inside step(): take the row when
+        # its first evaluation returns (capture/closure.py).
+        wrapped = closure.wrap_closure(args, kwargs, lambda: self._take_row(opt, st))
+        if wrapped is not None:
+            return wrapped
+        self._take_row(opt, st)
+        return None
+
+    def _take_row(self, opt: torch.optim.Optimizer, st: _OptState) -> None:
+        """The step's gradients are final here: apply --clip-norm, then record the row."""
         if self.clip_norm is not None:
             self._apply_clip_norm(opt)
         skipped = getattr(opt, "found_inf", None)  # fused optimizers skip inside step()
@@ -496,6 +515,7 @@ class Recorder:
             return
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         ids = {id(p.grad) for p in params}
+        self._forget_stale()
         if not params or any(c.kind == "norm" and c.grad_ids & ids for c in self._clips):
             return  # the script clipped this step itself, with clip_norm as its max_norm
         self._applying = True
@@ -512,14 +532,12 @@ class Recorder:
         st = self._opts.get(opt)
         if st is None or not self._mine():
             return
-        row = st.rows[-1] if st.rows else None
-        if row is not None and row.loss_from is not None:
-            # Closure optimizers (LBFGS) call backward() inside step(), after the pre-hook:
-            # the step's loss is the first value its closure passed to backward().
-            losses = self._losses[max(0, row.loss_from - self._loss_base):]
-            if losses:
-                row.values[1] = losses[0].to(row.values.device, row.values.dtype, non_blocking=True)
-            row.loss_from = None
+        called = closure.closure_called(args, kwargs)
+        if called is False:  # step() never evaluated its closure: the gradients are as they were
+            self._take_row(opt, st)
+        if called is not None:
+            # The step's loss is what reached backward() up to its closure's first value;
+            # later evaluations (LBFGS line searches) belong to no step.
             st.loss_from = self._loss_base + len(self._losses)
             self._trim_losses()
         self._maybe_flush()
@@ -553,10 +571,11 @@ class Recorder:
             # Pre-clip per-tensor norms: reuse what a clip call measured, compute the rest.
             norms: list[Any] = [None] * len(grads)
             missing = []
+            self._forget_stale()  # before matching by id: a dead gradient's id may be reused
             for i, g in enumerate(grads):
-                seen = self._pre_norms.get(id(g))
-                if seen is not None and seen[0] is g:
-                    norms[i] = seen[1]
+                seen = self._pre_norm(g)
+                if seen is not None:
+                    norms[i] = seen
                 else:
                     missing.append(i)
             if missing:
@@ -616,8 +635,6 @@ class Recorder:
             if isinstance(lr, torch.Tensor):
                 lr = lr.detach().clone()
             row = _Row(st.steps, clip_max_norm, clip_value, lr, time.time(), values, layers, dist_norms)
-            if not losses:
-                row.loss_from = st.loss_from
             st.rows.append(row)
             if self._nantrace is not None:
                 self._nantrace.close_step(st.id, st.steps, params, vector if dist_norms is None else None)
@@ -630,10 +647,18 @@ class Recorder:
             self._clips = [c for c in self._clips if not (c.grad_ids & grad_ids)]
             for i in grad_ids:
                 self._pre_norms.pop(i, None)
-            if len(self._pre_norms) > 100_000:  # measurements no step ever consumed
-                self._pre_norms.clear()
 
             self._pending += 1
+
+    def _forget_stale(self) -> None:
+        """Drop measurements and clip calls of gradients that no longer exist (a clip after the
+        step, a norm taken for logging): no step will apply them, and nothing may grow per step."""
+        if self._pre_norms:
+            dead = [k for k, (ref, _) in self._pre_norms.items() if ref() is None]
+            for k in dead:
+                del self._pre_norms[k]
+        if self._clips:
+            self._clips = [c for c in self._clips if c.first() is not None][-64:]
 
     def _layer_vector(self, st: _OptState, params: list, grads: list, vector: torch.Tensor,
                       device: torch.device) -> torch.Tensor:
