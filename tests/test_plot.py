@@ -186,3 +186,210 @@ def test_degenerate_runs_plot_without_error(capsys, tmp_path, kind):
     code, _, err = run_plot(capsys, d, "-o", out)
     assert code == 0, err
     assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+# ---------------------------------------------------------------- every figure tells the truth
+# Each sample run and each trainer's real log format is drawn, and the figure's text and limits
+# (not its pixels) are checked against the data and the analyzer.
+
+
+def _logs(tmp: Path) -> dict[str, Path]:
+    """Real-format logs, written as the trainers write them (the writers of test_importers)."""
+    import test_importers as ti
+
+    out = {}
+    hist = [{"epoch": s / 40, "grad_norm": 1.0 + (s % 7) / 5 + (9.0 if s == 23 else 0.0),
+             "learning_rate": 1e-4 * min(1, s / 5), "loss": 2.5 - s / 40, "step": s} for s in range(1, 41)]
+    out["hf"] = ti.save_state(tmp / "hf" / "trainer_state.json",
+                              ti.TrainerState(global_step=40, max_steps=100, logging_steps=1, log_history=hist))
+    (tmp / "hf" / "training_args.json").write_text(json.dumps({"max_grad_norm": 1.5}))
+    out["swift"] = ti.write_swift(tmp / "swift")
+    f = tmp / "lf" / "trainer_log.jsonl"
+    f.parent.mkdir()
+    for s in range(10, 310, 10):
+        ti.lf_write(f, {"current_steps": s, "total_steps": 300, "loss": 2 - s / 400, "grad_norm": 0.5 + (s % 70) / 50,
+                        "lr": 1e-4, "epoch": s / 300, "percentage": s / 3, "elapsed_time": "0:00:10",
+                        "remaining_time": "0:00:20"})
+    (f.parent / "training_args.yaml").write_text("stage: sft\nmax_grad_norm: 1.0\nlogging_steps: 10\n")
+    out["llamafactory"] = f
+    ti.write_lightning_csv(tmp / "lightning" / "metrics.csv", ti.lightning_metrics())
+    out["lightning"] = tmp / "lightning" / "metrics.csv"
+    console = tmp / "console.log"
+    console.write_text("".join(f"{{'loss': {2 - s / 50:.4f}, 'grad_norm': {1 + (s % 5) / 4}, 'learning_rate': 1e-05, "
+                               f"'epoch': {s / 30:.2f}}}\n" for s in range(30)))
+    out["console"] = console
+    # An all-inf log whose loss stays finite and falls (a norm computed in fp16 before unscaling).
+    inf_hist = [{"epoch": s / 30, "grad_norm": math.inf, "learning_rate": 1e-4, "loss": 2 - s / 40, "step": s}
+                for s in range(1, 31)]
+    out["all_inf"] = ti.save_state(tmp / "inf" / "trainer_state.json",
+                                   ti.TrainerState(global_step=30, max_steps=30, log_history=inf_hist))
+    return out
+
+
+def _blowup(d: Path) -> Path:
+    """Norms near 1 for 60 steps, growing to 1e17, then 197 non-finite steps."""
+    rng = np.random.default_rng(3)
+    g = list(np.exp(rng.normal(0, 0.15, 60))) + list(np.logspace(0.5, 17, 23)) + [math.nan] * 197
+    loss = list(np.linspace(3, 2, 60)) + list(np.linspace(2, 50, 23)) + [math.nan] * 197
+    return write_steps(d, g, loss)
+
+
+def _unicode_run(tmp: Path) -> Path:
+    return shutil.copytree(SAMPLES / "lstm_never_clips", tmp / "実験_τ_run")
+
+
+def _charmap_of(family: str) -> set[int]:
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    return set(FT2Font(font_manager.findfont(font_manager.FontProperties(family=[family]))).get_charmap())
+
+
+def _draw(fig):
+    """Lay the figure out as saving it does (Agg) and return the renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _assert_figure_is_honest(fig, data, analysis, run):
+    from matplotlib.lines import Line2D
+    from matplotlib.text import Text
+
+    renderer = _draw(fig)
+    fb = fig.bbox
+    ax_norm, ax_loss, ax_hist, ax_surv = fig.axes[:4]
+    charmaps: dict[str, set[int]] = {}
+    for t in fig.findobj(Text):
+        if not t.get_visible() or not t.get_text().strip():
+            continue
+        assert t.get_fontsize() >= 8, (t.get_text(), t.get_fontsize())  # nothing below 8 pt
+        # every character is in one of the fonts the text is drawn with (no tofu boxes)
+        fams = t.get_fontfamily()
+        have = set().union(*(charmaps.setdefault(f, _charmap_of(f)) for f in fams))
+        lacking = [c for c in t.get_text() if not c.isspace() and ord(c) not in have]
+        assert not lacking, (t.get_text(), lacking)
+    # nothing cut at the figure's edges: every panel with what it draws (ticks, titles, legend), and the title
+    inside = lambda e: e.x0 >= fb.x0 - 1 and e.x1 <= fb.x1 + 1 and e.y0 >= fb.y0 - 1 and e.y1 <= fb.y1 + 1  # noqa: E731
+    for ax in fig.axes:
+        assert inside(ax.get_tightbbox(renderer)), ax.get_title(loc="left")
+    assert inside(fig._suptitle.get_window_extent(renderer)), fig._suptitle.get_text()
+    # a panel's title stays over its own panel (the histogram's must not run into the next one)
+    for ax in fig.axes[:4]:
+        title = ax.title if ax.title.get_text() else ax._left_title
+        assert title.get_window_extent(renderer).x1 <= ax.bbox.x1 + 2, title.get_text()
+    # a legend swatch always has its line in the panel
+    for ax in fig.axes[:4]:
+        leg = ax.get_legend()
+        if leg is None:
+            continue
+        drawn = {ln.get_label(): ln for ln in ax.get_lines() if np.isfinite(np.asarray(ln.get_ydata(), float)).any()}
+        for handle, text in zip(leg.legend_handles, leg.get_texts()):
+            if isinstance(handle, Line2D) and handle.get_linestyle() not in ("None", "none", " ", ""):
+                assert text.get_text() in drawn, f"swatch without a line: {text.get_text()}"
+    labels = [t.get_text() for t in (ax_norm.get_legend().get_texts() if ax_norm.get_legend() else [])]
+    s = data.series[0]
+    # a log axis only when there is something positive to draw on it
+    finite_pos = np.isfinite(s.grad_norm) & (s.grad_norm > 0)
+    assert (ax_norm.get_yscale() == "log") == bool(finite_pos.any())
+    assert ("(log)" in ax_norm.get_ylabel()) == (ax_norm.get_yscale() == "log")
+    if s.clip_norm is None:
+        assert ("no clip threshold: the run does not clip" if run.source == "gradscope"
+                else "no clip threshold known for this log") in labels
+    # threshold lines inside the panels, clear of the frame
+    lo, hi = ax_norm.get_ylim()
+    for v in (s.clip_norm, s.recommended):
+        if v is not None and finite_pos.any():
+            span = math.log10(hi / lo)
+            assert math.log10(v / lo) > 0.02 * span and math.log10(hi / v) > 0.02 * span, (v, lo, hi)
+            if ax_hist.patches:
+                a, b = ax_hist.get_xlim()
+                assert a + 0.02 * (b - a) < math.log10(v) < b - 0.02 * (b - a)
+            a, b = ax_surv.get_xlim()
+            assert a < v < b
+    # non-finite markers: whole triangles inside the top frame, one per run of bad steps
+    bad = ~np.isfinite(s.grad_norm) & ~s.skipped
+    runs = plot.runs_of(bad)
+    tri = [c for c in ax_norm.collections if c.get_label().startswith("non-finite grad norm")]
+    assert len(tri) == (1 if runs else 0)
+    if tri:
+        pts = tri[0].get_offset_transform().transform(tri[0].get_offsets())
+        radius = math.sqrt(tri[0].get_sizes()[0]) / 2 * fig.dpi / 72
+        assert len(pts) == len(runs)
+        assert (pts[:, 1] + radius <= ax_norm.bbox.y1 + 0.5).all() and (pts[:, 1] - radius >= ax_norm.bbox.y0).all()
+        assert f"non-finite grad norm ({int(bad.sum()):,} step" in " ".join(labels)
+    if analysis is None:
+        return
+    a = next(o for o in analysis.optimizers if o.optimizer == s.optimizer)
+    # one clipped count: the legend says the analyzer's, recomputed here from the table
+    if a.verdict.clip_norm is not None and s.clipped.any():
+        judged = (np.isfinite(s.grad_norm) & ~s.skipped & (s.grad_norm > 0) & (s.step >= a.steady_from_step))
+        n = int((judged & (s.grad_norm > a.verdict.clip_norm)).sum())
+        assert n == a.verdict.clipped_steps and judged.sum() == a.steady_steps
+        assert f"clipped: {n:,} of {a.steady_steps:,} judged steps ({n / a.steady_steps:.1%})" in labels
+    # the distribution panels leave a blow-up out
+    onset = a.recommendation.onset_step if a.recommendation.situation == "blew-up" else None
+    if onset is not None and ax_hist.patches:
+        before = s.grad_norm[(s.step < onset) & np.isfinite(s.grad_norm) & (s.grad_norm > 0)]
+        assert ax_hist.get_xlim()[1] < math.log10(before.max()) + 1.0
+        assert f"before the blow-up at step {onset:,}" in ax_hist.get_title(loc="left").replace("\n", " ")
+
+
+def _figure_cases(tmp: Path) -> dict[str, Path]:
+    cases = {name: SAMPLES / name for name in SAMPLE_NAMES}
+    cases.update({f"log_{k}": v for k, v in _logs(tmp).items()})
+    cases["blowup"] = _blowup(tmp / "blowup")
+    cases["unicode"] = _unicode_run(tmp)
+    return cases
+
+
+FIGURE_CASES = [*SAMPLE_NAMES, "log_hf", "log_swift", "log_llamafactory", "log_lightning", "log_console",
+                "log_all_inf", "blowup", "unicode"]
+
+
+@pytest.mark.parametrize("name", FIGURE_CASES)
+def test_every_sample_run_and_trainer_log_draws_an_honest_figure(tmp_path, name):
+    from gradscope.analysis import analyze
+    from gradscope.errors import GradscopeError
+    from gradscope.importers import open_run
+
+    cases = _figure_cases(tmp_path)
+    assert sorted(cases) == sorted(FIGURE_CASES)
+    run = open_run(cases[name])
+    try:
+        analysis = analyze(run)
+    except GradscopeError:
+        analysis = None  # drawn anyway (e.g. the all-inf log): the figure must still be honest
+    data = plot.plot_data(run, analysis, name=str(cases[name]))
+    _assert_figure_is_honest(plot.build_figure(data), data, analysis, run)
+
+
+def test_the_clipped_count_is_one_number_in_plot_recommend_and_the_run_summary(capsys):
+    from gradscope.analysis import analyze
+    from gradscope.report.summary import summary_lines
+
+    run_dir = SAMPLES / "healthy_transformer"
+    main_a = analyze(load_run(run_dir)).main
+    with pytest.raises(SystemExit):
+        main(["recommend", "--json", str(run_dir)])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["clipped_steps"] == main_a.verdict.clipped_steps
+    summary = "\n".join(summary_lines(run_dir))
+    assert (f"clipped    {doc['clip_fraction']:.1%} of steady-state steps ({doc['clipped_steps']} of "
+            f"{doc['steady_steps']})") in summary
+
+
+def test_a_long_note_wraps_inside_the_figure_and_a_unicode_path_has_no_tofu(tmp_path):
+    run = load_run(_unicode_run(tmp_path))
+    data = plot.plot_data(run, name=str(run.path))
+    data.notes += ["a note that goes on and on " * 12]
+    fig = plot.build_figure(data)
+    renderer = _draw(fig)
+    title = fig._suptitle
+    assert title.get_window_extent(renderer).x1 <= fig.bbox.x1 + 1
+    text = title.get_text()
+    for ch in "実験":  # drawn in a font that has it, or written as an escape: never a box
+        assert ch in text or f"\\u{ord(ch):04x}" in text
+    assert "τ" in text  # the default font has Greek

@@ -33,6 +33,9 @@ RECOMMENDED_COLOR = "#2ca02c"
 CLIPPED_COLOR = "#ff7f0e"
 SKIPPED_COLOR = "#7f7f7f"
 NONFINITE_COLOR = "#000000"
+FONT_MIN = 8.0  # no text smaller than this (points): labels must read at the figure's size
+LEGEND_FONT = 8.0
+FIG_WIDTH = 13.0  # inches
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -164,12 +167,18 @@ class Series:
     judged_fraction: float | None = None
     regime: str | None = None
     steady_from: int | None = None  # first step the analyzer judged (after warm-up)
+    judged_clipped: int | None = None  # the analyzer's count of clipped steady-state steps
+    judged_steps: int | None = None    # the steady-state steps it counted them among
+    blowup_from: int | None = None     # a blow-up's onset: the distribution panels stop before it
 
     def steady(self) -> np.ndarray:
-        """Finite, not-skipped norms of the steps the analyzer judged (all when unknown)."""
+        """Finite, not-skipped norms of the steps the analyzer judged (all when unknown), without
+        a blow-up's runaway steps (a norm growing to 1e17 says nothing about a threshold)."""
         ok = np.isfinite(self.grad_norm) & ~self.skipped
         if self.steady_from is not None:
             ok &= self.step >= self.steady_from
+        if self.blowup_from is not None:
+            ok &= self.step < self.blowup_from
         return self.grad_norm[ok]
 
 
@@ -179,6 +188,7 @@ class PlotData:
     series: list[Series]
     layers: Any = None  # DataFrame of the first series' layer norms (step + columns), or None
     notes: list[str] = field(default_factory=list)
+    source: str = "gradscope"  # or the importer's format name
 
 
 def _mode(values: np.ndarray) -> float | None:
@@ -240,6 +250,16 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
             ser.regime = getattr(a, "regime", None)
             sf = getattr(a, "steady_from_step", None)
             ser.steady_from = int(sf) if sf is not None and getattr(a, "warmup_steps", 0) else None
+            verdict = getattr(a, "verdict", None)
+            if ser.clip_norm is not None and getattr(verdict, "clipped_steps", None) is not None \
+                    and getattr(verdict, "clip_norm", None) == ser.clip_norm:
+                ser.judged_clipped = int(verdict.clipped_steps)
+                ser.judged_steps = int(getattr(a, "steady_steps", 0)) or None
+            onset = getattr(rec, "onset_step", None)
+            if getattr(rec, "situation", None) == "blew-up" and onset is not None:
+                fin = np.isfinite(ser.grad_norm) & ~ser.skipped & (ser.step >= (ser.steady_from or 0))
+                if (fin & (ser.step < onset)).sum() >= 2:  # something left to show before it
+                    ser.blowup_from = int(onset)
         series.append(ser)
 
     layers = None
@@ -262,7 +282,7 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
         title += f"  ({run.source} log)"
     if (run.meta or {}).get("sampled"):
         notes.append(f"sampled log: every {run.meta.get('logging_steps')}th step")
-    return PlotData(title=title, series=series, layers=layers, notes=notes)
+    return PlotData(title=title, series=series, layers=layers, notes=notes, source=run.source)
 
 
 # ---------------------------------------------------------------- the figure
@@ -270,6 +290,55 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
+
+
+_CHARMAPS: dict[str, set[int]] = {}
+
+
+def _charmap(path: str) -> set[int]:
+    if path not in _CHARMAPS:
+        from matplotlib.ft2font import FT2Font
+
+        try:
+            _CHARMAPS[path] = set(FT2Font(path).get_charmap())
+        except (OSError, RuntimeError, ValueError):
+            _CHARMAPS[path] = set()
+    return _CHARMAPS[path]
+
+
+def font_plan(texts: list[str]) -> tuple[list[str], set[int]]:
+    """(font families to draw with, code points no installed font has).
+
+    The default font lacks CJK and many other scripts: a run path in them would draw as
+    tofu boxes. Fonts that cover the missing characters are added as fallbacks; characters
+    no font covers are written as escapes (see safe_text) instead of boxes.
+    """
+    from matplotlib import font_manager, rcParams
+
+    base = font_manager.findfont(font_manager.FontProperties(family=rcParams["font.family"]))
+    need = {ord(c) for t in texts for c in t if not c.isspace()} - _charmap(base)
+    families = list(rcParams["font.family"])
+    if need:
+        for f in font_manager.fontManager.ttflist:
+            got = need & _charmap(f.fname)
+            if got and f.name not in families:
+                families.append(f.name)
+                need -= got
+            if not need:
+                break
+    return families, need
+
+
+def safe_text(text: str, missing: set[int]) -> str:
+    return "".join(f"\\u{ord(c):04x}" if ord(c) in missing else c for c in text)
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """Break a long title into lines that fit width_in inches (DejaVu Sans averages ~0.6 em a character)."""
+    import textwrap
+
+    chars = max(20, int(width_in * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(part, chars, break_on_hyphens=False) for part in text.split("\n"))
 
 
 def _plain_log_ticks(axis, lo: float, hi: float) -> None:
@@ -304,16 +373,60 @@ def _threshold_lines(ax, s: Series, orientation: str = "h", label: bool = True) 
         draw(s.recommended, color=RECOMMENDED_COLOR, lw=1.4, ls="-.", label=txt if label else None, zorder=4)
 
 
-def _mark_top(ax, xs: np.ndarray, label: str | None) -> None:
-    """Non-finite steps: triangles on the top edge of the panel (x in data, y in axes units)."""
-    if len(xs) == 0:
+def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) positions of each run of consecutive True values."""
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return []
+    d = np.diff(np.concatenate([[0], m.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(d == 1).tolist(), (np.flatnonzero(d == -1) - 1).tolist()))
+
+
+def _mark_top(ax, steps: np.ndarray, bad: np.ndarray, label: str | None) -> None:
+    """Non-finite steps: a triangle just inside the top frame at the start of each run of them,
+    and a shaded band over a run of several (hundreds of markers side by side merge into a bar)."""
+    from matplotlib.transforms import ScaledTranslation
+
+    runs = runs_of(bad)
+    if not runs:
         return
-    xs = thin_markers(xs)
-    ax.scatter(xs, np.full(len(xs), 0.97), transform=ax.get_xaxis_transform(), marker="v", s=28,
+    starts = steps[[a for a, _ in runs]]
+    for a, b in runs:
+        if b > a:
+            ax.axvspan(steps[a], steps[b], facecolor="none", edgecolor=NONFINITE_COLOR, alpha=0.35, hatch="///",
+                       lw=0, zorder=1)
+    xs = thin_markers(starts)
+    # 7 points below the top frame whatever the panel's height: the whole marker stays inside.
+    below_top = ax.get_xaxis_transform() + ScaledTranslation(0, -7 / 72, ax.figure.dpi_scale_trans)
+    ax.scatter(xs, np.ones(len(xs)), transform=below_top, marker="v", s=28,
                color=NONFINITE_COLOR, zorder=6, label=label, clip_on=False)
 
 
+def _log_limits(values: list[float], pad: float = 0.08) -> tuple[float, float]:
+    """Log-axis limits around positive values, with a margin so a line at either end stays visible."""
+    lo, hi = min(values), max(values)
+    if hi <= lo:
+        lo, hi = lo / 2, hi * 2
+    span = math.log10(hi / lo)
+    return lo / 10 ** (span * pad), hi * 10 ** (span * pad)
+
+
+def _clipped_label(s: Series, n_all: int, n_warm: int) -> tuple[str, str | None]:
+    """Legend text for the clipped markers, in the analyzer's numbers when it judged the run."""
+    if s.judged_clipped is not None and s.judged_steps:
+        main = (f"clipped: {s.judged_clipped:,} of {s.judged_steps:,} judged steps "
+                f"({s.judged_clipped / s.judged_steps:.1%})")
+        return main, (f"clipped in warm-up ({n_warm:,}, not judged)" if n_warm else None)
+    return f"clipped ({_steps(n_all)})", None
+
+
+def _steps(n: int) -> str:
+    return f"{n:,} step" + ("" if n == 1 else "s")
+
+
 def _draw_norms(ax, data: PlotData) -> None:
+    from matplotlib.lines import Line2D
+
     multi = len(data.series) > 1
     any_pos = False
     for i, s in enumerate(data.series):
@@ -324,34 +437,54 @@ def _draw_norms(ax, data: PlotData) -> None:
         # Skipped steps (inf by design) and non-finite ones are markers, not line points.
         line = np.where(ok & ~s.skipped, g, np.nan)
         x, y = downsample_minmax(s.step, line)
-        ax.plot(x, y, lw=0.8, color=color, label=s.label if multi else "grad norm (pre-clip)", zorder=2)
+        has_line = bool(np.isfinite(y).any())  # no legend entry for a line that is not there
+        ax.plot(x, y, lw=0.8, color=color, zorder=2,
+                label=(s.label if multi else "grad norm (pre-clip)") if has_line else None)
         clipped = s.clipped & ok
         if clipped.any():
-            idx = np.flatnonzero(clipped)
-            if len(idx) > MAX_MARKERS:  # keep the biggest clipped steps and an even spread
-                big = idx[np.argsort(-g[idx])[: MAX_MARKERS // 2]]
-                idx = np.union1d(big, idx[:: max(1, len(idx) // (MAX_MARKERS // 2))])
-            ax.scatter(s.step[idx], g[idx], s=9, color=CLIPPED_COLOR, zorder=3,
-                       label=f"clipped ({int(clipped.sum()):,} steps)" if i == 0 or multi else None)
+            warm = clipped & (s.step < s.steady_from) if s.steady_from is not None else np.zeros_like(clipped)
+            main_label, warm_label = _clipped_label(s, int(clipped.sum()), int(warm.sum()))
+            for sel, lab, face in ((clipped & ~warm, main_label, CLIPPED_COLOR), (warm, warm_label, "none")):
+                idx = np.flatnonzero(sel)
+                if not len(idx):
+                    continue
+                if len(idx) > MAX_MARKERS:  # keep the biggest clipped steps and an even spread
+                    big = idx[np.argsort(-g[idx])[: MAX_MARKERS // 2]]
+                    idx = np.union1d(big, idx[:: max(1, len(idx) // (MAX_MARKERS // 2))])
+                ax.scatter(s.step[idx], g[idx], s=9, facecolors=face, edgecolors=CLIPPED_COLOR, zorder=3,
+                           linewidths=0.8, label=lab if i == 0 or multi else None)
         skipped = s.skipped
         if skipped.any():
+            from matplotlib.transforms import ScaledTranslation
+
             xs = thin_markers(s.step[skipped])
-            ax.scatter(xs, np.full(len(xs), 0.03), transform=ax.get_xaxis_transform(), marker="x", s=18,
+            above_bottom = ax.get_xaxis_transform() + ScaledTranslation(0, 6 / 72, ax.figure.dpi_scale_trans)
+            ax.scatter(xs, np.zeros(len(xs)), transform=above_bottom, marker="x", s=18,
                        color=SKIPPED_COLOR, zorder=5, clip_on=False,
                        label=f"skipped by loss scaler ({int(skipped.sum()):,})")
         bad = ~np.isfinite(g) & ~skipped
-        _mark_top(ax, s.step[bad], f"non-finite grad norm ({int(bad.sum()):,})" if bad.any() else None)
+        _mark_top(ax, s.step, bad, f"non-finite grad norm ({_steps(int(bad.sum()))})" if bad.any() else None)
+    first = data.series[0] if data.series else None
     if any_pos:
         ax.set_yscale("log")
         pos = np.concatenate([s.grad_norm[np.isfinite(s.grad_norm) & (s.grad_norm > 0)] for s in data.series])
-        _plain_log_ticks(ax.yaxis, float(pos.min()), float(pos.max()))
+        marks = [v for v in ((first.clip_norm, first.recommended) if first else ()) if v is not None and v > 0]
+        lo, hi = _log_limits([float(pos.min()), float(pos.max()), *marks])
+        ax.set_ylim(lo, hi)
+        _plain_log_ticks(ax.yaxis, lo, hi)
+        ax.set_ylabel("gradient norm (log)")
     else:
         ax.text(0.5, 0.5, "no finite gradient norm", transform=ax.transAxes, ha="center", va="center", color="0.4")
-    first = data.series[0] if data.series else None
+        ax.set_yticks([])
+        ax.set_ylabel("gradient norm")
     if first is not None:
-        _threshold_lines(ax, first)
+        if any_pos:
+            _threshold_lines(ax, first)
         if first.clip_norm is None:
-            ax.plot([], [], ls="--", color=JUDGED_COLOR, label="no clip threshold: the script does not clip")
+            # Words, not a swatch: there is no line to point at.
+            words = ("no clip threshold: the run does not clip" if data.source == "gradscope"
+                     else "no clip threshold known for this log")
+            ax.add_artist(Line2D([], [], ls="none", marker="none", label=words))
         bad = np.flatnonzero(~np.isfinite(first.grad_norm) & ~first.skipped)
         if len(bad):
             ax.axvline(first.step[bad[0]], color=NONFINITE_COLOR, lw=0.8, ls=":", zorder=1,
@@ -359,10 +492,15 @@ def _draw_norms(ax, data: PlotData) -> None:
         if first.steady_from is not None and len(first.step) and first.steady_from > first.step[0]:
             ax.axvspan(first.step[0], first.steady_from, color="0.85", alpha=0.5, lw=0, zorder=0,
                        label="warm-up (not judged)")
-    ax.set_ylabel("gradient norm (log)")
+        if first.blowup_from is not None:
+            ax.axvline(first.blowup_from, color=JUDGED_COLOR, lw=0.8, ls=":", zorder=1,
+                       label=f"blow-up from step {first.blowup_from:,}")
     ax.set_title("gradient norm per optimizer step", loc="left", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="best", fontsize=7.5, ncol=2, framealpha=0.85)
+    handles, labels = ax.get_legend_handles_labels()
+    extra = [a for a in ax.artists if isinstance(a, Line2D) and a.get_label() and not a.get_label().startswith("_")]
+    ax.legend(handles + extra, labels + [a.get_label() for a in extra], loc="best", fontsize=LEGEND_FONT,
+              ncol=2, framealpha=0.85)
 
 
 def _draw_loss(ax, data: PlotData) -> None:
@@ -382,7 +520,7 @@ def _draw_loss(ax, data: PlotData) -> None:
             ymaxs.append(np.nanmax(loss[fin]))
         # NaN losses count only when the series records losses at all (NaN also means "none").
         bad = np.isinf(loss) | (np.isnan(loss) & fin.any())
-        _mark_top(ax, s.step[bad], f"non-finite loss ({int(bad.sum()):,})" if bad.any() else None)
+        _mark_top(ax, s.step, bad, f"non-finite loss ({_steps(int(bad.sum()))})" if bad.any() else None)
     if not drawn:
         ax.text(0.5, 0.5, "no loss recorded", transform=ax.transAxes, ha="center", va="center", color="0.4")
         ax.set_yticks([])
@@ -390,7 +528,13 @@ def _draw_loss(ax, data: PlotData) -> None:
         lo, hi = min(ymins, default=1), max(ymaxs, default=1)
         if lo > 0 and hi / lo > 50:
             ax.set_yscale("log")
-        ax.legend(loc="best", fontsize=7.5, framealpha=0.85)
+        if ymins:  # room above the line for the non-finite markers
+            if ax.get_yscale() == "log":
+                ax.set_ylim(*_log_limits([lo, hi], pad=0.15))
+            else:
+                pad = (hi - lo) * 0.15 or abs(hi) * 0.1 or 1.0
+                ax.set_ylim(lo - pad / 2, hi + pad)
+        ax.legend(loc="best", fontsize=LEGEND_FONT, framealpha=0.85)
     ax.set_ylabel("loss")
     ax.set_xlabel("optimizer step")
     ax.set_title("loss", loc="left", fontsize=10)
@@ -403,18 +547,24 @@ def _draw_hist(ax, data: PlotData) -> None:
     g = g[g > 0]
     if len(g) == 0:
         ax.text(0.5, 0.5, "no finite gradient norm", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        ax.set_xticks([])
+        ax.set_yticks([])
     else:
         lg = np.log10(g)
         lo, hi = lg.min(), lg.max()
         if hi - lo < 1e-9:
             lo, hi = lo - 0.5, hi + 0.5
         ax.hist(lg, bins=min(80, max(10, int(np.sqrt(len(lg))))), range=(lo, hi), color=COLORS[0], alpha=0.8)
+        marks = [math.log10(v) for v in (s.clip_norm, s.recommended) if v is not None and v > 0]
+        left, right = min([lo, *marks]), max([hi, *marks])
+        pad = (right - left) * 0.06 or 0.1
+        ax.set_xlim(left - pad, right + pad)  # a threshold line never sits on the axis
         for v, c, ls, what in ((s.clip_norm, JUDGED_COLOR, "--", "judged τ"),
                                (s.recommended, RECOMMENDED_COLOR, "-.", "recommended τ")):
             if v is not None and v > 0:
                 ax.axvline(math.log10(v), color=c, ls=ls, lw=1.4, label=f"{what} = {_fmt(v)}")
         if s.clip_norm is not None or s.recommended is not None:
-            ax.legend(loc="upper left", fontsize=7.5, framealpha=0.85)
+            ax.legend(loc="best", fontsize=LEGEND_FONT, framealpha=0.85)
     ax.set_xlabel("log10 gradient norm")
     ax.set_ylabel("steps")
     ax.set_title("distribution of norms" + _scope(s, data), loc="left", fontsize=10)
@@ -429,7 +579,9 @@ def _scope(s: Series | None, data: PlotData) -> str:
     if len(data.series) > 1:
         parts.append(f"optimizer {s.optimizer}")
     if s.steady_from is not None:
-        parts.append(f"steps ≥ {s.steady_from}, after warm-up")
+        parts.append(f"steps ≥ {s.steady_from:,}, after warm-up")
+    if s.blowup_from is not None:
+        parts.append(f"before the blow-up at step {s.blowup_from:,}")
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -438,19 +590,23 @@ def _draw_survival(ax, data: PlotData) -> None:
     g = s.steady() if s is not None else np.array([])
     if len(g) == 0:
         ax.text(0.5, 0.5, "no finite gradient norm", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        ax.set_xticks([])
+        ax.set_yticks([])
     else:
         taus = tau_grid(g, s.clip_norm, s.recommended)
         ax.plot(taus, survival(g, taus) * 100, color=COLORS[0], lw=1.2)
         ax.set_xscale("log")
+        ax.set_xlim(taus[0], taus[-1])
         _plain_log_ticks(ax.xaxis, float(taus[0]), float(taus[-1]))
         for v, c, ls, what in ((s.clip_norm, JUDGED_COLOR, "--", "judged"),
                                (s.recommended, RECOMMENDED_COLOR, "-.", "recommended")):
             if v is not None and v > 0:
                 f = float(survival(g, np.array([v]))[0]) * 100
-                ax.axvline(v, color=c, ls=ls, lw=1.4, label=f"{what} τ = {_fmt(v)}: clips {f:.1f}%")
+                of = " of the steps shown" if s.blowup_from is not None else ""  # not the analyzer's share
+                ax.axvline(v, color=c, ls=ls, lw=1.4, label=f"{what} τ = {_fmt(v)}: clips {f:.1f}%{of}")
                 ax.plot([v], [f], "o", color=c, ms=4)
         if s.clip_norm is not None or s.recommended is not None:
-            ax.legend(loc="upper right", fontsize=7.5, framealpha=0.85)
+            ax.legend(loc="best", fontsize=LEGEND_FONT, framealpha=0.85)
         ax.set_ylim(-3, 103)
     ax.set_xlabel("threshold τ (clip_grad_norm_ max_norm)")
     ax.set_ylabel("% of steps clipped")
@@ -493,7 +649,7 @@ def _draw_heatmap(fig, ax, data: PlotData) -> None:
     ax.set_ylim(len(names) - 0.5, -0.5)
     if len(names) <= 40:
         ax.set_yticks(range(len(names)))
-        ax.set_yticklabels(names, fontsize=6 if len(names) > 20 else 7)
+        ax.set_yticklabels(names, fontsize=FONT_MIN)
     else:
         ax.set_ylabel(f"{len(names)} parameters")
     ax.set_xlabel("optimizer step")
@@ -511,9 +667,10 @@ def build_figure(data: PlotData):
 
     with_layers = data.layers is not None
     n_names = 0 if not with_layers else len(data.layers.columns) - 1
-    heat_h = min(6.0, max(2.2, 0.16 * min(n_names, HEATMAP_ROWS))) if with_layers else 0.0
+    # Labelled rows (up to 40) get 0.17 in each: room for FONT_MIN-point names.
+    heat_h = (max(2.2, 0.17 * n_names) if n_names <= 40 else 3.0) if with_layers else 0.0
     heights = [3.4, 1.8, 2.6] + ([heat_h] if with_layers else [])
-    fig = Figure(figsize=(13, sum(heights) + 1.1), dpi=100, layout="constrained")
+    fig = Figure(figsize=(FIG_WIDTH, sum(heights) + 1.1), dpi=100, layout="constrained")
     gs = fig.add_gridspec(len(heights), 2, height_ratios=heights)
     ax_norm = fig.add_subplot(gs[0, :])
     ax_loss = fig.add_subplot(gs[1, :], sharex=ax_norm)
@@ -527,8 +684,26 @@ def build_figure(data: PlotData):
     if with_layers:
         _draw_heatmap(fig, fig.add_subplot(gs[3, :], sharex=ax_norm), data)
     title = data.title + ("\n" + "; ".join(data.notes) if data.notes else "")
-    fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+    fig.suptitle(_wrap(title, FIG_WIDTH - 0.4, 11), fontsize=11, x=0.01, ha="left")
+    for ax, width in ((ax_norm, FIG_WIDTH - 1.2), (ax_loss, FIG_WIDTH - 1.2), (ax_hist, FIG_WIDTH / 2 - 1.0),
+                      (ax_surv, FIG_WIDTH / 2 - 1.0)):
+        ax.set_title(_wrap(ax.get_title(loc="left"), width, 10), loc="left", fontsize=10)
+    _fonts(fig)
     return fig
+
+
+def _fonts(fig) -> None:
+    """Every text in a font that has its characters (escapes where none has), none below FONT_MIN."""
+    from matplotlib.text import Text
+
+    texts = [t for t in fig.findobj(Text) if t.get_text()]
+    families, missing = font_plan([t.get_text() for t in texts])
+    for t in texts:
+        if missing:
+            t.set_text(safe_text(t.get_text(), missing))
+        t.set_fontfamily(families)
+        if t.get_fontsize() < FONT_MIN:
+            t.set_fontsize(FONT_MIN)
 
 
 def default_output(path: str | os.PathLike) -> Path:

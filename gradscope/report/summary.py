@@ -22,6 +22,7 @@ def summary_lines(run_dir: Path) -> list[str]:
     lines = [head]
     if steps.empty:
         lines.append("  no optimizer step was recorded (did the script import torch and call optimizer.step()?)")
+    judged = _judged(run) if not steps.empty else {}
     ranks = sorted(steps["rank"].unique()) if not steps.empty else []
     view = steps[steps["rank"] == ranks[0]] if ranks else steps
     for opt_id, s in view.groupby("optimizer"):
@@ -35,9 +36,16 @@ def summary_lines(run_dir: Path) -> list[str]:
                 f"    grad norm  p50 {_fmt(p50)}  p90 {_fmt(p90)}  p99 {_fmt(p99)}  max {_fmt(finite.max())}"
             )
         tau = s["clip_max_norm"].dropna()
-        if len(tau):
+        a = judged.get(int(opt_id))
+        if len(tau) and a is not None and a.verdict.clip_fraction is not None and a.steady_steps:
+            # The analyzer's number, the one `recommend` and `plot` show: steady-state steps only.
             lines.append(
-                f"    clipped    {s['clipped'].mean():.1%} of steps at max_norm {_fmt(tau.mode().iloc[0])}"
+                f"    clipped    {a.verdict.clip_fraction:.1%} of steady-state steps ({a.verdict.clipped_steps} of "
+                f"{a.steady_steps}) at max_norm {_fmt(a.verdict.clip_norm)}"
+            )
+        elif len(tau):
+            lines.append(
+                f"    clipped    {s['clipped'].mean():.1%} of all {len(s)} steps at max_norm {_fmt(tau.mode().iloc[0])}"
             )
         else:
             lines.append("    clipped    no clip_grad_norm_ call seen")
@@ -52,6 +60,16 @@ def summary_lines(run_dir: Path) -> list[str]:
         lines.append(f"  ranks: {len(ranks)} ({', '.join(map(str, ranks))}); figures above are rank {ranks[0]}")
     lines.append(f"  run saved in {run_dir}   next: gradscope recommend {run_dir}")
     return lines
+
+
+def _judged(run) -> dict:
+    """optimizer id -> the analyzer's judgement (empty when the run is too short to judge)."""
+    try:
+        from gradscope.analysis import analyze
+
+        return {o.optimizer: o for o in analyze(run).optimizers}
+    except Exception:  # noqa: BLE001 - the summary falls back to plain counts; it must never fail
+        return {}
 
 
 def print_summary(run_dir: Path, file=None) -> None:
