@@ -330,7 +330,8 @@ def _assert_figure_is_honest(fig, data, analysis, run):
         assert n == a.verdict.clipped_steps and judged.sum() == a.steady_steps
         assert f"clipped: {n:,} of {a.steady_steps:,} judged steps ({n / a.steady_steps:.1%})" in labels
     # the distribution panels leave a blow-up out
-    onset = a.recommendation.onset_step if a.recommendation.situation == "blew-up" else None
+    rec = a.recommendation  # None where the data support no threshold (the all-inf log)
+    onset = rec.onset_step if rec is not None and rec.situation == "blew-up" else None
     if onset is not None and ax_hist.patches:
         before = s.grad_norm[(s.step < onset) & np.isfinite(s.grad_norm) & (s.grad_norm > 0)]
         assert ax_hist.get_xlim()[1] < math.log10(before.max()) + 1.0
