@@ -266,3 +266,14 @@ def test_plot_and_junit_into_a_missing_directory_create_it_and_say_so(capsys, tm
     assert f"created directory '{junit.parent}' for the JUnit file" in err
     code, _, err = cli(capsys, "check", SAMPLES / "lstm_never_clips", "--junit", junit)
     assert "created directory" not in err  # only when it did
+
+
+@pytest.mark.parametrize("bad, words", [("abc", "layer1.weight is 'abc', not a number"),
+                                        ("-0.5", "layer1.weight is -0.5: a norm cannot be negative")])
+def test_a_damaged_layers_file_is_exit_2_naming_the_line(capsys, tmp_path, bad, words):
+    d = write_run(tmp_path / "run", [HEADER] + [good_line(s) for s in range(12)])
+    rows = ["step,layer0.weight,layer1.weight"] + [f"{s},0.5,0.25" for s in range(12)]
+    rows[8] = f"7,0.5,{bad}"
+    (d / "layers-r0-o0.csv").write_text("\n".join(rows) + "\n")
+    code, _, err = cli(capsys, "check", d)
+    assert code == 2 and f"'{d / 'layers-r0-o0.csv'}' line 9: {words}" in err
