@@ -31,6 +31,7 @@ from gradscope.capture.boot import (
     ENV_STOP_ON_NAN,
     ENV_CLIP_NORM,
     ENV_TRACE_NAN,
+    ENV_MAX_STEPS,
 )
 from gradscope.errors import GradscopeError
 
@@ -120,7 +121,7 @@ def default_run_dir(target: Target) -> Path:
 
 def child_env(run_dir: Path, layer_stride: int, flush_steps: int, flush_seconds: float,
               stop_on_nan: bool = False, clip_norm: float | None = None,
-              trace_nan: bool = False) -> dict[str, str]:
+              trace_nan: bool = False, max_steps: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = BOOTSTRAP_DIR + (os.pathsep + old if old else "")
@@ -131,6 +132,7 @@ def child_env(run_dir: Path, layer_stride: int, flush_steps: int, flush_seconds:
     env[ENV_STOP_ON_NAN] = "1" if stop_on_nan else "0"
     env[ENV_CLIP_NORM] = repr(float(clip_norm)) if clip_norm is not None else ""
     env[ENV_TRACE_NAN] = "1" if trace_nan else "0"
+    env[ENV_MAX_STEPS] = str(int(max_steps)) if max_steps is not None else ""
     return env
 
 
@@ -156,17 +158,19 @@ def run_recorded(
     stop_on_nan: bool = False,
     clip_norm: float | None = None,
     trace_nan: bool = False,
+    max_steps: int | None = None,
 ) -> int:
     """Launch the target, wait for it, finish meta.json. Returns the child's return code
     (negative: killed by that signal)."""
     argv = target.argv()
     meta = rundir.new_meta(argv, target=target.kind)
     meta["clip_norm_override"] = clip_norm
+    meta["max_steps"] = max_steps
     try:
         rundir.write_json_atomic(run_dir / rundir.META_FILE, meta)
     except OSError as e:
         raise GradscopeError(f"cannot write in run directory '{run_dir}': {e.strerror or e}; choose another --out") from None
-    env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan, clip_norm, trace_nan)
+    env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan, clip_norm, trace_nan, max_steps)
 
     try:
         child = subprocess.Popen(argv, env=env)
@@ -193,6 +197,19 @@ def run_recorded(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     status, sig_name = status_of(returncode)
+    if status == "completed" and max_steps is not None and _stopped_by_step_limit(run_dir):
+        status = "stopped"
     exit_code = returncode if returncode >= 0 else 128 - returncode
     rundir.write_json_atomic(run_dir / rundir.META_FILE, rundir.finish_meta(meta, status, exit_code, sig_name))
     return returncode
+
+
+def _stopped_by_step_limit(run_dir: Path) -> bool:
+    """A recording process ended the training at --max-steps (its process file says so)."""
+    for f in run_dir.glob("process-r*.json"):
+        try:
+            if rundir.read_json(f).get("status") == "stopped":
+                return True
+        except (OSError, ValueError):
+            continue
+    return False

@@ -60,7 +60,8 @@ _STEP_DTYPES = {"optimizer": "int64", "step": "int64", "clipped": "bool", "skipp
 INT_COLUMNS = ("rank", "optimizer", "step")
 
 # Status values written to meta.json "status".
-STATUSES = ("running", "completed", "failed", "interrupted", "killed")
+# "stopped": `gradscope run --max-steps` ended the training after that many steps (exit 0).
+STATUSES = ("running", "completed", "stopped", "failed", "interrupted", "killed")
 
 
 def steps_file(rank: int) -> str:

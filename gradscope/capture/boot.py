@@ -23,6 +23,7 @@ ENV_FLUSH_SECONDS = "GRADSCOPE_FLUSH_SECONDS"
 ENV_STOP_ON_NAN = "GRADSCOPE_STOP_ON_NAN"
 ENV_CLIP_NORM = "GRADSCOPE_CLIP_NORM"
 ENV_TRACE_NAN = "GRADSCOPE_TRACE_NAN"
+ENV_MAX_STEPS = "GRADSCOPE_MAX_STEPS"
 
 
 def checked_clip_norm(value: Any) -> float | None:
@@ -47,6 +48,7 @@ def _start() -> None:
         stop_on_nan=os.environ.get(ENV_STOP_ON_NAN) == "1",
         clip_norm=float(os.environ[ENV_CLIP_NORM]) if os.environ.get(ENV_CLIP_NORM) else None,
         trace_nan=os.environ.get(ENV_TRACE_NAN) == "1",
+        max_steps=int(os.environ[ENV_MAX_STEPS]) if os.environ.get(ENV_MAX_STEPS) else None,
     ).start()
 
 

@@ -38,6 +38,7 @@ from gradscope import __version__, rundir
 from gradscope.capture import closure, distributed
 from gradscope.capture.boot import checked_clip_norm
 from gradscope.capture.names import parameter_names
+from gradscope.capture.step_limit import StepLimit
 from gradscope.capture.norms import per_tensor_norms, stack_norms, total_norm_like_torch
 from gradscope.capture.nantrace import NanTrace
 from gradscope.capture.stopper import NanStop, is_bad
@@ -117,6 +118,7 @@ class Recorder:
         stop_on_nan: bool = False,
         clip_norm: float | None = None,
         trace_nan: bool = False,
+        max_steps: int | None = None,
     ) -> None:
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.layer_stride = max(0, int(layer_stride))  # 0 = no per-layer table
@@ -128,6 +130,7 @@ class Recorder:
         # `gradscope run --clip-norm`: the threshold every step is clipped at, whether or not
         # the script clips (a script's own clip_grad_norm_ call runs with this max_norm instead).
         self.clip_norm = checked_clip_norm(clip_norm)
+        self._limit = StepLimit(max_steps) if max_steps else None  # `gradscope run --max-steps`
         self._fused_warned = False
         self._applying = False  # inside our own --clip-norm call: not a call of the script's
         self._script_max_norms: list[float] = []  # what the script passed, replaced by clip_norm
@@ -548,6 +551,8 @@ class Recorder:
             self._stop_now()
         if self._pending >= self.flush_steps or time.monotonic() - self._last_flush >= self.flush_seconds:
             self._flush()
+        if self._limit is not None:  # every completed step passes here (post-step, skipped, manual)
+            self._limit.after_step(self)
 
     # ------------------------------------------------------------------ the row
 

@@ -49,6 +49,10 @@ def run_command(
         False, "--trace-nan", help="Record where the first NaN/inf appeared: input, the module's forward or "
         "backward, or the loss (no per-step host read; see README)."
     ),
+    max_steps: Optional[int] = typer.Option(
+        None, "--max-steps", min=1, help="End the training cleanly after N optimizer steps of the first optimizer "
+        "(status 'stopped', exit 0).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary at the end."),
 ) -> int:
     from gradscope import launch, rundir
@@ -68,7 +72,7 @@ def run_command(
 
     returncode = launch.run_recorded(
         target, run_dir, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds,
-        stop_on_nan=stop_on_nan, clip_norm=clip_norm, trace_nan=trace_nan,
+        stop_on_nan=stop_on_nan, clip_norm=clip_norm, trace_nan=trace_nan, max_steps=max_steps,
     )
     if not quiet:
         from gradscope.report.summary import print_summary
