@@ -1,0 +1,352 @@
+"""`gradscope tune`'s decisions, pure: candidate thresholds, the probe schedule, probe summaries, the choice.
+
+Steps tables in (the columns of a gradscope run), dataclasses out. The orchestration
+(gradscope/tune.py) runs the probes; this module decides what to run and what won.
+
+- :func:`candidates_from_pilot`: thresholds around the scale of the pilot's norms.
+- :func:`plan`: successive halving that fits the budget: many short probes, half of them
+  continued to a horizon ``growth`` times longer, the last two to the longest horizon the
+  budget allows (the whole training when it can).
+- :func:`summarize`: a probe's loss over its last stretch (level and spread), clip fraction,
+  mean update multiplier, divergence.
+- :func:`choose`: among probes of one horizon, the best loss; candidates within the loss's
+  noise of it are ties and the largest threshold among them wins (short probes favour small
+  thresholds: a small threshold is a learning-rate cut, which helps early and hurts later).
+  A diverged candidate is never chosen.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gradscope.analysis.robust import round_sig
+
+AS_IS = math.inf  # the candidate "the script as it is" (no --clip-norm): ranks as the largest threshold
+
+# Candidate thresholds: the pilot's typical norm times these factors (a factor-2 ladder).
+GRID_FACTORS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0)
+TIE_Z = 2.0  # two losses closer than TIE_Z combined standard errors are a tie
+MIN_WINDOW = 5
+
+
+@dataclass
+class Rung:
+    steps: int  # horizon of this rung's probes (optimizer steps of optimizer 0)
+    keep: int  # candidates probed at this rung
+
+
+@dataclass
+class Plan:
+    rungs: list[Rung]
+    total_steps: int  # T, the length of the real training
+    budget: float  # B, in whole runs of T steps
+    pilot_steps: int  # steps of the pilot (T when it ran to its end)
+    planned_steps: int  # pilot + every probe of the plan, worst case (what budget_spent can reach)
+
+
+@dataclass
+class ProbeSummary:
+    clip_norm: float  # AS_IS for the script as it is
+    steps: int  # horizon the figures below are taken at (<= the steps the probe ran)
+    window: int  # steps in the last stretch
+    loss: float  # mean loss over the last stretch
+    loss_spread: float  # standard deviation of the loss around its linear trend over the stretch
+    loss_se: float  # loss_spread / sqrt(window): the noise of `loss`
+    start_loss: float  # mean loss over the first stretch
+    clip_fraction: float  # share of steps with grad_norm > clip_norm
+    mean_multiplier: float  # mean of min(1, clip_norm / grad_norm): how much of the update survives
+    diverged: bool
+    diverged_reason: str | None = None
+
+
+@dataclass
+class Choice:
+    clip_norm: float | None  # None: no candidate left (all diverged or failed)
+    horizon: int
+    best_loss: float | None  # the lowest loss at the horizon (not necessarily the chosen one's)
+    ties: list[float] = field(default_factory=list)  # candidates within the noise of the best
+    runner_up: float | None = None
+    margin: float | None = None  # (runner-up loss - chosen loss) / combined standard error
+    reason: str = ""
+
+
+# ------------------------------------------------------------------------- candidates
+
+
+def typical_norm(steps, horizon: int | None = None) -> float | None:
+    """Median of optimizer 0's finite, positive, not-skipped norms in the first ``horizon`` steps."""
+    s = _first_optimizer(steps)
+    if horizon is not None:
+        s = s[s["step"] < horizon]
+    g = s["grad_norm"].to_numpy(dtype=float)
+    ok = np.isfinite(g) & (g > 0) & ~s["skipped"].to_numpy(dtype=bool)
+    return float(np.median(g[ok])) if ok.any() else None
+
+
+def candidates_from_pilot(steps, horizon: int | None = None, factors=GRID_FACTORS) -> list[float]:
+    """Thresholds around the pilot's typical norm, rounded as the report hands them out
+    (so the probed value is the pasted one)."""
+    level = typical_norm(steps, horizon)
+    if level is None:
+        return []
+    return sorted({round_sig(level * f) for f in factors})
+
+
+# ------------------------------------------------------------------------- schedule
+
+
+def _counts(n: int) -> list[int]:
+    counts = [n]
+    while counts[-1] > 2:
+        counts.append(max(2, math.ceil(counts[-1] / 2)))
+    return counts
+
+
+def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int | None = None,
+         as_is_in_pilot: bool = True, min_steps: int | None = None, max_growth: int = 8) -> Plan:
+    """The rungs of successive halving that fit ``budget`` whole runs of ``total_steps`` (T).
+
+    The pilot counts against the budget: ``pilot_steps`` None means the pilot is as long as the
+    first rung (T was given), otherwise it ran that many steps (T when T was learned from it).
+    ``as_is_in_pilot``: the script as it is, which is what the pilot runs, is one of the
+    ``n_candidates``; the pilot is then its first-rung probe for free. The worst case is
+    planned (a surviving as-is candidate is probed again later), so what a tune spends is at
+    most ``planned_steps``. The last rung (two candidates) is the whole training when growth
+    between rungs of at most ``max_growth`` fits the budget; otherwise it is the longest
+    that fits with growth 3 (or 2). Raises ValueError when not even the shortest probes fit.
+    """
+    T = int(total_steps)
+    if T < 1 or n_candidates < 1:
+        raise ValueError("nothing to plan")
+    counts = _counts(n_candidates)
+    m = len(counts) - 1
+    lo = min(T, min_steps if min_steps is not None else max(5, T // 50))
+    allowed = budget * T
+
+    def lengths(final: int, growth: float) -> list[int]:
+        return [max(1, min(T, round(final / growth ** (m - k)))) for k in range(m + 1)]
+
+    def cost(ns: list[int]) -> int:
+        pilot = ns[0] if pilot_steps is None else pilot_steps
+        total = pilot
+        for k, (c, n) in enumerate(zip(counts, ns)):
+            free = as_is_in_pilot and k == 0 and n <= pilot
+            total += (c - int(free)) * n
+        return total
+
+    chosen = None
+    for growth in range(2, max_growth + 1):  # the whole training last, with the gentlest growth
+        ns = lengths(T, growth)
+        if ns[0] < lo:
+            break
+        if cost(ns) <= allowed:
+            chosen = ns
+            break
+    final = T
+    while chosen is None and final >= lo:  # a shorter last rung, growth 3 (2 for short trainings)
+        for growth in (3, 2):
+            ns = lengths(final, growth)
+            if ns[0] >= lo and cost(ns) <= allowed:
+                chosen = ns
+                break
+        final = int(final * 0.95) if final > 20 else final - 1
+    if chosen is None:
+        need = cost(lengths(min(T, lo * 2 ** m), 2)) / T  # the shortest schedule this search tries
+        raise ValueError(f"a budget of {budget:g} whole runs is too small for {n_candidates} candidates "
+                         f"over {T} steps (at least {need:.2f} needed)")
+    return Plan(rungs=[Rung(n, c) for n, c in zip(chosen, counts)], total_steps=T, budget=budget,
+                pilot_steps=chosen[0] if pilot_steps is None else pilot_steps, planned_steps=cost(chosen))
+
+
+def stretch(lengths: list[int], counts: list[int], remaining: float, total_steps: int) -> list[int]:
+    """The remaining rungs made as long as the remaining budget allows (all scaled by one factor,
+    at most to the whole training): a rung that cost less than planned (the as-is candidate
+    came free with the pilot) lends its saving to the horizons that follow."""
+    T = int(total_steps)
+
+    def scaled(f: float) -> list[int]:
+        return [min(T, max(n, round(n * f))) for n in lengths]
+
+    def cost(ns: list[int]) -> float:
+        return sum(c * n for c, n in zip(counts, ns))
+
+    if cost(lengths) > remaining:
+        return list(lengths)
+    lo, hi = 1.0, max(1.0, T / max(1, min(lengths)))
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if cost(scaled(mid)) <= remaining:
+            lo = mid
+        else:
+            hi = mid
+    return scaled(lo)
+
+
+# ------------------------------------------------------------------------- summaries
+
+
+def _first_optimizer(steps):
+    if len(steps) == 0:
+        return steps
+    s = steps
+    if "rank" in s.columns and s["rank"].nunique() > 1:
+        s = s[s["rank"] == s["rank"].min()]
+    ids = s["optimizer"].unique()
+    return s[s["optimizer"] == min(ids)].sort_values("step")
+
+
+def window_of(horizon: int) -> int:
+    """The last stretch a probe is judged on: a fifth of it, at least MIN_WINDOW steps."""
+    return max(min(MIN_WINDOW, horizon), horizon // 5)
+
+
+def _level(y: np.ndarray) -> tuple[float, float]:
+    """Mean, and spread around the linear trend (a falling loss is not noise)."""
+    if len(y) < 3:
+        return float(np.mean(y)), float(np.std(y))
+    x = np.arange(len(y), dtype=float)
+    slope, icept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + icept)
+    return float(np.mean(y)), float(np.sqrt(np.sum(resid ** 2) / (len(y) - 2)))
+
+
+def summarize(steps, clip_norm: float, horizon: int | None = None) -> ProbeSummary:
+    """A probe at ``clip_norm`` (AS_IS: the script as is) judged over its first ``horizon`` steps."""
+    s = _first_optimizer(steps)
+    if horizon is not None:
+        s = s[s["step"] < horizon]
+    n = len(s)
+    if n == 0:
+        return ProbeSummary(clip_norm, 0, 0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan,
+                            True, "no step recorded")
+    loss = s["loss"].to_numpy(dtype=float)
+    g = s["grad_norm"].to_numpy(dtype=float)
+    skipped = s["skipped"].to_numpy(dtype=bool)
+    w = window_of(n)
+    last, first = loss[~skipped][-w:], loss[~skipped][:w]
+    mean, spread = _level(last) if len(last) else (math.nan, math.nan)
+    start = float(np.mean(first)) if len(first) else math.nan
+    se = spread / math.sqrt(len(last)) if len(last) else math.nan
+    tau = s["clip_max_norm"].to_numpy(dtype=float)
+    fin = np.isfinite(g) & (g > 0) & ~skipped
+    if fin.any() and np.isfinite(tau[fin]).any():
+        t = tau[fin]
+        has = np.isfinite(t)
+        mult = np.where(has, np.minimum(1.0, np.where(has, t, 1.0) / g[fin]), 1.0)
+        clip_fraction = float(np.mean(s["clipped"].to_numpy(dtype=bool)[fin]))
+        mean_multiplier = float(np.mean(mult))
+    else:
+        clip_fraction, mean_multiplier = (0.0, 1.0) if fin.any() else (math.nan, math.nan)
+    bad = (~np.isfinite(loss) | ~np.isfinite(g)) & ~skipped
+    reason = None
+    if bad.any():
+        reason = f"non-finite, step {int(s['step'].to_numpy()[bad][0])}"
+    elif not math.isfinite(mean):
+        reason = "no finite loss recorded"
+    elif math.isfinite(start) and mean > start + abs(start):
+        reason = f"loss rose {mean / start:.2g}x" if start > 0 else f"loss rose to {mean:.3g} from {start:.3g}"
+    return ProbeSummary(clip_norm, n, len(last), mean, spread, se, start, clip_fraction, mean_multiplier,
+                        reason is not None, reason)
+
+
+def unseeded(pilot_steps, probe_steps) -> int | None:
+    """The first step where a probe differs from the pilot before either clipped anything
+    (None: they agree). With a seeded script every probe starts exactly as the pilot: until the
+    first step that clips, nothing differs, so the recorded loss and pre-clip norm are equal."""
+    a, b = _first_optimizer(pilot_steps), _first_optimizer(probe_steps)
+    n = min(len(a), len(b))
+    if n == 0:
+        return None
+    ca, cb = a["clipped"].to_numpy(dtype=bool)[:n], b["clipped"].to_numpy(dtype=bool)[:n]
+    clipped = np.flatnonzero(ca | cb)
+    upto = int(clipped[0]) + 1 if len(clipped) else n  # the first clipping step's own values are pre-clip
+    # The loss is the script's own value (exact); the norm is measured by gradscope, or reused from
+    # the clip call --clip-norm makes (float32 instead of float64 arithmetic): equal to 1e-5.
+    for col, rtol in (("loss", 0.0), ("grad_norm", 1e-5)):
+        x, y = a[col].to_numpy(dtype=float)[:upto], b[col].to_numpy(dtype=float)[:upto]
+        with np.errstate(invalid="ignore"):
+            same = (np.abs(x - y) <= rtol * np.abs(x)) | (x == y) | (np.isnan(x) & np.isnan(y))
+        if not same.all():
+            return int(a["step"].to_numpy()[:upto][~same][0])
+    return None
+
+
+# ------------------------------------------------------------------------- the choice
+
+
+def _tied(a: ProbeSummary, b: ProbeSummary, z: float = TIE_Z) -> bool:
+    noise = math.sqrt(a.loss_se ** 2 + b.loss_se ** 2)
+    return abs(a.loss - b.loss) <= z * noise
+
+
+def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float = TIE_Z) -> Choice:
+    """The candidate to keep among probes judged at the same horizon.
+
+    The best loss wins, except that among the candidates tied with it (within ``z`` combined
+    standard errors) the largest threshold is taken: short probes favour small thresholds.
+    The script as is (AS_IS) counts as the largest only when the horizon is the whole training
+    (``full_horizon``): before that, the larger finite threshold is preferred in a tie, since
+    an unclipped run that is fine so far may still blow up later. Diverged candidates are
+    never chosen.
+    """
+    ok = [s for s in summaries if not s.diverged and math.isfinite(s.loss)]
+    horizon = max((s.steps for s in summaries), default=0)
+    if not ok:
+        return Choice(None, horizon, None, reason="every candidate diverged" if summaries else "no candidate")
+    best = min(ok, key=lambda s: (s.loss, -s.clip_norm))
+    ties = [s for s in ok if _tied(s, best, z)]
+
+    def size(s: ProbeSummary) -> float:
+        if s.clip_norm == AS_IS and not full_horizon:
+            return -math.inf if len(ties) > 1 else math.inf
+        return s.clip_norm
+
+    chosen = max(ties, key=size)
+    others = [s for s in ok if s is not chosen]
+    runner = min(others, key=lambda s: s.loss) if others else None
+    margin = None
+    if runner is not None:
+        noise = math.sqrt(chosen.loss_se ** 2 + runner.loss_se ** 2)
+        margin = (runner.loss - chosen.loss) / noise if noise > 0 else (math.inf if runner.loss > chosen.loss else 0.0)
+    if len(ties) > 1:
+        reason = (f"{len(ties)} candidates within the loss's noise of the best; the largest threshold "
+                  "among them is taken (short probes favour small thresholds)")
+    else:
+        reason = "lowest loss, clear of the others by more than the loss's noise" if runner is not None else "only candidate"
+    return Choice(chosen.clip_norm, horizon, best.loss, [s.clip_norm for s in ties],
+                  runner.clip_norm if runner else None, margin, reason)
+
+
+def survivors(summaries: list[ProbeSummary], keep: int, *, full_horizon: bool = False) -> list[float]:
+    """The ``keep`` candidates continued to the next rung: the choice of this rung, the next
+    larger threshold that did not diverge (against short-horizon bias), then the best losses."""
+    ok = sorted([s for s in summaries if not s.diverged and math.isfinite(s.loss)], key=lambda s: s.loss)
+    if not ok:
+        return []
+    pick = choose(summaries, full_horizon=full_horizon).clip_norm
+    out = [pick]
+    larger = sorted(s.clip_norm for s in ok if s.clip_norm > pick)
+    if larger and len(out) < keep:
+        out.append(larger[0])
+    for s in ok:
+        if len(out) >= keep:
+            break
+        if s.clip_norm not in out:
+            out.append(s.clip_norm)
+    return out
+
+
+def fallback(rungs: list[list[ProbeSummary]], diverged: set) -> Choice | None:
+    """When every finalist diverged: the choice among an earlier rung's candidates below the
+    smallest threshold that diverged anywhere (a larger threshold clips less and is taken to
+    diverge too), the latest rung that has one. None: nothing is left."""
+    if not diverged:
+        return None
+    limit = min(diverged)
+    for summaries in reversed(rungs):
+        left = [s for s in summaries if s.clip_norm < limit and not s.diverged and math.isfinite(s.loss)]
+        if left:
+            return choose(left, full_horizon=False)
+    return None

@@ -1,0 +1,96 @@
+"""`gradscope tune`: find the clip norm by probing candidates (thin: parse -> gradscope.tune -> present)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gradscope.cli.app import app
+from gradscope.errors import GradscopeError
+
+TUNE_HELP = """Find the clip norm by measuring: a pilot, then short probes (gradscope run --clip-norm TAU --max-steps N).
+
+\b
+  gradscope tune train.py --lr 3e-4             T learned from a pilot that runs to its end
+  gradscope tune --steps 2000 --jobs 2 train.py  T given: the pilot is short
+  gradscope tune --candidates 0.1,0.5,2 --out runs/tune -m mypkg.train
+  gradscope tune --out runs/tune -- torchrun --nproc-per-node 2 train.py
+
+Every pilot and probe is a run directory under --out; run again with the same --out to resume.
+The script must be seeded for its probes to be comparable. Exit 1 when every candidate diverged.
+"""
+
+
+@app.command(
+    "tune",
+    help=TUNE_HELP,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+def tune_command(
+    ctx: typer.Context,
+    module: Optional[str] = typer.Option(None, "-m", "--module", help="Run a module, like python -m."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="T: the real training's length in optimizer steps."),
+    budget: float = typer.Option(3.0, "--budget", help="B: total compute, in whole runs of T steps (pilot included)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Probes run in parallel processes."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="Thresholds to probe, a,b,... "
+                                             "(default: around the pilot's norms)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the pilot and probes "
+                                       "(default: gradscope_runs/<time>-<name>-tune)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
+) -> int:
+    from gradscope import launch
+    from gradscope.cli.run import _classify
+    from gradscope.tune import tune
+
+    args = list(ctx.args)
+    if module is not None:
+        target = launch.Target("module", module, args)
+    elif not args:
+        raise GradscopeError("nothing to tune: give a script (gradscope tune train.py), -m MODULE, or -- COMMAND")
+    else:
+        target = _classify(args)
+    taus = _parse_candidates(candidates) if candidates is not None else None
+    if not (budget > 0) or budget == float("inf"):
+        raise GradscopeError(f"--budget must be a positive number of whole runs, got {budget:g}")
+    launch.check_target(target)
+    if out is None:
+        out = Path("gradscope_runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{target.label}-tune"
+    if out.exists() and not out.is_dir():
+        raise GradscopeError(f"--out '{out}' is a file; choose a directory")
+
+    def event(msg: str) -> None:
+        print(f"gradscope tune: {msg}", file=sys.stderr, flush=True)
+
+    result = tune(target, out, steps=steps, budget=budget, jobs=jobs, candidates=taus, on_event=event)
+    if as_json:
+        from gradscope.report.tune import dumps
+
+        sys.stdout.write(dumps(result) + "\n")
+    else:
+        from gradscope.report.tune import render
+
+        render(result)
+    return 0 if result.choice is not None and result.choice.clip_norm is not None else 1
+
+
+def _parse_candidates(text: str) -> list[float]:
+    import math
+
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise GradscopeError(f"--candidates: '{part}' is not a number (give thresholds like 0.1,0.5,2)") from None
+        if not 0 < value < math.inf:
+            raise GradscopeError(f"--candidates: {part} is not a positive, finite threshold")
+        out.append(value)
+    if not out:
+        raise GradscopeError("--candidates is empty (give thresholds like 0.1,0.5,2)")
+    return out

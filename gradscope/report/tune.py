@@ -1,0 +1,221 @@
+"""How `gradscope tune` looks: a rich report, one JSON object, and a figure of the candidates' loss curves.
+
+JSON schema "gradscope.tune/1" (NaN/inf never appear, null does)
+----------------------------------------------------------------
+    schema                  "gradscope.tune/1"
+    recommended_clip_norm   the threshold to use (float), as in `recommend`; null when the
+                            winner is the script as it is and the script does not clip (no clipping)
+    choice                  "clip" | "as-is" | "none" (no candidate left: every one diverged)
+    candidates              one object per candidate, by threshold (the script as is last):
+                            {clip_norm (null: as is), label, steps (horizon of the figures),
+                             loss, loss_spread, loss_se, start_loss, clip_fraction, mean_multiplier,
+                             diverged, diverged_reason, failed, chosen,
+                             probes: [{run_dir, max_steps, steps_run, status, reused}]}
+    budget_spent            whole runs of T steps spent by the pilot and every probe (reused ones too)
+    budget                  B; total_steps: T; total_steps_source: "option" | "pilot"
+    steps_spent, steps_reused   optimizer steps behind budget_spent, and how many were reused
+    runner_up               threshold of the runner-up (null: as is / none); margin: its loss
+                            minus the chosen one's, in combined standard errors (null: no runner-up)
+    ties                    thresholds within the loss's noise of the best at the final horizon
+    horizon                 steps the finalists were compared at
+    rungs                   [{steps, candidates, kept}]
+    seeded                  false when a probe differed from the pilot before anything was clipped
+    snippets                as in `recommend` (null without a threshold)
+    pilot, figure, notes
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from gradscope.analysis.tune import AS_IS
+
+SCHEMA = "gradscope.tune/1"
+
+
+def _tau(t: float | None):
+    return None if t is None or not math.isfinite(t) else float(t)
+
+
+def _num(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def to_json(result) -> dict:
+    from gradscope.report.recommend import snippets
+
+    ch = result.choice
+    cands = []
+    for c in result.candidates:
+        s = c.summary
+        cands.append({
+            "clip_norm": _tau(c.clip_norm), "label": c.label,
+            "steps": s.steps if s else 0,
+            "loss": _num(s.loss) if s else None, "loss_spread": _num(s.loss_spread) if s else None,
+            "loss_se": _num(s.loss_se) if s else None, "start_loss": _num(s.start_loss) if s else None,
+            "clip_fraction": _num(s.clip_fraction) if s else None,
+            "mean_multiplier": _num(s.mean_multiplier) if s else None,
+            "diverged": bool(s.diverged) if s else c.failed is not None,
+            "diverged_reason": s.diverged_reason if s else None,
+            "failed": c.failed,
+            "chosen": ch is not None and ch.clip_norm == c.clip_norm,
+            "probes": [{"run_dir": str(p.run_dir), "max_steps": p.max_steps, "steps_run": p.steps_run,
+                        "status": p.status, "reused": p.reused} for p in c.probes],
+        })
+    rec = result.recommended_clip_norm
+    kind = "none" if ch is None or ch.clip_norm is None else ("as-is" if ch.clip_norm == AS_IS else "clip")
+    return {
+        "schema": SCHEMA,
+        "recommended_clip_norm": _num(rec),
+        "choice": kind,
+        "candidates": cands,
+        "budget_spent": result.budget_spent,
+        "budget": result.budget,
+        "total_steps": result.total_steps,
+        "total_steps_source": result.total_steps_source,
+        "steps_spent": result.steps_spent,
+        "steps_reused": result.steps_reused,
+        "runner_up": _tau(ch.runner_up) if ch else None,
+        "margin": _num(ch.margin) if ch else None,
+        "ties": [_tau(t) for t in ch.ties] if ch else [],
+        "horizon": ch.horizon if ch else None,
+        "rungs": [{"steps": r["steps"], "candidates": [_tau(t) for t in r["candidates"]],
+                   "kept": [_tau(t) for t in r["kept"]]} for r in result.rungs],
+        "seeded": not result.unseeded_at,
+        "snippets": snippets(rec) if rec is not None else None,
+        "pilot": str(result.pilot.run_dir),
+        "figure": str(result.figure) if result.figure else None,
+        "notes": list(result.notes),
+    }
+
+
+def dumps(result) -> str:
+    return json.dumps(to_json(result), indent=2, allow_nan=False)
+
+
+def _f(x, spec=".4g") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _label(result, t) -> str:
+    c = next((c for c in result.candidates if c.clip_norm == t), None)
+    return c.label if c else f"{t:g}"
+
+
+def render(result, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gradscope.report.recommend import SNIPPET_LABELS, snippets
+
+    console = console or Console()
+    T = result.total_steps
+    console.print(f"gradscope tune  {result.out}  T = {T} steps "
+                  f"({'--steps' if result.total_steps_source == 'option' else 'learned from the pilot'})")
+    table = Table(show_edge=False)
+    for col, just in (("clip norm", "left"), ("steps probed", "right"), ("loss (last stretch)", "right"),
+                      ("± spread", "right"), ("clip fraction", "right"), ("mean update mult.", "right"),
+                      ("diverged", "left")):
+        table.add_column(col, justify=just)
+    ch = result.choice
+    for c in result.candidates:
+        s = c.summary
+        mark = " *" if ch is not None and ch.clip_norm == c.clip_norm else ""
+        if s is None:
+            table.add_row(c.label + mark, "-", "-", "-", "-", "-", c.failed or "-")
+            continue
+        div = c.failed or (s.diverged_reason if s.diverged else "no")
+        table.add_row(c.label + mark, str(s.steps), _f(s.loss), _f(s.loss_spread), _f(s.clip_fraction, ".1%"),
+                      _f(s.mean_multiplier, ".3f"), div)
+    console.print(table)
+    console.print("  loss: mean over the last fifth of each candidate's longest probe; ± spread: its standard "
+                  "deviation around the trend; * chosen")
+    if ch is None or ch.clip_norm is None:
+        console.print("[red]no recommendation: every candidate diverged or failed[/red]"
+                      if result.candidates else "no recommendation")
+    else:
+        rec = result.recommended_clip_norm
+        what = (f"max_norm = {rec:g}" if rec is not None else "no clipping (the script as it is)")
+        if ch.clip_norm == AS_IS and rec is not None:
+            what += " (the script's own threshold)"
+        console.print(f"[bold]recommend  {what}[/bold]")
+        if ch.runner_up is not None and ch.margin is not None:
+            ru = _label(result, ch.runner_up)
+            if ch.margin >= 2:
+                sure = f"clear: the runner-up {ru} is {ch.margin:.1f} noise units worse"
+            elif ch.margin >= 0:
+                sure = f"not sure: the runner-up {ru} is only {ch.margin:.1f} noise units worse (a tie)"
+            else:
+                sure = (f"a tie: {ru} had a {-ch.margin:.1f} noise units lower loss, within the noise; the larger "
+                        "threshold is taken (short probes favour small thresholds)")
+            console.print(f"  how sure   {sure}; compared at {ch.horizon} of {T} steps")
+        console.print(f"  why        {ch.reason}")
+    console.print(f"  compute    {result.budget_spent:.2f} whole runs of {T} steps (budget {result.budget:g}; "
+                  f"{result.steps_spent} optimizer steps, {result.steps_reused} of them reused)")
+    console.print("  rungs      " + "; ".join(
+        f"{len(r['candidates'])} at {r['steps']} steps -> " + (", ".join(_label(result, t) for t in r["kept"]) or "none")
+        for r in result.rungs))
+    for n in result.notes:
+        console.print(f"  [yellow]note: {n}[/yellow]")
+    if result.recommended_clip_norm is not None:
+        console.print("  paste")
+        for k, code in snippets(result.recommended_clip_norm).items():
+            console.print(f"    {SNIPPET_LABELS[k]:<13} {code}")
+    if result.figure:
+        console.print(f"  figure     {result.figure}")
+    console.print(f"  runs       {result.out}/pilot and {result.out}/probe-*: `gradscope recommend`, `plot` and "
+                  "`check` read each")
+
+
+def save_figure(result, path: Path) -> Path:
+    """Each candidate's loss curve (its longest probe), chosen one bold; the finalists' horizon marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from gradscope.analysis.tune import _first_optimizer
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ch = result.choice
+    cmap = plt.get_cmap("viridis")
+    n = max(1, len(result.candidates) - 1)
+    for i, c in enumerate(result.candidates):
+        if not c.probes:
+            continue
+        pr = max(c.probes, key=lambda p: p.steps_run)
+        s = _first_optimizer(pr.steps) if pr.steps is not None else None
+        if s is None or not len(s):
+            continue
+        y = s["loss"].to_numpy(dtype=float)
+        x = s["step"].to_numpy()
+        k = max(1, len(y) // 50)
+        if k > 1:  # a running mean, so the curves can be told apart
+            y = np.convolve(np.where(np.isfinite(y), y, np.nan), np.ones(k) / k, mode="same")
+        chosen = ch is not None and ch.clip_norm == c.clip_norm
+        diverged = c.summary is not None and c.summary.diverged
+        ax.plot(x, y, lw=2.4 if chosen else 1.0, color="black" if chosen else cmap(i / n),
+                ls=":" if diverged else "-",
+                label=c.label + (" (chosen)" if chosen else "") + (" (diverged)" if diverged else ""))
+    if ch is not None and ch.horizon:
+        ax.axvline(ch.horizon, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"gradscope tune: loss of each candidate clip norm (T = {result.total_steps})")
+    finite = []
+    for c in result.candidates:
+        if c.summary is not None and math.isfinite(c.summary.start_loss):
+            finite.append(c.summary.start_loss)
+    if finite:
+        top = max(finite)
+        ax.set_ylim(top=top * 1.5 if top > 0 else top + abs(top) * 0.5 + 1e-9)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,141 @@
+"""`gradscope tune` on a real tiny script: the budget is respected, the diverging candidate is never
+chosen, the JSON contract holds, a stopped tune resumes without re-running finished probes, and
+an unseeded script is reported. Each tune starts several real `gradscope run`s: slow."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import gradscope
+from gsutil import gradscope as gs, script
+
+pytestmark = pytest.mark.slow
+TASK = script("tune_task.py")
+T = 60
+ARGS = ["--steps", str(T), "--candidates", "0.5,2,8"]
+
+
+def _run_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_dir() and (p / "meta.json").is_file())
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune") / "t"
+    res = gs("tune", *ARGS, "--out", out, "--json", TASK, "--steps", str(T), cwd=out.parent, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return out, json.loads(res.stdout), res
+
+
+def test_json_contract(tuned):
+    out, j, _ = tuned
+    assert j["schema"] == "gradscope.tune/1"
+    for key in ("recommended_clip_norm", "candidates", "budget_spent"):
+        assert key in j
+    assert isinstance(j["recommended_clip_norm"], float) and j["recommended_clip_norm"] in (0.5, 2.0, 8.0)
+    assert [c["clip_norm"] for c in j["candidates"]] == [0.5, 2.0, 8.0, None]  # None: the script as is
+    for c in j["candidates"]:
+        assert {"clip_norm", "steps", "loss", "loss_spread", "clip_fraction", "mean_multiplier", "diverged",
+                "probes"} <= c.keys()
+    assert sum(c["chosen"] for c in j["candidates"]) == 1
+    assert j["snippets"]["pytorch"].endswith(f"max_norm={j['recommended_clip_norm']:g})")
+    assert j["total_steps"] == T and j["seeded"] is True
+    assert (out / "tune.png").stat().st_size > 10_000 and (out / "tune.json").is_file()
+
+
+def test_budget_is_respected(tuned):
+    """Counted from the run directories themselves: every optimizer step run <= B * T (B = 3,
+    the pilot included), and budget_spent says the same."""
+    out, j, _ = tuned
+    steps = sum(len(gradscope.load_run(d).steps) for d in _run_dirs(out))
+    assert steps <= 3 * T
+    assert j["budget_spent"] == pytest.approx(steps / T)
+    assert j["steps_spent"] == steps
+
+
+def test_the_diverging_candidate_is_never_chosen(tuned):
+    """Unclipped, the script is the fastest early (best loss at the first rung) and blows up after
+    the learning-rate jump at 0.6 T: the tune must see that at the full horizon and not take it."""
+    out, j, _ = tuned
+    as_is = j["candidates"][-1]
+    assert as_is["diverged"] and as_is["steps"] == T
+    first = j["rungs"][0]
+    assert None in first["kept"]  # it did look good early
+    chosen = next(c for c in j["candidates"] if c["chosen"])
+    assert not chosen["diverged"]
+    # the chosen threshold really trains to the end without diverging
+    longest = max(chosen["probes"], key=lambda p: p["steps_run"])
+    s = gradscope.load_run(longest["run_dir"]).steps
+    assert s["loss"].notna().all() and (s["loss"] < 1e6).all()
+
+
+def test_every_probe_is_an_ordinary_run(tuned):
+    out, j, _ = tuned
+    probe = j["candidates"][0]["probes"][0]["run_dir"]
+    for cmd in (["recommend", probe, "--json"], ["check", probe]):
+        res = gs(*cmd, cwd=out)
+        assert res.returncode in (0, 1), res.stderr
+    meta = json.loads((Path(probe) / "meta.json").read_text())
+    assert meta["status"] == "stopped" and meta["clip_norm_override"] == 0.5
+
+
+def test_a_stopped_tune_resumes_reusing_finished_probes(tmp_path):
+    """Interrupt a tune (SIGINT, as Ctrl-C) once two probes have finished; run it again: those are
+    not run again (their files are untouched) and the result is the uninterrupted one's."""
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "gradscope", "tune", *ARGS, "--out", str(out), "--json", TASK, "--steps", str(T)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    done = []
+    while time.time() < deadline and proc.poll() is None:
+        done = [d for d in out.glob("probe-*") if (d / "meta.json").is_file()
+                and json.loads((d / "meta.json").read_text())["status"] == "stopped"]
+        if len(done) >= 2:
+            break
+        time.sleep(0.2)
+    assert len(done) >= 2 and proc.poll() is None, "the tune ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches the whole process group
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    before = {d: (d / "steps-r0.csv").stat().st_mtime_ns for d in done}
+
+    res = gs("tune", *ARGS, "--out", out, "--json", TASK, "--steps", str(T), cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr
+    j = json.loads(res.stdout)
+    for d, mtime in before.items():
+        assert (d / "steps-r0.csv").stat().st_mtime_ns == mtime, f"{d.name} was run again"
+        assert f"reusing {d.name}" in res.stderr
+    reused = [p for c in j["candidates"] for p in c["probes"] if p["reused"]]
+    assert {Path(p["run_dir"]) for p in reused} >= set(done)
+    assert j["steps_reused"] >= sum(len(gradscope.load_run(d).steps) for d in done)
+    assert j["budget_spent"] <= 3
+
+    again = gs("tune", *ARGS, "--out", out, "--json", TASK, "--steps", str(T), cwd=tmp_path, timeout=600)
+    j2 = json.loads(again.stdout)
+    assert j2["steps_reused"] == j2["steps_spent"]  # a finished tune runs nothing the second time
+    assert j2["recommended_clip_norm"] == j["recommended_clip_norm"]
+
+
+def test_an_unseeded_script_is_reported(tmp_path):
+    res = gs("tune", "--steps", "20", "--candidates", "4", "--out", tmp_path / "t", "--json", TASK,
+             "--steps", "20", "--unseeded", cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    j = json.loads(res.stdout)
+    assert j["seeded"] is False
+    assert any("not seeded" in n for n in j["notes"])
+
+
+def test_bad_tune_input_is_one_line_and_exit_2(tmp_path):
+    for args in (["--candidates", "0,1", TASK], ["--candidates", "a", TASK], ["--budget", "-1", TASK],
+                 ["nothere.py"]):
+        res = gs("tune", "--out", tmp_path / "t", *args, cwd=tmp_path)
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr

@@ -1,0 +1,153 @@
+"""gradscope.analysis.tune: the schedule fits the budget, the summaries match a hand computation,
+a diverged candidate is never chosen, ties go to the larger threshold, unseeded probes are seen."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradscope.analysis import tune as t
+from gradscope.rundir import normalize_steps
+
+
+def _steps(loss, grad_norm=None, clip=math.nan, skipped=None):
+    n = len(loss)
+    g = np.ones(n) if grad_norm is None else np.asarray(grad_norm, float)
+    df = pd.DataFrame({"rank": 0, "optimizer": 0, "step": np.arange(n), "loss": np.asarray(loss, float),
+                       "grad_norm": g, "clip_max_norm": clip, "clipped": g > clip if clip == clip else False,
+                       "skipped": np.zeros(n, bool) if skipped is None else skipped})
+    return normalize_steps(df)
+
+
+def _summary(tau, loss, se=0.01, diverged=False, steps=100):
+    return t.ProbeSummary(tau, steps, 20, loss, se * math.sqrt(20), se, 10.0, 0.5, 0.8, diverged,
+                          "non-finite" if diverged else None)
+
+
+@pytest.mark.parametrize("T,B,K,pilot", [(300, 3, 8, None), (300, 3, 8, 300), (1000, 2, 8, None),
+                                         (120, 3, 4, None), (50, 3, 8, None), (400, 3, 3, 400)])
+def test_plan_fits_the_budget_and_halves(T, B, K, pilot):
+    p = t.plan(T, B, K, pilot_steps=pilot)
+    assert p.planned_steps <= B * T
+    # recomputed by hand: the pilot, then every rung's probes, the pilot standing in for the as-is one
+    pl = p.rungs[0].steps if pilot is None else pilot
+    by_hand = pl + sum((r.keep - (k == 0 and r.steps <= pl)) * r.steps for k, r in enumerate(p.rungs))
+    assert by_hand == p.planned_steps
+    keeps = [r.keep for r in p.rungs]
+    assert keeps[0] == K and keeps[-1] == min(K, 2)
+    assert all(a > b for a, b in zip(keeps, keeps[1:]))
+    lengths = [r.steps for r in p.rungs]
+    assert lengths == sorted(lengths) and lengths[-1] <= T
+
+
+def test_plan_reaches_the_whole_training_when_it_can_and_refuses_a_tiny_budget():
+    assert t.plan(300, 3, 8).rungs[-1].steps == 300  # T given: 3 runs reach T for the finalists
+    assert t.plan(300, 3, 8, pilot_steps=300).rungs[-1].steps < 300  # one run went to the pilot
+    with pytest.raises(ValueError, match="too small"):
+        t.plan(300, 1.0, 8, pilot_steps=300)
+    with pytest.raises(ValueError, match=r"at least 2\.00 needed"):  # pilot 5 + 7*5 + 4*10 + 2*20 = 120 of 60
+        t.plan(60, 1.5, 8)
+
+
+def test_stretch_spends_a_saving_on_longer_horizons():
+    ns = t.stretch([50, 100], [3, 2], remaining=600, total_steps=300)
+    assert 3 * ns[0] + 2 * ns[1] <= 600 and ns[0] > 50
+    assert t.stretch([50, 100], [3, 2], remaining=100, total_steps=300) == [50, 100]  # nothing to stretch
+
+
+def test_summarize_matches_a_hand_computation():
+    rng = np.random.default_rng(0)
+    loss = 5 * np.exp(-np.arange(50) / 10) + rng.normal(0, 0.05, 50)
+    g = rng.uniform(0.5, 2.0, 50)
+    s = t.summarize(_steps(loss, g, clip=1.0), 1.0, horizon=40)
+    w = 8  # a fifth of 40
+    last = loss[32:40]
+    x = np.arange(w)
+    resid = last - np.polyval(np.polyfit(x, last, 1), x)
+    assert s.steps == 40 and s.window == w
+    assert s.loss == pytest.approx(last.mean(), rel=1e-12)
+    assert s.loss_spread == pytest.approx(math.sqrt((resid ** 2).sum() / (w - 2)), rel=1e-9)
+    assert s.loss_se == pytest.approx(s.loss_spread / math.sqrt(w))
+    assert s.start_loss == pytest.approx(loss[:w].mean())
+    assert s.clip_fraction == pytest.approx((g[:40] > 1.0).mean())
+    assert s.mean_multiplier == pytest.approx(np.minimum(1, 1.0 / g[:40]).mean())
+    assert not s.diverged
+
+
+def test_summarize_flags_divergence():
+    loss = np.linspace(2, 1, 30)
+    loss[25] = np.inf
+    s = t.summarize(_steps(loss), t.AS_IS)
+    assert s.diverged and "step 25" in s.diverged_reason
+    up = t.summarize(_steps(np.linspace(1, 5, 30)), 1.0)
+    assert up.diverged and "rose" in up.diverged_reason
+    # a GradScaler overflow step is not a divergence
+    skipped = np.zeros(30, bool)
+    skipped[3] = True
+    loss = np.linspace(2, 1, 30)
+    g = np.ones(30)
+    g[3] = np.inf
+    assert not t.summarize(_steps(loss, g, skipped=skipped), 1.0).diverged
+
+
+def test_a_diverged_candidate_is_never_chosen_even_with_the_lowest_loss():
+    rows = [_summary(0.5, 1.0), _summary(2.0, 0.2, diverged=True), _summary(1.0, 0.9)]
+    c = t.choose(rows)
+    assert c.clip_norm == 1.0
+    assert 2.0 not in t.survivors(rows, 2)
+    assert t.choose([_summary(1.0, 0.1, diverged=True)]).clip_norm is None
+
+
+def test_ties_go_to_the_larger_threshold_and_clear_wins_stay():
+    # 0.5 is best by 0.01, well within the noise (se 0.01 each): the larger tied one wins
+    tied = [_summary(0.5, 1.00), _summary(1.0, 1.01), _summary(2.0, 1.50)]
+    c = t.choose(tied)
+    assert c.clip_norm == 1.0 and set(c.ties) == {0.5, 1.0}
+    assert c.runner_up == 0.5 and c.margin == pytest.approx(-0.01 / math.sqrt(2 * 0.01 ** 2))
+    clear = [_summary(0.5, 1.00), _summary(1.0, 1.20)]
+    c = t.choose(clear)
+    assert c.clip_norm == 0.5 and c.margin == pytest.approx(0.2 / math.sqrt(2e-4))
+
+
+def test_as_is_wins_a_tie_only_at_the_whole_training():
+    rows = [_summary(1.0, 1.0), _summary(t.AS_IS, 1.0)]
+    assert t.choose(rows, full_horizon=True).clip_norm == t.AS_IS
+    assert t.choose(rows, full_horizon=False).clip_norm == 1.0
+    assert t.choose([_summary(1.0, 2.0), _summary(t.AS_IS, 1.0)], full_horizon=False).clip_norm == t.AS_IS
+
+
+def test_survivors_keep_the_choice_and_the_next_larger_threshold():
+    rows = [_summary(0.25, 0.50), _summary(0.5, 0.90), _summary(1.0, 1.0), _summary(2.0, 1.1), _summary(4.0, 3.0)]
+    assert t.survivors(rows, 2) == [0.25, 0.5]
+    assert t.survivors(rows, 3) == [0.25, 0.5, 1.0]
+
+
+def test_fallback_picks_below_the_smallest_diverged():
+    early = [_summary(0.5, 1.0), _summary(2.0, 0.5), _summary(8.0, 0.4)]
+    back = t.fallback([early], diverged={8.0, 2.0})
+    assert back.clip_norm == 0.5
+    assert t.fallback([early], diverged={0.5}) is None
+
+
+def test_candidates_sit_around_the_pilots_norms():
+    g = np.full(40, 100.0)
+    g[:10] = 300.0  # after the horizon the norms do not count
+    c = t.candidates_from_pilot(_steps(np.ones(40), g[::-1].copy()), horizon=30)
+    assert c == sorted(c) and len(c) == len(t.GRID_FACTORS)
+    assert c[0] == pytest.approx(100 / 16, rel=0.03) and c[-1] == pytest.approx(400, rel=0.03)
+
+
+def test_unseeded_probe_is_seen_before_its_first_clip():
+    loss = np.linspace(3, 1, 20)
+    g = np.linspace(2, 1, 20)
+    pilot = _steps(loss, g)
+    same = _steps(loss, g * (1 + 1e-7), clip=1.5)  # clips from step 0: only step 0 is comparable
+    assert t.unseeded(pilot, same) is None
+    other = loss.copy()
+    other[0] += 1e-3
+    assert t.unseeded(pilot, _steps(other, g)) == 0
+    late = loss.copy()
+    late[10] += 1e-3  # after the probe clipped: expected to differ
+    assert t.unseeded(pilot, _steps(late, g, clip=1.5)) is None
