@@ -87,8 +87,8 @@ def test_every_probe_is_an_ordinary_run(tuned):
 
 
 def test_a_stopped_tune_resumes_reusing_finished_probes(tmp_path):
-    """Interrupt a tune (SIGINT, as Ctrl-C) once two probes have finished; run it again: those are
-    not run again (their files are untouched) and the result is the uninterrupted one's."""
+    """Kill a tune (SIGTERM to its process group) once two probes have finished; run it again:
+    those are not run again (their files are untouched), the rest is."""
     out = tmp_path / "t"
     cmd = [sys.executable, "-m", "gradscope", "tune", *ARGS, "--out", str(out), "--json", TASK, "--steps", str(T)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -102,7 +102,7 @@ def test_a_stopped_tune_resumes_reusing_finished_probes(tmp_path):
             break
         time.sleep(0.2)
     assert len(done) >= 2 and proc.poll() is None, "the tune ended before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches the whole process group
+    os.killpg(proc.pid, signal.SIGTERM)  # the tune and the probe it is running
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     before = {d: (d / "steps-r0.csv").stat().st_mtime_ns for d in done}
