@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 
+from gradscope.analysis.confidence import assess_confidence, tune_command
 from gradscope.analysis.config import AnalysisConfig, Preset, get_preset, load_config
 from gradscope.analysis.judge import (
     classify_steps, in_force, judge, resolve_threshold, threshold_notes, warmup_length,
@@ -179,6 +180,8 @@ def _analyze_series(
     if raised:
         caveats.append(raised)
     attach_layers(spikes, run.layers, rank, opt, cfg.spikes.top_layers)
+    conf = assess_confidence(sit.name, g, s.loss[valid], nonfinite.divergence_step, int(step[0]), len(g_s),
+                             cfg.confidence, tune_command(run.meta))
     skipped = int(s.skipped.sum())
     top = int(np.argmax(g))
     return OptimizerAnalysis(
@@ -205,6 +208,7 @@ def _analyze_series(
         whole_run=WholeRun(steps=len(s), finite_steps=n_valid, min=float(g.min()), p50=float(np.median(g)),
                            max=float(g[top]), max_step=int(step[top])),
         caveats=caveats,
+        confidence=conf,
     )
 
 

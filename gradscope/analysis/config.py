@@ -75,6 +75,15 @@ class SituationConfig:
 
 
 @dataclass(frozen=True)
+class ConfidenceConfig:
+    """When one pilot cannot tell the threshold (see gradscope/analysis/confidence.py)."""
+
+    early_steps: int = 2          # a normalising run that blew up within this many steps...
+    early_rise: float = 3.0       # ...to this many times its first loss (or norm): not confident
+    min_steady_steps: int = 50    # fewer steady-state steps: not confident
+
+
+@dataclass(frozen=True)
 class AnalysisConfig:
     """Every knob of the analysis; configs/analysis.yaml holds the shipped defaults."""
 
@@ -89,6 +98,7 @@ class AnalysisConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
     ranks: RanksConfig = field(default_factory=RanksConfig)
     situation: SituationConfig = field(default_factory=SituationConfig)
+    confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,7 @@ class OptimizerAnalysis:
     notes: list[str] = field(default_factory=list)
     whole_run: WholeRun | None = None
     caveats: list[str] = field(default_factory=list)  # what to weigh before applying the recommendation
+    confidence: object = None          # confidence.Confidence: can one pilot tell? (None: not assessed)
 
     @property
     def regime(self) -> str:

@@ -54,6 +54,13 @@ Per optimizer:
                         method made the recommendation; situation_evidence: one sentence why
     recommended_range   [low, high]: the thresholds the data support (see the README's method)
     blowup_onset_step   blew-up: step where the norm left its early level (int|null)
+    confident           false when one pilot cannot tell the threshold (a run that blew up at once,
+                        too few steps: gradscope/analysis/confidence.py); recommended_clip_norm is
+                        then a guess (null: no recommendation). confidence_reasons: why not
+                        (strings, empty when confident)
+    tune_command        when not confident: the `gradscope tune` command line that measures
+                        instead (the run's own script and arguments), else null; null too when
+                        the command is unknown (another trainer's log)
     drift               null (steady state too short) or {early, late (percentile objects),
                         early_steps, late_steps ([first, last] step numbers), p50_ratio,
                         drifting, recommended_clip_fraction_early, recommended_clip_fraction_late,
@@ -181,6 +188,7 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
             ],
         },
         "preset": None,
+        **_confidence_json(o.confidence),
         "caveats": list(o.caveats),
         "snippets": snippets(r.clip_norm_rounded) if r is not None else None,
         "notes": list(o.notes),
@@ -202,6 +210,13 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
             "mean_multiplier_at_low": p.mean_multiplier_at_low, "message": p.message,
         }
     return d
+
+
+def _confidence_json(c) -> dict:
+    """confident / confidence_reasons / tune_command (confident null: not assessed)."""
+    return {"confident": c.confident if c is not None else None,
+            "confidence_reasons": list(c.reasons) if c is not None else [],
+            "tune_command": c.tune_command if c is not None else None}
 
 
 def _recommendation_json(r, rc) -> dict:
@@ -371,8 +386,11 @@ def _recommendation(o: OptimizerAnalysis, main: bool) -> list:
     r = o.recommendation
     if r is None:
         return [Text("recommend  none (no finite gradient norm to base it on)", style="bold")]
+    unsure = o.confidence is not None and not o.confidence.confident
     rec = Text("recommend  ")
-    rec.append(f"max_norm = {r.clip_norm_rounded:g}", style="bold cyan")
+    rec.append(f"max_norm = {r.clip_norm_rounded:g}", style="bold yellow" if unsure else "bold cyan")
+    if unsure:
+        rec.append(" (a guess: this run cannot tell, see below)")
     rec.append(
         f"  (exact {r.clip_norm:.6g}): would clip {r.clip_fraction:.1%} of steady-state steps "
         f"({r.clipped_steps}), mean update multiplier {r.mean_multiplier:.3f}; "
@@ -396,9 +414,27 @@ def _recommendation(o: OptimizerAnalysis, main: bool) -> list:
         else:
             sit.append(f" The data support {r.low:.3g} to {r.high:.3g}; try both ends with "
                        f"`gradscope run --clip-norm`.")
-    out = [rec, sit]
+    out = [rec, sit, *_unsure(o)]
     for c in o.caveats:
         out.append(Text(f"caveat: {c}", style="yellow"))
+    return out
+
+
+def _unsure(o: OptimizerAnalysis) -> list:
+    """When one run cannot tell: why, and the `gradscope tune` command that measures instead."""
+    from rich.text import Text
+
+    c = o.confidence
+    if c is None or c.confident:
+        return []
+    line = Text("not confident  ", style="bold yellow")
+    line.append("; ".join(c.reasons) + ". One run cannot tell the threshold here: measure it with short probes "
+                "instead" + (":" if c.tune_command else " (`gradscope tune` on the training script)."))
+    out = [line]
+    if c.tune_command:
+        out.append(Text(f"  {c.tune_command}", style="bold"))
+        out.append(Text("  (from the run's working directory; add --steps T, the real training's length in "
+                        "optimizer steps, when this run was shorter)", style="dim"))
     return out
 
 

@@ -1,0 +1,81 @@
+"""Whether one pilot can tell the clip norm apart, and the `gradscope tune` command when it cannot.
+
+A recommendation read from one unclipped run is a guess from statistics. Some runs hold
+the information (norms that sit at a level: the threshold cuts the outliers), some do not.
+Measured in benchmarks/advice/ (see the README's "The advice benchmark"), one pilot cannot tell:
+
+- a run that blew up at once: the loss (or the norm) reached `early_rise` times its first
+  value within `early_steps` steps, or went non-finite there. Such a pilot shows only that
+  unclipped updates are too large, not by how much: runs whose pilots look alike want
+  thresholds 0.45x and 1.1x their first gradient norm.
+- too short a run: fewer than `min_steady_steps` steady-state steps to place a threshold in.
+
+Then the recommendation stays (it is the best guess), marked not confident, with the reasons
+and the command that measures instead: `gradscope tune` on the same script.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gradscope.analysis.config import ConfidenceConfig
+
+NORMALISING = ("unstable-needs-normalisation", "blew-up")
+
+
+@dataclass(frozen=True)
+class Confidence:
+    confident: bool
+    reasons: list[str] = field(default_factory=list)  # why not, one sentence each (empty when confident)
+    tune_command: str | None = None  # what to run instead (None: confident, or no command known)
+
+
+def assess_confidence(situation: str, g: np.ndarray, loss: np.ndarray, divergence_step: int | None,
+                      first_step: int, steady_steps: int, cfg: ConfidenceConfig,
+                      command: str | None = None) -> Confidence:
+    """g, loss: the finite, usable steps in order (loss may hold NaN); first_step: the step number
+    of g[0]; divergence_step: first step of a non-finite end of run; command: `tune_command`'s."""
+    reasons = []
+    if situation in NORMALISING:
+        soon = first_step + cfg.early_steps  # steps first_step .. soon are "at once"
+        k = min(len(g), cfg.early_steps + 1)
+        lf = loss[:k]
+        rise = None
+        if len(lf) and np.isfinite(lf[0]) and lf[0] > 0 and np.isfinite(lf[1:]).any():
+            rise = float(np.nanmax(lf[1:] / lf[0])) if len(lf) > 1 else None
+        grow = float(np.max(g[1:k] / g[0])) if k > 1 else None
+        if divergence_step is not None and divergence_step <= soon:
+            reasons.append(f"the pilot went non-finite at step {divergence_step}, at once: it shows that unclipped "
+                           "updates are too large, not by how much")
+        elif rise is not None and rise >= cfg.early_rise:
+            reasons.append(f"the pilot's loss reached {rise:.3g}x its first value within {cfg.early_steps} steps: "
+                           "it shows that unclipped updates are too large, not by how much")
+        elif grow is not None and grow >= cfg.early_rise:
+            reasons.append(f"the pilot's gradient norm reached {grow:.3g}x its first value within "
+                           f"{cfg.early_steps} steps: it shows that unclipped updates are too large, not by how much")
+    if steady_steps < cfg.min_steady_steps:
+        reasons.append(f"only {steady_steps} steady-state steps (at least {cfg.min_steady_steps} are needed to "
+                       "place a threshold among them)")
+    if not reasons:
+        return Confidence(True)
+    return Confidence(False, reasons, command)
+
+
+def tune_command(meta: dict) -> str | None:
+    """`gradscope tune` for the script, module or command a gradscope run recorded (meta.json's
+    `target` and `command`); None for other trainers' logs, whose command is unknown."""
+    argv = meta.get("command")
+    kind = meta.get("target")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return None
+    if kind == "script" and len(argv) >= 2:
+        rest = argv[1:]
+    elif kind == "module" and len(argv) >= 3 and argv[1] == "-m":
+        rest = argv[1:]
+    elif kind == "command":
+        rest = ["--", *argv]
+    else:
+        return None
+    return shlex.join(["gradscope", "tune", *rest])
