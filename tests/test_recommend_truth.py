@@ -289,6 +289,11 @@ def test_a_run_that_went_non_finite_under_tau_never_gets_a_looser_threshold(tmp_
     assert any("went non-finite at step 24 while clipped at max_norm 1" in c for c in j["caveats"])
     # unclipped, the same run gets the first norm (the rule): the cap is what the failed threshold adds
     assert cli_json([table_run(tmp_path / "free", g, loss=loss)], capsys)["recommended_clip_norm"] == pytest.approx(3.5)
+    # a Hugging Face log that ends in NaN norms, judged at the assumed default: the cap says it was assumed
+    f = hf_state(tmp_path / "hf" / "trainer_state.json", g[:-2] + [math.nan, math.nan])
+    j = cli_json([f], capsys)
+    assert j["clip_norm_source"] == "default" and j["recommended_clip_norm"] == pytest.approx(0.5)
+    assert any("clipped at max_norm 1 (assumed: the trainer's default)" in c for c in j["caveats"])
 
 
 def test_raising_the_threshold_of_a_run_that_clips_most_steps_names_the_larger_update(tmp_path, capsys):

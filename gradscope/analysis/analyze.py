@@ -223,6 +223,7 @@ def _below_failed_threshold(rec: Recommendation, s: Series, th, meta: dict, nf, 
     if tau is None or (rec.clip_norm < tau and (rec.high is None or rec.high < tau)):
         return rec, None
     f = cfg.situation.range_factor
+    assumed = " (assumed: the trainer's default)" if th.source == "default" and tau == th.clip_norm else ""
     if rec.clip_norm >= tau:
         new = tau / f
         rule = f"{rec.clip_norm:.4g}" + (f" ({rec.basis})" if rec.basis else "")
@@ -230,11 +231,11 @@ def _below_failed_threshold(rec: Recommendation, s: Series, th, meta: dict, nf, 
                                   low=new / f, high=new,
                                   basis=f"1/{f:g} of the max_norm {tau:g} under which the run went non-finite "
                                         f"(the rule alone gave {rule})")
-        why = (f"the run went non-finite at step {at} while clipped at max_norm {tau:g}, so a threshold at or "
+        why = (f"the run went non-finite at step {at} while clipped at max_norm {tau:g}{assumed}, so a threshold at or "
                f"above {tau:g} is no fix: the recommendation is capped at {new:.4g} (1/{f:g} of it)")
     else:
         rec = dataclasses.replace(rec, high=rec.clip_norm)
-        why = (f"the run went non-finite at step {at} while clipped at max_norm {tau:g}: the range stops at the "
+        why = (f"the run went non-finite at step {at} while clipped at max_norm {tau:g}{assumed}: the range stops at the "
                f"recommendation, below {tau:g}")
     return rec, why
 
