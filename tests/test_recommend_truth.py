@@ -222,6 +222,11 @@ def test_one_noisy_loss_on_a_clipped_run_with_falling_norms_is_not_instability(t
     j = cli_json([table_run(tmp_path / "grow", grow, loss=loss, clip=50.0)], capsys)
     assert j["situation"] == "unstable-needs-normalisation"
     assert "clipped at max_norm 50" in j["situation_evidence"] and "unclipped" not in j["situation_evidence"]
+    # a climb that lasts is instability even on falling norms (the advice benchmark's gru_copy pilots)
+    lasting = loss.copy()
+    lasting[1:6] = 4.5
+    j = cli_json([table_run(tmp_path / "lasting", g, loss=lasting)], capsys)
+    assert j["situation"] == "unstable-needs-normalisation" and "unclipped updates" in j["situation_evidence"]
 
 
 def test_a_range_that_collapses_is_not_printed_as_a_range(tmp_path, capsys):

@@ -70,6 +70,7 @@ class SituationConfig:
     onset_ratio: float = 30.0     # blow-up onset (reported): first norm this many times the early level
     runaway_ratio: float = 100.0  # late norms this many times the early level: a blow-up under way
     loss_rise: float = 2.0        # unstable: the loss climbed to this many times its first value
+    rise_steps: int = 2           # on this many steps, or on fewer with norms that grew past the first one
     normalise_factor: float = 1.0  # blew-up/unstable: clip norm = this x (1 - momentum) x the first norm
     range_factor: float = 2.0     # those recommendations are stated as a range of this factor either way
 

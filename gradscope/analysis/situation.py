@@ -10,7 +10,8 @@ clipping into gradient normalisation (measured in benchmarks/advice/):
   (one inf puts any percentile out of reach); the blow-up is read as evidence that
   unclipped updates are too large.
 - unstable-needs-normalisation: no blow-up, but the loss climbed to `loss_rise` times its
-  first value: updates of the unclipped size made training worse.
+  first value, on `rise_steps` steps or more or with norms that grew past their start:
+  updates of the size the run applied made training worse.
 
 In both, the threshold is `normalise_factor` x (1 - momentum) x the norm of the first
 gradient: the update scale at which training started out sane, before the instability fed
@@ -52,9 +53,10 @@ def assess(g: np.ndarray, step: np.ndarray, loss: np.ndarray, divergence_step: i
     the optimizer's heavy-ball momentum, when known; first_bad_step: the first non-finite step
     no loss scaler skipped (it may precede the non-finite end: the update went on);
     clipped_at: the clip norm the run applied (None: unclipped); normalises_at: a loss rise is
-    read as instability only when the normalising threshold would clip at least this share of
-    the steps (when the norms fell below the first one, that threshold would clip none, and
-    normalising at it is not what the run shows)."""
+    read as instability when it lasted (cfg.rise_steps steps or more at loss_rise x the first
+    loss) or when the normalising threshold would clip at least this share of the steps; a
+    lone noisy loss on norms that fell below their start is neither (normalising at a
+    threshold that clips nothing is not what such a run shows)."""
     damp = 1.0 - momentum if momentum is not None and 0.0 <= momentum < 1.0 else 1.0
     n = len(g)
     first = float(g[0])
@@ -88,13 +90,15 @@ def assess(g: np.ndarray, step: np.ndarray, loss: np.ndarray, divergence_step: i
             climbed = (f"the loss climbed to {lf[worst]:.4g} at step {at}, {lf[worst] / lf[0]:.3g}x its first value "
                        f"{lf[0]:.4g}")
             share = float(np.mean(g > tau))
-            if share >= normalises_at:
+            lasted = int(np.count_nonzero(lf >= cfg.loss_rise * lf[0]))
+            if share >= normalises_at or lasted >= cfg.rise_steps:
                 how = ("unclipped updates" if clipped_at is None
                        else f"updates of the size it applied (clipped at max_norm {clipped_at:g})")
                 return Situation("unstable-needs-normalisation", f"{climbed}: {how} made training worse",
                                  tau, low, high, basis)
-            calm = (f"{climbed}, but the normalising threshold {tau:.3g} ({basis}) would clip only {share:.0%} of "
-                    "the steps: the norms did not grow past their start, so that is not read as instability")
+            calm = (f"{climbed}, on {lasted} step{'s' if lasted != 1 else ''} only, and the normalising threshold "
+                    f"{tau:.3g} ({basis}) would clip only {share:.0%} of the steps: the norms did not grow past their "
+                    "start, so that is not read as instability")
             return Situation("spiky" if spikes else "stable", calm if not spikes else
                              f"{spikes} spike{'s' if spikes != 1 else ''} above the recent level; {calm}", None)
     if spikes:
