@@ -159,9 +159,11 @@ def run_recorded(
     clip_norm: float | None = None,
     trace_nan: bool = False,
     max_steps: int | None = None,
+    announce: bool = False,
 ) -> int:
     """Launch the target, wait for it, finish meta.json. Returns the child's return code
-    (negative: killed by that signal)."""
+    (negative: killed by that signal). announce: print when recording starts, and let the
+    recorder say when the first step is recorded (capture/announce.py)."""
     argv = target.argv()
     meta = rundir.new_meta(argv, target=target.kind)
     meta["clip_norm_override"] = clip_norm
@@ -171,6 +173,12 @@ def run_recorded(
     except OSError as e:
         raise GradscopeError(f"cannot write in run directory '{run_dir}': {e.strerror or e}; choose another --out") from None
     env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan, clip_norm, trace_nan, max_steps)
+    if announce:
+        from gradscope.capture.announce import ENV_ANNOUNCE
+
+        env[ENV_ANNOUNCE] = repr(time.time())
+        print(f"gradscope: recording into {run_dir}   watch it live: gradscope watch {run_dir}",
+              file=sys.stderr, flush=True)
 
     try:
         child = subprocess.Popen(argv, env=env)

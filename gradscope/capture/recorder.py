@@ -35,7 +35,7 @@ import torch
 from torch.nn.utils import clip_grad as _clip_grad_mod
 
 from gradscope import __version__, rundir
-from gradscope.capture import closure, distributed
+from gradscope.capture import announce, closure, distributed
 from gradscope.capture.boot import checked_clip_norm
 from gradscope.capture.names import parameter_names
 from gradscope.capture.step_limit import StepLimit
@@ -788,7 +788,8 @@ class Recorder:
             self._drain(block=True)
 
     def _write(self, batch: _Batch) -> None:
-        if self._writer is None:
+        first = self._writer is None
+        if first:
             self._writer = ProcessWriter(self.run_dir, self.rank)
         st = batch.st
         values = batch.values.tolist()
@@ -807,6 +808,8 @@ class Recorder:
         self._writer.write_steps(lines)
         if self._nantrace is not None:
             self._nantrace.note_rows(st.id, batch.rows, values)
+        if first:  # once per process, at its first write: `gradscope run` says the recording is live
+            announce.first_step(self._writer.rank, batch.rows[0].step, st.id, st.cls, batch.rows[0].time)
         if batch.layers is not None:
             if st.names is None:
                 st.names = parameter_names(st.params)

@@ -53,7 +53,7 @@ def run_command(
         None, "--max-steps", min=1, help="End the training cleanly after N optimizer steps of the first optimizer "
         "(status 'stopped', exit 0).",
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary at the end."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No lines of gradscope's own: neither 'recording' at the start nor the summary at the end."),
 ) -> int:
     from gradscope import launch, rundir
     from gradscope.capture.boot import checked_clip_norm
@@ -72,7 +72,7 @@ def run_command(
 
     returncode = launch.run_recorded(
         target, run_dir, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds,
-        stop_on_nan=stop_on_nan, clip_norm=clip_norm, trace_nan=trace_nan, max_steps=max_steps,
+        stop_on_nan=stop_on_nan, clip_norm=clip_norm, trace_nan=trace_nan, max_steps=max_steps, announce=not quiet,
     )
     if not quiet:
         from gradscope.report.summary import print_summary
