@@ -22,6 +22,7 @@ from gradscope.cli import check as _check  # noqa: F401,E402
 from gradscope.cli import plot as _plot  # noqa: F401,E402
 from gradscope.cli import compare as _compare  # noqa: F401,E402
 from gradscope.cli import tune as _tune  # noqa: F401,E402
+from gradscope.cli import watch as _watch  # noqa: F401,E402
 
 __all__ = ["app", "main"]
 
