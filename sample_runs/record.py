@@ -18,6 +18,10 @@ RUNS = {
     "lstm_never_clips": ("lstm_lm.py", ["--lr", "3", "--clip-norm", "100"], 1),
     "lstm_always_clips": ("lstm_lm.py", ["--clip-norm", "0.01"], 1),
     "amp_fp16_skipped": ("amp_fp16.py", [], 1),
+    # The loss falls to ~0.4, climbs to ~2.8 at step 70 and stays there, finite: `check --fail-on divergence`.
+    "lstm_diverged": ("lstm_lm.py", ["--lr", "20"], 0),
+    # Healthy but noisy: one sequence per batch, so the per-step loss jumps about (no divergence).
+    "transformer_noisy": ("healthy_transformer.py", ["--batch", "1"], 0),
 }
 
 

@@ -18,6 +18,9 @@ from gradscope.analysis.ranks import disagreement_note
 from gradscope.errors import GradscopeError
 
 REGIMES = ("always-clips", "never-clips", "healthy", "unclipped")
+# --fail-on names that are rules of their own, not regimes.
+DIVERGENCE = "divergence"  # the loss rose far above its running minimum and stayed (analysis/divergence.py)
+FAIL_ON_RULES = (DIVERGENCE,)
 POLICY_FILE = "check.yaml"
 # Policy keys as written in YAML (dashes and underscores both accepted) -> Policy fields.
 _POLICY_KEYS = {
@@ -25,6 +28,8 @@ _POLICY_KEYS = {
     "max_clip_fraction": "max_clip_fraction",
     "max_spikes": "max_spikes",
     "max_skipped_fraction": "max_skipped_fraction",
+    "divergence_factor": "divergence_factor",
+    "divergence_steps": "divergence_steps",
 }
 MAX_LAYERS_LISTED = 5
 
@@ -39,6 +44,8 @@ class Policy:
     max_clip_fraction: float | None = None
     max_spikes: int | None = None
     max_skipped_fraction: float | None = None
+    divergence_factor: float = 2.0   # --fail-on divergence: the loss above this x its running minimum...
+    divergence_steps: int = 20       # ...for this many logged steps in a row
 
 
 @dataclass
@@ -101,6 +108,22 @@ class Verdict:
     non_finite: NonFinite | None
     notes: list[str] = field(default_factory=list)  # what the input cannot show, etc.
     steps: int = 0
+    divergence: Any = None  # analysis.divergence.Divergence when --fail-on divergence found one
+
+    @property
+    def first_bad(self) -> tuple[int, int, int, str] | None:
+        """(rank, optimizer, step, what) of the earliest failing step: non-finite or diverging."""
+        cands = []
+        if self.non_finite is not None:
+            nf = self.non_finite
+            cands.append((nf.step, nf.rank, nf.optimizer, f"non-finite {nf.quantity}"))
+        if self.divergence is not None:
+            d = self.divergence
+            cands.append((d.step, d.rank, d.optimizer, "loss diverging"))
+        if not cands:
+            return None
+        step, rank, opt, what = min(cands)
+        return rank, opt, step, what
 
     @property
     def ok(self) -> bool:
@@ -123,8 +146,10 @@ def parse_fail_on(value: str | Iterable[str] | None, where: str = "--fail-on") -
         name = str(item).strip().lower().replace("_", "-")
         if not name:
             continue
-        if name not in REGIMES:
-            raise GradscopeError(f"{where}: unknown regime '{item}' (choose from: {', '.join(REGIMES)})")
+        if name not in REGIMES and name not in FAIL_ON_RULES:
+            raise GradscopeError(
+                f"{where}: unknown regime '{item}' (choose from: {', '.join(REGIMES + FAIL_ON_RULES)})"
+            )
         if name not in out:
             out.append(name)
     return tuple(out)
@@ -165,7 +190,23 @@ def policy_from_mapping(data: Any, where: str) -> Policy:
         max_clip_fraction=_number(norm.get("max_clip_fraction"), "max-clip-fraction", where, fraction=True),
         max_spikes=_number(norm.get("max_spikes"), "max-spikes", where, integer=True),
         max_skipped_fraction=_number(norm.get("max_skipped_fraction"), "max-skipped-fraction", where, fraction=True),
+        **_divergence_settings(norm, where),
     )
+
+
+def _divergence_settings(norm: dict, where: str) -> dict:
+    out = {}
+    k = _number(norm.get("divergence_factor"), "divergence-factor", where)
+    if k is not None:
+        if k <= 1:
+            raise GradscopeError(f"'{where}': divergence-factor must be more than 1, got {k!r}")
+        out["divergence_factor"] = k
+    m = _number(norm.get("divergence_steps"), "divergence-steps", where, integer=True)
+    if m is not None:
+        if m < 1:
+            raise GradscopeError(f"'{where}': divergence-steps must be 1 or more, got {m!r}")
+        out["divergence_steps"] = m
+    return out
 
 
 def load_policy(path: str | os.PathLike | None = None) -> Policy:
@@ -181,6 +222,9 @@ def override(policy: Policy, **flags: Any) -> Policy:
     from dataclasses import replace
 
     given = {k: v for k, v in flags.items() if v is not None}
+    div = {k.replace("_", "-"): given[k] for k in ("divergence_factor", "divergence_steps") if k in given}
+    for key, value in div.items():  # the same bounds as in the YAML file
+        _divergence_settings({key.replace("-", "_"): value}, f"--{key}")
     return replace(policy, **given)
 
 
@@ -366,15 +410,36 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
             msg = f"{n} steps: every loss and gradient norm finite" if n else "no steps recorded"
         checks.append(CheckResult("non-finite", PASS if n else SKIP, msg))
 
-    if policy.fail_on:
-        checks.append(_check_fail_on(policy.fail_on, facts))
+    regimes = tuple(r for r in policy.fail_on if r in REGIMES)
+    if regimes:
+        checks.append(_check_fail_on(regimes, facts))
+    divergence = None
+    if DIVERGENCE in policy.fail_on:
+        check, more, divergence = _check_divergence(run, policy)
+        checks.append(check)
+        notes.extend(more)
     if policy.max_clip_fraction is not None:
         checks.append(_check_clip_fraction(policy.max_clip_fraction, facts))
     if policy.max_spikes is not None:
         checks.append(_check_spikes(policy.max_spikes, facts))
     if policy.max_skipped_fraction is not None:
         checks.append(_check_skipped(policy.max_skipped_fraction, steps))
-    return Verdict(checks=checks, non_finite=nf, notes=notes, steps=len(steps))
+    return Verdict(checks=checks, non_finite=nf, notes=notes, steps=len(steps), divergence=divergence)
+
+
+def _check_divergence(run, policy: Policy) -> tuple[CheckResult, list[str], Any]:
+    from gradscope.analysis.divergence import describe, find_divergence
+
+    k, m = policy.divergence_factor, policy.divergence_steps
+    d, judged, notes = find_divergence(run, k, m)
+    if d is not None:
+        multi = run.steps["rank"].nunique() > 1 or run.steps["optimizer"].nunique() > 1
+        return CheckResult(DIVERGENCE, FAIL, describe(d, multi)), notes, d
+    if judged == 0:
+        why = "; ".join(notes) if notes else "no loss recorded or logged"
+        return CheckResult(DIVERGENCE, SKIP, f"the divergence rule could not judge the run: {why}"), [], None
+    return CheckResult(DIVERGENCE, PASS, f"the loss never stayed above {k:g}x its running minimum for {m} "
+                                         "logged steps"), notes, None
 
 
 def _label(f: SeriesFacts, facts: list[SeriesFacts]) -> str:
@@ -484,4 +549,4 @@ def _maybe(x: Any) -> float | None:
 
 
 def needs_analysis(policy: Policy) -> bool:
-    return bool(policy.fail_on) or policy.max_clip_fraction is not None or policy.max_spikes is not None
+    return any(r in REGIMES for r in policy.fail_on) or policy.max_clip_fraction is not None or policy.max_spikes is not None

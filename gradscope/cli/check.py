@@ -35,7 +35,9 @@ def check_command(
     ),
     config: Optional[Path] = typer.Option(None, "--config", help="Policy YAML (default: configs/check.yaml)."),
     fail_on: Optional[str] = typer.Option(
-        None, "--fail-on", metavar="REGIMES", help="Fail on these regimes: always-clips,never-clips,unclipped,healthy."
+        None, "--fail-on", metavar="REGIMES",
+        help="Fail on these regimes: always-clips,never-clips,unclipped,healthy; and/or divergence (the loss rose "
+             "above --divergence-factor x its running minimum for --divergence-steps logged steps).",
     ),
     max_clip_fraction: Optional[float] = typer.Option(
         None, "--max-clip-fraction", min=0.0, max=1.0, help="Fail when more than this share of steps is clipped."
@@ -46,6 +48,12 @@ def check_command(
     ),
     clip_norm: Optional[float] = typer.Option(
         None, "--clip-norm", min=0.0, help="Judge this threshold instead of the recorded one (policy rules)."
+    ),
+    divergence_factor: Optional[float] = typer.Option(
+        None, "--divergence-factor", help="--fail-on divergence: k > 1 (default 2)."
+    ),
+    divergence_steps: Optional[int] = typer.Option(
+        None, "--divergence-steps", help="--fail-on divergence: m >= 1 logged steps (default 20)."
     ),
     junit: Optional[Path] = typer.Option(None, "--junit", metavar="FILE", help="Also write a JUnit XML report."),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON instead of lines."),
@@ -62,17 +70,20 @@ def check_command(
         max_clip_fraction=max_clip_fraction,
         max_spikes=max_spikes,
         max_skipped_fraction=max_skipped_fraction,
+        divergence_factor=divergence_factor,
+        divergence_steps=divergence_steps,
     )
     inputs = find_inputs(runs)
     if len(inputs) == 1:  # one run: the output is exactly that run's
         target = str(inputs[0])
-        verdict = verdict_for(inputs[0], policy, clip_norm, format, column)
+        loaded, verdict = verdict_for(inputs[0], policy, clip_norm, format, column)
         if junit is not None:
             ci.write_junit(verdict, target, junit)
         if json_out:
             print(ci.to_json(verdict, target))
         else:
-            print("\n".join(ci.lines(verdict, target, github=ci.in_github_actions())))
+            curves = ci.curve_lines(loaded, verdict)
+            print("\n".join(ci.lines(verdict, target, github=ci.in_github_actions(), curves=curves)))
         sys.stdout.flush()
         return verdict.exit_code
     return _check_many(inputs, policy, clip_norm, format, column, junit, json_out)
@@ -80,7 +91,7 @@ def check_command(
 
 def verdict_for(path: Path, policy, clip_norm: float | None = None, format: str | None = None,
                 column: str | None = None):
-    """Open one run or log and judge it: the gate's Verdict (GradscopeError on bad input)."""
+    """Open one run or log and judge it: (the Run, the gate's Verdict); GradscopeError on bad input."""
     from gradscope.analysis import gate
 
     loaded = open_any(path, format, column)
@@ -95,7 +106,7 @@ def verdict_for(path: Path, policy, clip_norm: float | None = None, format: str 
     verdict = gate.evaluate(loaded, policy, facts)
     if problem:
         verdict.notes.append(f"policy rules could not be judged: {problem}")
-    return verdict
+    return loaded, verdict
 
 
 def _check_many(inputs: list[Path], policy, clip_norm, format, column, junit, json_out) -> int:
@@ -108,7 +119,8 @@ def _check_many(inputs: list[Path], policy, clip_norm, format, column, junit, js
     results = []
     for p in inputs:
         try:
-            results.append(ci.Checked(str(p), verdict_for(p, policy, clip_norm, format, column)))
+            loaded, verdict = verdict_for(p, policy, clip_norm, format, column)
+            results.append(ci.Checked(str(p), verdict, curves=ci.curve_lines(loaded, verdict)))
         except GradscopeError as e:
             results.append(ci.Checked(str(p), None, e.message, e.exit_code))
     worst = max(r.exit_code for r in results)

@@ -69,8 +69,9 @@ def watch_command(
     from gradscope.cli.check import verdict_for
     from gradscope.report import ci
 
-    verdict = verdict_for(run, policy)
-    print("\n".join(ci.lines(verdict, str(run), github=ci.in_github_actions())), flush=True)
+    loaded, verdict = verdict_for(run, policy)
+    print("\n".join(ci.lines(verdict, str(run), github=ci.in_github_actions(),
+                             curves=ci.curve_lines(loaded, verdict))), flush=True)
     return verdict.exit_code
 
 

@@ -34,8 +34,8 @@ def annotation(level: str, title: str, message: str) -> str:
     return f"::{level} title={_escape_property(title)}::{_escape_data(message)}"
 
 
-def lines(verdict: Verdict, target: str, *, github: bool = False) -> list[str]:
-    """What `gradscope check` prints: one line per check, then notes and the outcome.
+def lines(verdict: Verdict, target: str, *, github: bool = False, curves: list[str] | None = None) -> list[str]:
+    """What `gradscope check` prints: one line per check, then notes, the curves and the outcome.
 
     Under GitHub Actions a failing check is an ::error annotation (shown on the run's
     summary page and in the log) and a note a ::warning, instead of a plain line.
@@ -48,12 +48,61 @@ def lines(verdict: Verdict, target: str, *, github: bool = False) -> list[str]:
             out.append(f"{_MARK[c.status]} {c.name}: {c.message}")
     for n in verdict.notes:
         out.append(annotation("warning", "gradscope check", f"{target}: {n}") if github else f"note: {n}")
+    out.extend(curves or [])
     failed = [c.name for c in verdict.checks if c.failed]
     if failed:
         out.append(f"gradscope check: {target}: FAILED ({', '.join(failed)})")
     else:
         out.append(f"gradscope check: {target}: ok ({len(verdict.checks)} check{'s' if len(verdict.checks) != 1 else ''})")
     return out
+
+
+CURVE_WIDTH = 60
+
+
+def curve_lines(run, verdict: Verdict, width: int = CURVE_WIDTH) -> list[str]:
+    """The shape of the run in a CI log: one sparkline of the grad norm (log scale) and one of
+    the loss, of the series with the first bad step (else the longest of rank 0), that step
+    marked with the sparkline's mark."""
+    import numpy as np
+
+    from gradscope.report.spark import MARK, sparkline
+
+    steps = run.steps
+    if steps is None or len(steps) == 0:
+        return []
+    bad = verdict.first_bad
+    if bad is not None:
+        rank, opt = bad[0], bad[1]
+    else:
+        ranks = steps["rank"].to_numpy()
+        rank = 0 if (ranks == 0).any() else int(ranks.min())
+        opt = int(steps.loc[steps["rank"] == rank, "optimizer"].value_counts().idxmax())
+    sel = steps[(steps["rank"] == rank) & (steps["optimizer"] == opt)].sort_values("step", kind="stable")
+    step = sel["step"].to_numpy()
+    mark = bad[2] if bad is not None else None
+    where = ""
+    if steps["optimizer"].nunique() > 1 or steps["rank"].nunique() > 1:
+        where = f" (optimizer {opt}" + (f", rank {rank}" if steps["rank"].nunique() > 1 else "") + ")"
+    out = []
+    g = sel["grad_norm"].to_numpy(dtype=float)
+    fin = g[np.isfinite(g) & (g > 0)]
+    span = f"steps {int(step[0])}-{int(step[-1])}"
+    tail = f"; {MARK} step {mark}: {bad[3]}" if bad is not None else ""
+    if len(fin):
+        out.append(f"grad_norm {sparkline(step, g, width, log=True, mark_step=mark)}  {span}{where}, log scale "
+                   f"{_short(fin.min())}-{_short(fin.max())}{tail}")
+    loss = sel["loss"].to_numpy(dtype=float)
+    lf = loss[np.isfinite(loss)]
+    if len(lf):
+        keep = ~np.isnan(loss) if run.source != "gradscope" else np.ones(len(loss), dtype=bool)
+        out.append(f"loss      {sparkline(step[keep], loss[keep], width, mark_step=mark)}  {span}, "
+                   f"{_short(lf.min())}-{_short(lf.max())}{tail}")
+    return out
+
+
+def _short(x: float) -> str:
+    return f"{x:.3g}"
 
 
 def junit_xml(verdict: Verdict, target: str) -> bytes:
@@ -140,6 +189,7 @@ class Checked:
     verdict: Verdict | None
     error: str | None = None
     error_code: int = 2
+    curves: list[str] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -149,7 +199,7 @@ class Checked:
 def checked_lines(c: Checked, *, github: bool = False) -> list[str]:
     """A run's block of lines (as `check RUN` prints them), or one line saying why it was not judged."""
     if c.verdict is not None:
-        return lines(c.verdict, c.target, github=github)
+        return lines(c.verdict, c.target, github=github, curves=c.curves)
     if github:
         return [annotation("error", "gradscope check", f"{c.target}: {c.error}")]
     return [f"ERROR {c.target}: {c.error}"]
