@@ -83,7 +83,12 @@ def test_watch_on_a_finished_nan_run_alerts_and_exits_1():
     r = gradscope("watch", SAMPLES / "lstm_nan", "--exit-on-end", "--interval", "0.1")
     assert r.returncode == 1
     first = r.stdout.splitlines()[0]
-    assert "completed" in first and "ALERT non-finite loss and gradient at step 31" in first
+    with open(SAMPLES / "lstm_nan" / "steps-r0.csv") as f:
+        bad = next(row for row in csv.DictReader(f)
+                   if not (math.isfinite(float(row["loss"])) and math.isfinite(float(row["grad_norm"]))))
+    what = " and ".join(q for q, v in (("loss", bad["loss"]), ("gradient", bad["grad_norm"]))
+                        if not math.isfinite(float(v)))
+    assert "completed" in first and f"ALERT non-finite {what} at step {bad['step']}" in first
     assert "✗" in first  # the sparklines mark the bad step
     assert "FAIL non-finite" in r.stdout
 

@@ -2,8 +2,8 @@
 
 Rolling figures use the last ROLLING rows. The alerts use the analyzer's own rules where
 it has them: a spike is a step whose log-norm is at least spikes.z_threshold robust
-z-scores and spikes.min_ratio times above the median of the previous level.window finite
-steps; "never-clips so far" / "always-clips so far" are the regimes of `recommend`
+z-scores and spikes.min_ratio times above the median of the level.window finite steps before
+its anchor (the last multiple of ANCHOR_EVERY finite steps); "never-clips so far" / "always-clips so far" are the regimes of `recommend`
 (no step / at least half of the steps above the threshold) over the finite steps after the
 first 10% (the warm-up), once there are at least MIN_JUDGED of them.
 """
@@ -18,6 +18,10 @@ from gradscope.analysis.config import AnalysisConfig
 from gradscope.analysis.robust import MAD_TO_SIGMA
 
 ROLLING = 200
+# The level of a step is that of its anchor: the median of the level.window finite steps before
+# the last multiple of ANCHOR_EVERY finite steps (as the analyzer re-evaluates it every
+# level.stride steps): a step is never in its own window, and a million steps cost a second.
+ANCHOR_EVERY = 10
 MIN_JUDGED = 20
 WARMUP_FRACTION = 0.1
 
@@ -35,28 +39,57 @@ class SpikeTracker:
         n = len(g)
         if n <= self.checked:
             return
-        w = cfg.level.window
-        lo = max(0, self.checked - 4 * w)  # enough history for w finite steps in all but odd runs
-        x = np.full(n - lo, np.nan)
-        ok = np.isfinite(g[lo:]) & (g[lo:] > 0) & ~skipped[lo:].astype(bool)
-        x[ok] = np.log(g[lo:][ok])
-        for i in range(self.checked - lo, n - lo):
-            if not ok[i]:
-                continue
-            prev = x[:i][ok[:i]][-w:]
-            if len(prev) < cfg.level.min_periods:
-                continue
-            level = float(np.median(prev))
-            mad = float(np.median(np.abs(prev - level)))
-            z = (x[i] - level) / max(MAD_TO_SIGMA * mad, cfg.spikes.mad_floor)
-            if z >= cfg.spikes.z_threshold and x[i] - level >= math.log(cfg.spikes.min_ratio):
-                self.count += 1
-                ratio = math.exp(x[i] - level)
-                st = int(step[lo + i])
-                if self.first_step is None:
-                    self.first_step = st
-                if self.largest is None or ratio > self.largest[1]:
-                    self.largest = (st, ratio)
+        w, every = cfg.level.window, ANCHOR_EVERY
+        ok = np.isfinite(g) & (g > 0) & ~skipped.astype(bool)
+        done = np.flatnonzero(ok[: self.checked])
+        before = done[-(w + every):]  # enough history for the anchor of every new step
+        idx = np.concatenate([before, self.checked + np.flatnonzero(ok[self.checked:])])
+        if len(idx) == len(before):
+            self.checked = n
+            return
+        x = np.log(g[idx])
+        base = len(done) - len(before)  # finite steps of the run before x[0]
+        pos = base + np.arange(len(before), len(x))  # the new steps' places among the run's finite steps
+        anchors = np.unique(pos - pos % every)
+        anchors = anchors[anchors >= cfg.level.min_periods]
+        lev_a = np.full(len(anchors), np.nan)
+        mad_a = np.full(len(anchors), np.nan)
+        short = anchors < w  # the run's first w finite steps: shorter windows, a few
+        for j in np.flatnonzero(short):
+            win = x[: anchors[j] - base]
+            lev_a[j] = np.median(win)
+            mad_a[j] = np.median(np.abs(win - lev_a[j]))
+        full = np.flatnonzero(~short)
+        if len(full):
+            from numpy.lib.stride_tricks import sliding_window_view
+
+            windows = sliding_window_view(x, w)  # row r = x[r : r + w]
+            for a in range(0, len(full), 4096):  # in blocks: no huge (anchors x window) array
+                j = full[a: a + 4096]
+                win = windows[anchors[j] - w - base]
+                lev = np.median(win, axis=1)
+                lev_a[j] = lev
+                mad_a[j] = np.median(np.abs(win - lev[:, None]), axis=1)
+        key = pos - pos % every
+        at = np.searchsorted(anchors, key)
+        have = at < len(anchors)
+        have[have] &= anchors[at[have]] == key[have]
+        level = np.full(len(pos), np.nan)
+        mad = np.full(len(pos), np.nan)
+        level[have] = lev_a[at[have]]
+        mad[have] = mad_a[at[have]]
+        xn = x[len(before):]
+        with np.errstate(invalid="ignore"):
+            z = (xn - level) / np.maximum(MAD_TO_SIGMA * mad, cfg.spikes.mad_floor)
+            hit = (z >= cfg.spikes.z_threshold) & (xn - level >= math.log(cfg.spikes.min_ratio))
+        for k in np.flatnonzero(hit):
+            self.count += 1
+            ratio = math.exp(xn[k] - level[k])
+            st = int(step[idx[len(before) + k]])
+            if self.first_step is None:
+                self.first_step = st
+            if self.largest is None or ratio > self.largest[1]:
+                self.largest = (st, ratio)
         self.checked = n
 
 
