@@ -277,3 +277,15 @@ def test_a_damaged_layers_file_is_exit_2_naming_the_line(capsys, tmp_path, bad, 
     (d / "layers-r0-o0.csv").write_text("\n".join(rows) + "\n")
     code, _, err = cli(capsys, "check", d)
     assert code == 2 and f"'{d / 'layers-r0-o0.csv'}' line 9: {words}" in err
+
+
+def test_an_internal_error_under_json_is_an_error_object_with_exit_3(capsys, monkeypatch):
+    import gradscope.importers
+
+    def broken(*a, **k):  # stands in for a bug anywhere below the command
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gradscope.importers, "open_run", broken)
+    code, out, err = cli(capsys, "check", "--json", SAMPLES / "healthy_transformer")
+    assert code == 3 and "internal error: RuntimeError: boom" in err
+    assert json.loads(out) == {"error": "RuntimeError: boom (set GRADSCOPE_DEBUG=1 for the traceback)", "exit_code": 3}
