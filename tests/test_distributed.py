@@ -210,3 +210,17 @@ def test_rank_disagreement_flags_desynchronised_steps():
     assert (bad["rank_min"].iloc[2], bad["rank_max"].iloc[2]) == (1, 0)
     assert rank_disagreement(steps, rtol=0.5).shape[0] == 1  # only finite-vs-inf remains
     assert rank_disagreement(steps[steps["rank"] == 0]).empty  # one rank: nothing to compare
+
+
+@pytest.mark.slow
+def test_max_steps_stops_every_rank_at_the_same_step(tmp_path):
+    """`gradscope run --max-steps 3 -- torchrun ...`: both ranks end after their 3rd DDP step,
+    cleanly (torchrun and gradscope exit 0), status stopped, 3 rows per rank."""
+    res = gs("run", "-q", "--max-steps", "3", "--out", tmp_path / "run", "--",
+             *_torchrun(CASES_PY, tmp_path / "out", "--cases", "ddp", "--steps", "8"), cwd=tmp_path, timeout=180)
+    assert res.returncode == 0, _tail(res)
+    run = gradscope.load_run(tmp_path / "run")
+    assert (run.meta["status"], run.meta["exit_code"], run.meta["max_steps"]) == ("stopped", 0, 3)
+    for r in (0, 1):
+        assert list(run.rank(r).steps["step"]) == [0, 1, 2]
+    assert [p["status"] for p in run.meta["processes"]] == ["stopped", "stopped"]
