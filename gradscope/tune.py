@@ -75,10 +75,15 @@ class TuneResult:
     figure: Path | None = None
 
 
+# `python -m gradscope` would put the working directory first on sys.path, where a folder named
+# gradscope (a checkout) would shadow the installed package: start the CLI without it.
+_CLI = "import sys; sys.path.pop(0); sys.argv[0] = 'gradscope'; from gradscope.cli import main; main()"
+
+
 def gradscope_argv(target: Target, out: Path, clip_norm: float | None, max_steps: int | None,
                    layer_stride: int) -> list[str]:
     """The `gradscope run` command line of one probe."""
-    argv = [sys.executable, "-m", "gradscope", "run", "--quiet", "--force", "--out", str(out),
+    argv = [sys.executable, "-c", _CLI, "run", "--quiet", "--force", "--out", str(out),
             "--layer-stride", str(layer_stride)]
     if clip_norm is not None and math.isfinite(clip_norm):
         argv += ["--clip-norm", repr(float(clip_norm))]
@@ -210,7 +215,8 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         if pilot.status not in FINISHED:
             raise GradscopeError(
                 f"cannot learn the training's length: the pilot ended '{pilot.status}' (exit code "
-                f"{pilot.exit_code}) after {pilot.steps_run} steps; see {out / 'logs' / 'pilot.log'}; "
+                f"{pilot.exit_code}) after {pilot.steps_run} steps{_last_line(out / 'logs' / 'pilot.log')}; "
+                f"see {out / 'logs' / 'pilot.log'}; "
                 "give the length with --steps T", 2)
         T, T_source = pilot.steps_run, "pilot"
         if T < 1:
@@ -223,7 +229,8 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
                                  "save that)") from None
     if pilot.status not in FINISHED or pilot.steps_run == 0:
         raise GradscopeError(f"the pilot ended '{pilot.status}' (exit code {pilot.exit_code}) after "
-                             f"{pilot.steps_run} steps; see {out / 'logs' / 'pilot.log'}", 2)
+                             f"{pilot.steps_run} steps{_last_line(out / 'logs' / 'pilot.log')}; "
+                             f"see {out / 'logs' / 'pilot.log'}", 2)
     if pilot.status == "completed" and steps is not None and pilot.max_steps and pilot.steps_run < pilot.max_steps:
         raise GradscopeError(f"the training has only {pilot.steps_run} steps, fewer than its first probe's "
                              f"{pilot.max_steps}: --steps {steps} is not its length", 2)
@@ -373,6 +380,14 @@ def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out
             got.reason = f"every finalist diverged by {horizon} steps; {cands[t].label}, the best below them, did not"
             return got
         diverged.add(t)
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return ""
+    return f" ({lines[-1].strip()[:200]})" if lines else ""
 
 
 def _pilot_covers(pilot: ProbeRun, steps: int) -> bool:

@@ -45,6 +45,8 @@ def test_json_contract(tuned):
         assert {"clip_norm", "steps", "loss", "loss_spread", "clip_fraction", "mean_multiplier", "diverged",
                 "probes"} <= c.keys()
     assert sum(c["chosen"] for c in j["candidates"]) == 1
+    labels = [c["label"] for c in j["candidates"]]
+    assert j["runner_up_label"] in labels and j["runner_up_label"] != labels[[c["chosen"] for c in j["candidates"]].index(True)]
     assert j["snippets"]["pytorch"].endswith(f"max_norm={j['recommended_clip_norm']:g})")
     assert j["total_steps"] == T and j["seeded"] is True
     assert (out / "tune.png").stat().st_size > 10_000 and (out / "tune.json").is_file()
@@ -125,6 +127,9 @@ def test_a_stopped_tune_resumes_reusing_finished_probes(tmp_path):
 
 
 def test_an_unseeded_script_is_reported(tmp_path):
+    """The note, and `seeded` false. (The working directory also holds a folder named gradscope,
+    which `python -m gradscope` would import instead of the package: the probes must not.)"""
+    (tmp_path / "gradscope").mkdir()
     res = gs("tune", "--steps", "20", "--candidates", "4", "--out", tmp_path / "t", "--json", TASK,
              "--steps", "20", "--unseeded", cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr

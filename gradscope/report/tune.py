@@ -14,7 +14,8 @@ JSON schema "gradscope.tune/1" (NaN/inf never appear, null does)
     budget_spent            whole runs of T steps spent by the pilot and every probe (reused ones too)
     budget                  B; total_steps: T; total_steps_source: "option" | "pilot"
     steps_spent, steps_reused   optimizer steps behind budget_spent, and how many were reused
-    runner_up               threshold of the runner-up (null: as is / none); margin: its loss
+    runner_up               threshold of the runner-up (null: the script as is, or no runner-up);
+                            runner_up_label: its label (null: no runner-up); margin: its loss
                             minus the chosen one's, in combined standard errors (null: no runner-up)
     ties                    thresholds within the loss's noise of the best at the final horizon
     horizon                 steps the finalists were compared at
@@ -80,6 +81,7 @@ def to_json(result) -> dict:
         "steps_spent": result.steps_spent,
         "steps_reused": result.steps_reused,
         "runner_up": _tau(ch.runner_up) if ch else None,
+        "runner_up_label": _label(result, ch.runner_up) if ch and ch.runner_up is not None else None,
         "margin": _num(ch.margin) if ch else None,
         "ties": [_tau(t) for t in ch.ties] if ch else [],
         "horizon": ch.horizon if ch else None,
