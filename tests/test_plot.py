@@ -339,14 +339,16 @@ def _assert_figure_is_honest(fig, data, analysis, run):
 
 
 def _figure_cases(tmp: Path) -> dict[str, Path]:
-    cases = {name: SAMPLES / name for name in SAMPLE_NAMES}
+    cases = {name: SAMPLES / name for name in ALL_SAMPLES}
     cases.update({f"log_{k}": v for k, v in _logs(tmp).items()})
     cases["blowup"] = _blowup(tmp / "blowup")
     cases["unicode"] = _unicode_run(tmp)
     return cases
 
 
-FIGURE_CASES = [*SAMPLE_NAMES, "log_hf", "log_swift", "log_llamafactory", "log_lightning", "log_console",
+# every shipped sample run, whatever has been added since SAMPLE_NAMES was written
+ALL_SAMPLES = sorted(p.name for p in SAMPLES.iterdir() if (p / "meta.json").is_file())
+FIGURE_CASES = [*ALL_SAMPLES, "log_hf", "log_swift", "log_llamafactory", "log_lightning", "log_console",
                 "log_all_inf", "blowup", "unicode"]
 
 
