@@ -201,9 +201,7 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             the_plan = decide.plan(steps, budget, n_cand, as_is_in_pilot=include_as_is)
         except ValueError as e:
             raise GradscopeError(str(e)) from None
-        pilot_len = the_plan.rungs[0].steps
-        if pilot_len >= steps:
-            pilot_len = None  # the first rung is the whole training: the pilot runs to its end
+        pilot_len = the_plan.rungs[0].steps  # never past T, even when the script would run longer
         runner.layer_stride = 1
         pilot = runner.run([(decide.AS_IS, pilot_len, out / "pilot")])[0]
         runner.layer_stride = 0

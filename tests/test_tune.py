@@ -138,6 +138,20 @@ def test_an_unseeded_script_is_reported(tmp_path):
     assert any("not seeded" in n for n in j["notes"])
 
 
+def test_tune_a_module_within_steps_t(tmp_path):
+    """`-m module`, as `gradscope run` takes it; with --steps 20 and a script that would run 50
+    steps, no run goes past 20 (the budget is 3 x 20)."""
+    (tmp_path / "tinymod.py").write_text(Path(TASK).read_text())
+    res = gs("tune", "--steps", "20", "--candidates", "4", "--out", tmp_path / "t", "--json", "-m", "tinymod",
+             "--steps", "50", cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    j = json.loads(res.stdout)
+    runs = _run_dirs(tmp_path / "t")
+    assert len(runs) == 2 and all(len(gradscope.load_run(d).steps) == 20 for d in runs)
+    assert j["budget_spent"] == pytest.approx(2.0)
+    assert json.loads((runs[0] / "meta.json").read_text())["command"][1:3] == ["-m", "tinymod"]
+
+
 def test_bad_tune_input_is_one_line_and_exit_2(tmp_path):
     for args in (["--candidates", "0,1", TASK], ["--candidates", "a", TASK], ["--budget", "-1", TASK],
                  ["nothere.py"]):

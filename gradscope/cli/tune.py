@@ -31,7 +31,8 @@ The script must be seeded for its probes to be comparable. Exit 1 when every can
 )
 def tune_command(
     ctx: typer.Context,
-    module: Optional[str] = typer.Option(None, "-m", "--module", help="Run a module, like python -m."),
+    module: bool = typer.Option(False, "-m", help="The first argument is a module, run like python -m MODULE "
+                                "(everything after it, --steps included, goes to the module)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="T: the real training's length in optimizer steps."),
     budget: float = typer.Option(3.0, "--budget", help="B: total compute, in whole runs of T steps (pilot included)."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Probes run in parallel processes."),
@@ -46,8 +47,12 @@ def tune_command(
     from gradscope.tune import tune
 
     args = list(ctx.args)
-    if module is not None:
-        target = launch.Target("module", module, args)
+    if module and args:
+        # -m is a flag here, so that option parsing stops at the module's name, as python -m does:
+        # `gradscope tune -m pkg.train --steps 50` hands --steps 50 to the module, not to tune.
+        target = launch.Target("module", args[0], args[1:])
+    elif module:
+        raise GradscopeError("-m needs a module name (gradscope tune -m pkg.train ARGS)")
     elif not args:
         raise GradscopeError("nothing to tune: give a script (gradscope tune train.py), -m MODULE, or -- COMMAND")
     else:
