@@ -139,3 +139,57 @@ def test_no_host_read_per_step_while_tracing(tmp_path, monkeypatch):
         assert reads == [], reads[0][1]
         monkeypatch.undo()
     assert gradscope.load_run(tmp_path / "t").meta["processes"][0]["nan_trace"]["steps_traced"] == 20
+
+
+# ---------------------------------------------------------------- where it shows
+
+
+@pytest.fixture(scope="module")
+def sqrt_runs(tmp_path_factory):
+    """The sqrt script (forward NaN from step 37), recorded with and without --trace-nan."""
+    d = tmp_path_factory.mktemp("shows")
+    for name, extra in (("traced", ["--trace-nan"]), ("plain", [])):
+        res = gs("run", "-q", "--out", d / name, *extra, script("nan_origin.py"), "--mode", "sqrt",
+                 "--steps", "40", "--bad-step", "37", cwd=d)
+        assert res.returncode == 0, res.stderr
+    return d
+
+
+def test_check_names_the_origin(sqrt_runs):
+    res = gs("check", sqrt_runs / "traced")
+    assert res.returncode == 1
+    assert ("the first non-finite value was the forward output of `encoder.1.gate` (Gate) at step 37; "
+            "its inputs were finite") in res.stdout
+    doc = json.loads(gs("check", "--json", sqrt_runs / "traced").stdout)
+    assert doc["non_finite"]["origin"]["module"] == "encoder.1.gate"
+
+
+def test_check_without_the_trace_suggests_the_command(sqrt_runs):
+    res = gs("check", sqrt_runs / "plain")
+    assert res.returncode == 1
+    assert "record it again with `gradscope run --trace-nan " in res.stdout
+    assert "nan_origin.py --mode sqrt --steps 40 --bad-step 37`" in res.stdout
+    assert "the first non-finite value was" not in res.stdout
+
+
+def test_recommend_json_has_the_origin_contract(sqrt_runs):
+    res = gs("recommend", "--json", sqrt_runs / "traced")
+    assert res.returncode == 0, res.stderr
+    origin = json.loads(res.stdout)["nonfinite"]["origin"]
+    assert {k: origin[k] for k in ("step", "phase", "module")} == {"step": 37, "phase": "forward",
+                                                                   "module": "encoder.1.gate"}
+    assert origin["detail"].endswith("its inputs were finite")
+    plain = json.loads(gs("recommend", "--json", sqrt_runs / "plain").stdout)
+    assert plain["nonfinite"]["first_step"] == 37 and plain["nonfinite"]["origin"] is None
+
+
+def test_plot_marks_the_origin_step(sqrt_runs):
+    from gradscope.report.plot import origin_label, plot_data
+
+    data = plot_data(gradscope.load_run(sqrt_runs / "traced"))
+    o = data.series[0].origin
+    assert o.step == 37 and origin_label(o) == "NaN origin, step 37: forward, `encoder.1.gate`"
+    assert plot_data(gradscope.load_run(sqrt_runs / "plain")).series[0].origin is None
+    res = gs("plot", sqrt_runs / "traced", "-o", sqrt_runs / "t.png")
+    assert res.returncode == 0, res.stderr
+    assert (sqrt_runs / "t.png").stat().st_size > 10_000

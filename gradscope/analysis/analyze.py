@@ -99,6 +99,13 @@ def analyze(
     )
 
 
+def _origin_of(run, rank: int | None, optimizer: int):
+    from gradscope.analysis.origin import nan_origin
+
+    o = nan_origin(run, rank) if run.source == "gradscope" else None
+    return o if o is not None and o.optimizer == optimizer else None
+
+
 def _analyze_series(
     s: Series, run, rank: int | None, cfg: AnalysisConfig, clip_norm: float | None, pre: Preset | None, cls,
     label: str, momentum: float | None = None,
@@ -106,6 +113,7 @@ def _analyze_series(
     where, opt = str(run.path), s.optimizer
     g_all = s.grad_norm
     bad, valid, nonfinite = classify_steps(s)
+    nonfinite.origin = _origin_of(run, rank, opt)
     n_valid = int(valid.sum())
     th = resolve_threshold(s, clip_norm, run.meta)
     if n_valid == 0:

@@ -81,6 +81,8 @@ class NonFinite:
     growing: list[tuple[str, float, int, float]] = field(default_factory=list)
     multi_rank: bool = False
     multi_optimizer: bool = False
+    origin: Any = None  # analysis.origin.Origin recorded by --trace-nan, or None
+    trace_hint: str | None = None  # without --trace-nan: the command that would find the origin
 
     @property
     def where(self) -> str:
@@ -313,7 +315,19 @@ def find_non_finite(run) -> NonFinite | None:
         multi_optimizer=steps["optimizer"].nunique() > 1,
     )
     _attach_layers(nf, run, steps, bad)
+    _attach_origin(nf, run)
     return nf
+
+
+def _attach_origin(nf: NonFinite, run) -> None:
+    from gradscope.analysis.origin import nan_origin, trace_command, traced
+
+    if run.source != "gradscope":
+        nf.trace_hint = "gradscope run --trace-nan train.py ..."
+        return
+    nf.origin = nan_origin(run, nf.rank)
+    if nf.origin is None and not traced(run, nf.rank):
+        nf.trace_hint = trace_command(run)
 
 
 def _attach_layers(nf: NonFinite, run, steps, bad) -> None:
@@ -377,6 +391,10 @@ def describe_non_finite(nf: NonFinite) -> str:
     later = nf.bad_steps - 1
     if later:
         text += f"; {later} more bad step{'s' if later != 1 else ''} after it"
+    if nf.origin is not None:
+        text += f"; {nf.origin.sentence}"
+    elif nf.trace_hint:
+        text += f"; to find the module where it first appeared, record it again with `{nf.trace_hint}`"
     return text
 
 

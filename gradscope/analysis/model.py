@@ -125,6 +125,7 @@ class NonFinite:
     recovered: int
     divergence_step: int | None        # first step of a divergence (non-finite to the end)
     steps: list[int] = field(default_factory=list)  # the first few, for display
+    origin: Any = None                 # analysis.origin.Origin (gradscope run --trace-nan), or None
     first_unskipped_step: int | None = None  # first non-finite step no loss scaler skipped (its update went on)
 
 

@@ -172,6 +172,7 @@ def to_json(verdict: Verdict, target: str) -> str:
             "layers": nf.layers,
             "layers_step": nf.layers_step,
             "layers_total": nf.layers_total,
+            "origin": nf.origin.json() if nf.origin is not None else None,
         },
         "notes": verdict.notes,
     }

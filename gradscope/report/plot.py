@@ -170,6 +170,7 @@ class Series:
     judged_clipped: int | None = None  # the analyzer's count of clipped steady-state steps
     judged_steps: int | None = None    # the steady-state steps it counted them among
     blowup_from: int | None = None     # a blow-up's onset: the distribution panels stop before it
+    origin: Any = None  # analysis.origin.Origin of this optimizer (--trace-nan), or None
 
     def steady(self) -> np.ndarray:
         """Finite, not-skipped norms of the steps the analyzer judged (all when unknown), without
@@ -261,6 +262,7 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
                 if (fin & (ser.step < onset)).sum() >= 2:  # something left to show before it
                     ser.blowup_from = int(onset)
         series.append(ser)
+    _attach_origin(series, run, rank)
 
     layers = None
     lay = run.layers
@@ -283,6 +285,20 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
     if (run.meta or {}).get("sampled"):
         notes.append(f"sampled log: every {run.meta.get('logging_steps')}th step")
     return PlotData(title=title, series=series, layers=layers, notes=notes, source=run.source)
+
+
+def _attach_origin(series: list, run, rank: int) -> None:
+    from gradscope.analysis.origin import nan_origin
+
+    o = nan_origin(run, rank) if run.source == "gradscope" else None
+    for s in series:
+        if o is not None and s.optimizer == o.optimizer:
+            s.origin = o
+
+
+def origin_label(o) -> str:
+    where = f"`{o.module}`" if o.module else "outside every module"
+    return f"NaN origin, step {o.step}: {o.phase}, {where}"
 
 
 # ---------------------------------------------------------------- the figure
@@ -489,6 +505,9 @@ def _draw_norms(ax, data: PlotData) -> None:
         if len(bad):
             ax.axvline(first.step[bad[0]], color=NONFINITE_COLOR, lw=0.8, ls=":", zorder=1,
                        label=f"first non-finite: step {first.step[bad[0]]}")
+        if first.origin is not None:
+            ax.axvline(first.origin.step, color=NONFINITE_COLOR, lw=1.6, ls="-", alpha=0.6, zorder=1,
+                       label=origin_label(first.origin))
         if first.steady_from is not None and len(first.step) and first.steady_from > first.step[0]:
             ax.axvspan(first.step[0], first.steady_from, color="0.85", alpha=0.5, lw=0, zorder=0,
                        label="warm-up (not judged)")

@@ -25,7 +25,10 @@ Per optimizer:
     first_nonfinite_step (int|null), nonfinite_kind ("overflow-skipped"|"recovered"|"divergence"|null;
                         null also when every norm is non-finite while the loss falls: no divergence)
     nonfinite           {count, first_step, first_kind, overflow_skipped, recovered,
-                         divergence_step (int|null), steps (first 20)}
+                         divergence_step (int|null), steps (first 20),
+                         origin: null, or where `gradscope run --trace-nan` found the first non-finite
+                         value: {step, phase ("input"|"forward"|"backward"|"loss"), module (str|null),
+                         detail, optimizer, rank}}
     warmup_steps        finite steps left out at the start
     steady_steps        finite steps judged; steady_from_step: the first one's step number
     analysis_until_step step where a divergence began (statistics stop there), or null
@@ -152,6 +155,7 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
             "count": nf.count, "first_step": nf.first_step, "first_kind": nf.first_kind,
             "overflow_skipped": nf.overflow_skipped, "recovered": nf.recovered,
             "divergence_step": nf.divergence_step, "steps": nf.steps,
+            "origin": nf.origin.json() if getattr(nf, "origin", None) is not None else None,
         },
         "warmup_steps": o.warmup_steps,
         "steady_steps": o.steady_steps,
@@ -489,6 +493,8 @@ def _nonfinite(o: OptimizerAnalysis, main: bool) -> list:
                 style="red" if nf.first_kind == "divergence" else "yellow")]
     if nf.overflow_skipped and nf.overflow_skipped != nf.count:
         out.append(Text(f"            {nf.overflow_skipped} of them skipped by the loss scaler"))
+    if getattr(nf, "origin", None) is not None:
+        out.append(Text(f"            origin ({nf.origin.phase}): {nf.origin.sentence}"))
     return out
 
 
