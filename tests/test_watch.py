@@ -153,3 +153,51 @@ def test_sparkline_scales_bins_by_their_max_and_marks_the_bad_step():
     assert sparkline(step, np.array([1, 1, 1, 1, 1, 1, 1, 9.0]), width=4) == "▁▁▁█"  # a one-step spike shows
     assert sparkline(step, np.array([1, 10, 100, 1000, 1, 1, np.nan, np.nan]), width=8, log=True,
                      mark_step=6) == "▁▃▆█▁▁✗ "
+
+
+def test_watch_shows_clip_audit_findings_when_the_process_file_has_them(tmp_path):
+    import json
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(SAMPLES / "healthy_transformer", run)
+    proc = json.loads((run / "process-r0.json").read_text())
+    proc["clip_audit"] = {"findings": [{"kind": "clip-after-step", "optimizer": 0, "first_step": 3, "count": 5}],
+                          "error": None}
+    (run / "process-r0.json").write_text(json.dumps(proc))
+    r = gradscope("watch", run, "--exit-on-end", "--interval", "0.1")
+    assert r.returncode == 0
+    assert "FINDINGS clip-after-step (first at step 3, 5 steps)" in r.stdout.splitlines()[0]
+
+
+def test_watch_in_a_terminal_draws_the_live_panel():
+    """On a TTY watch uses rich's live display (a pseudo-terminal stands in for one)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, COLUMNS="120", LINES="40")
+    p = subprocess.Popen([sys.executable, "-m", "gradscope", "watch", str(SAMPLES / "lstm_nan"), "--exit-on-end",
+                          "--interval", "0.1"], stdout=slave, stderr=slave, stdin=slave, env=env)
+    os.close(slave)
+    chunks = []
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        r, _, _ = select.select([master], [], [], 0.5)
+        if r:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif p.poll() is not None:
+            break
+    p.wait(timeout=30)
+    os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace"))
+    assert p.returncode == 1
+    assert "gradscope watch" in text and "completed" in text and "╭" in text  # the panel, not plain lines
+    assert "ALERT" in text and "✗" in text
+    assert "FAIL non-finite" in text

@@ -166,8 +166,23 @@ def summarize(opt: int, step: np.ndarray, g: np.ndarray, loss: np.ndarray, clip:
 
 
 def findings(process: dict | None) -> list[dict]:
-    """Clip-audit findings a recording process wrote ({kind, first_step, count, message}), if any."""
+    """Clip-audit findings a recording process wrote so far: [{kind, first_step, count, message}].
+
+    The process file keeps them under "clip_audit" (issue 14's record); the sentence is the
+    audit's own (analysis/audit.py) when that module is installed."""
     if not process:
         return []
-    items = process.get("findings") or (process.get("clip_audit") or {}).get("findings") or []
-    return [f for f in items if isinstance(f, dict) and f.get("kind")]
+    record = process.get("clip_audit")
+    items = record.get("findings") if isinstance(record, dict) else process.get("findings")
+    try:
+        from gradscope.analysis.audit import describe
+    except ImportError:  # an installation without the clip audit
+        describe = None
+    out = []
+    for d in items or []:
+        if not isinstance(d, dict) or not d.get("kind"):
+            continue
+        message = d.get("message") or (describe(d, None) if describe is not None else "")
+        out.append({"kind": d["kind"], "first_step": d.get("first_step"), "count": d.get("count"),
+                    "message": message})
+    return out

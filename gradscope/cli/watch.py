@@ -47,6 +47,7 @@ def watch_command(
         if tty:
             from rich.live import Live
 
+            watcher.poll()  # the first frame shows what is there, not a placeholder
             with Live(watcher.panel(), refresh_per_second=4, transient=False) as live:
                 while True:
                     live.update(watcher.step_panel())

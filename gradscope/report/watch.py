@@ -42,8 +42,8 @@ def alerts(s: LiveSeries) -> list[str]:
 
 
 def finding_alerts(findings: list[dict]) -> list[str]:
-    return [f"{f.get('kind')} (first at step {f.get('first_step')}, {f.get('count')}x): {f.get('message', '')}"
-            for f in findings]
+    return [f"{f.get('kind')} (first at step {f.get('first_step')}, {f.get('count')} steps)"
+            + (f": {f['message']}" if f.get("message") else "") for f in findings]
 
 
 def _label(view: View, s: LiveSeries) -> str:
