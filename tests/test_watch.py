@@ -53,11 +53,13 @@ def test_watch_follows_a_run_being_recorded_without_a_tty(tmp_path):
     `gradscope run` trains slowly, notices the end and exits with check's code."""
     out = tmp_path / "live"
     watch = _popen("watch", str(out), "--exit-on-end", "--interval", "0.2")
-    time.sleep(0.5)
+    first = watch.stdout.readline()  # watch is up and waiting before the run starts
+    assert "waiting for" in first and f"{out} to appear" in first
     run = _popen("run", "--out", str(out), "--flush-seconds", "0.2", script("tiny_train.py"),
                  "--steps", "60", "--sleep", "0.05", "--clip", "2.0")
     run_out, run_err = run.communicate(timeout=180)
-    text, err = watch.communicate(timeout=60)
+    rest, err = watch.communicate(timeout=60)
+    text = first + rest
     assert run.returncode == 0, run_err
     assert watch.returncode == 0, err
     _announced(run_err, out)
