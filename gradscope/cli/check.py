@@ -15,13 +15,15 @@ CHECK_HELP = """Fail (exit 1) when a run's loss or gradient norm went NaN/inf.
   gradscope check runs/exp1
   gradscope check runs/exp1 --fail-on always-clips,never-clips --max-clip-fraction 0.3
   gradscope check out/checkpoint-500/trainer_state.json --junit gradscope.xml
+  gradscope check runs/exp1 --fail-on divergence        (the loss doubled from its best, for 20 logged steps)
   gradscope check runs/ sweeps/lr3e-4 out/trainer_state.json     (many at once)
 
 RUN may be several paths; a directory that is not itself a run is searched for
 gradscope runs and trainer logs (found recursively). With several, each is checked,
 a summary table lists them, and the exit status is the worst of them.
 
-A GradScaler overflow step that was skipped is not a failure. Policy rules come
+Each run's lines end with one-line sparklines of its grad norm and loss, the first
+bad step marked. A GradScaler overflow step that was skipped is not a failure. Policy rules come
 from configs/check.yaml, --config FILE, or the flags (flags win). Exit codes:
 0 every check passed, 1 a check failed, 2 bad input. Under GitHub Actions
 (GITHUB_ACTIONS=true) failures are printed as ::error annotations.
