@@ -33,7 +33,7 @@ from configs/check.yaml, --config FILE, or the flags (flags win). Exit codes:
 @app.command("check", help=CHECK_HELP)
 def check_command(
     runs: List[Path] = typer.Argument(
-        ..., metavar="RUN...", help="Gradscope run directories or trainer logs, or directories holding them."
+        ..., metavar="RUN", help="Gradscope run directories or trainer logs, or directories holding them."
     ),
     config: Optional[Path] = typer.Option(None, "--config", help="Policy YAML (default: configs/check.yaml)."),
     fail_on: Optional[str] = typer.Option(

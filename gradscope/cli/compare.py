@@ -27,7 +27,7 @@ scale) and loss curves, aligned by step (default: gradscope-compare.png).
 @app.command("compare", help=COMPARE_HELP)
 def compare_command(
     runs: List[Path] = typer.Argument(
-        ..., metavar="RUN...", help="Gradscope run directories or trainer logs, or directories holding them."
+        ..., metavar="RUN", help="Gradscope run directories or trainer logs, or directories holding them."
     ),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Figure file (.png, .svg, .pdf)."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Only the table (or JSON), no figure."),

@@ -28,7 +28,7 @@ Regimes: never-clips, always-clips, healthy, unclipped.
 @app.command("recommend", help=RECOMMEND_HELP)
 def recommend_command(
     runs: List[Path] = typer.Argument(
-        ..., metavar="RUN...", help="Gradscope run directories or training logs (see --format), or directories holding them."
+        ..., metavar="RUN", help="Gradscope run directories or training logs (see --format), or directories holding them."
     ),
     clip_norm: Optional[float] = typer.Option(None, "--clip-norm", help="Judge this threshold instead of the run's own."),
     preset: Optional[str] = typer.Option(
