@@ -29,7 +29,9 @@ def _run_dirs(out: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     out = tmp_path_factory.mktemp("tune") / "t"
-    res = gs("tune", *ARGS, "--out", out, "--json", TASK, "--steps", str(T), cwd=out.parent, timeout=600)
+    # --jobs 2: the probes of a rung run in parallel processes
+    res = gs("tune", *ARGS, "--jobs", "2", "--out", out, "--json", TASK, "--steps", str(T), cwd=out.parent,
+             timeout=600)
     assert res.returncode == 0, res.stderr
     return out, json.loads(res.stdout), res
 

@@ -197,8 +197,10 @@ def save_figure(result, path: Path) -> Path:
         y = s["loss"].to_numpy(dtype=float)
         x = s["step"].to_numpy()
         k = max(1, len(y) // 50)
-        if k > 1:  # a running mean, so the curves can be told apart
-            y = np.convolve(np.where(np.isfinite(y), y, np.nan), np.ones(k) / k, mode="same")
+        if k > 1:  # a centred running mean (no padding at the ends), so the curves can be told apart
+            import pandas as pd
+
+            y = pd.Series(np.where(np.isfinite(y), y, np.nan)).rolling(k, min_periods=1, center=True).mean().to_numpy()
         chosen = ch is not None and ch.clip_norm == c.clip_norm
         diverged = c.summary is not None and c.summary.diverged
         ax.plot(x, y, lw=2.4 if chosen else 1.0, color="black" if chosen else cmap(i / n),
