@@ -47,8 +47,9 @@ def _torchrun(*args) -> list[str]:
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    res = gs("run", "-q", "--out", tmp / "run", "--", *_torchrun(CASES_PY, tmp / "out"), cwd=tmp, timeout=180)
+    res = gs("run", "--out", tmp / "run", "--", *_torchrun(CASES_PY, tmp / "out"), cwd=tmp, timeout=180)
     assert res.returncode == 0, _tail(res)
+    (tmp / "gradscope-stderr.txt").write_text(res.stderr)  # for the announcement test
     return tmp / "run", tmp / "out"
 
 
@@ -143,6 +144,15 @@ def test_ddp_accumulation_with_no_sync_and_amp_behaves_as_one_process(recorded):
         assert not s["skipped"].any()
         np.testing.assert_array_equal(s["clipped"], np.array(ref["clip_total"]) > 0.6)
     assert _steps(run, "accum", 0)["clipped"].any() and not _steps(run, "accum", 0)["clipped"].all()
+
+
+@pytest.mark.slow
+def test_only_rank_0_says_the_first_step_was_recorded(recorded):
+    """Two ranks record, one line says so: `gradscope run` announces once, not once per rank."""
+    err = (recorded[0].parent / "gradscope-stderr.txt").read_text().splitlines()
+    assert sum(line.startswith("gradscope: recording into ") for line in err) == 1
+    first = [line for line in err if "first optimizer step recorded" in line]
+    assert len(first) == 1 and "(optimizer 0 " in first[0]
 
 
 @pytest.mark.slow
