@@ -14,9 +14,7 @@ OUT picks up where it was.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor

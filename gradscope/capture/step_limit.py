@@ -31,17 +31,6 @@ from typing import Any
 STOPPED = "stopped"
 
 
-def checked_max_steps(value: Any) -> int | None:
-    """`--max-steps`: None, or a whole number of steps >= 1."""
-    if value is None:
-        return None
-    from gradscope.errors import GradscopeError
-
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise GradscopeError(f"--max-steps must be a whole number >= 1, got {value!r}")
-    return value
-
-
 class StepLimit:
     """Stops the process after the ``max_steps``-th step of optimizer 0."""
 
