@@ -71,7 +71,7 @@ class _Probe:
             tr._event(BWD, call.mod, torch.gt, call.gout_ok if call.gout_ok is not None else tr._true(ok), ok)
         for call in reversed(self.producers):
             tr._event(GOUT, call.mod, torch.logical_not, ok)
-            call.gout_ok = ok if call.gout_ok is None else torch.logical_and(call.gout_ok, ok.to(call.gout_ok.device))
+            call.gout_ok = ok if call.gout_ok is None else torch.logical_and(call.gout_ok, _on(ok, call.gout_ok))
         return None
 
 
@@ -100,6 +100,11 @@ def _all_finite(t: torch.Tensor) -> torch.Tensor:
     else:
         s = t.detach().sum()
     return (s - s) == 0
+
+
+def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # .to() of a tensor already there still costs a call; most models live on one device
+    return t if t.device == like.device else t.to(like.device, non_blocking=True)
 
 
 def _plain(t: Any) -> bool:
@@ -215,7 +220,7 @@ class NanTrace:
         ok = None
         for t in tensors:
             o = self._finite_one(t)
-            ok = o if ok is None else torch.logical_and(ok, o.to(ok.device, non_blocking=True))
+            ok = o if ok is None else torch.logical_and(ok, _on(o, ok))
         return ok
 
     def _index(self, module: Any) -> int:
@@ -284,7 +289,7 @@ class NanTrace:
         in_ok = call.in_ok
         if kw_tensors:
             kw_ok = self._finite(kw_tensors)
-            in_ok = kw_ok if in_ok is None else torch.logical_and(in_ok, kw_ok.to(in_ok.device, non_blocking=True))
+            in_ok = kw_ok if in_ok is None else torch.logical_and(in_ok, _on(kw_ok, in_ok))
         if call.in_slot is not None and in_ok is not None:
             self._write(call.in_slot, torch.logical_not, in_ok)
         outs = _tensors(out)
@@ -322,7 +327,7 @@ class NanTrace:
                 self._codes.pop()
                 self._codes.extend(codes)
                 out = self._buf[k:k + len(codes)]
-                bad = torch.logical_not(torch.isfinite(norms.to(out.device, non_blocking=True)))
+                bad = torch.logical_not(torch.isfinite(_on(norms, out)))
                 out.copy_(bad)
         n = len(self._codes)
         if self._buf is None:
