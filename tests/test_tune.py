@@ -154,6 +154,26 @@ def test_tune_a_module_within_steps_t(tmp_path):
     assert json.loads((runs[0] / "meta.json").read_text())["command"][1:3] == ["-m", "tinymod"]
 
 
+def test_t_is_learned_from_a_pilot_that_runs_to_its_end(tmp_path):
+    res = gs("tune", "--candidates", "4", "--out", tmp_path / "t", "--json", TASK, "--steps", "20",
+             cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    j = json.loads(res.stdout)
+    assert (j["total_steps"], j["total_steps_source"]) == (20, "pilot")
+    pilot = json.loads((tmp_path / "t" / "pilot" / "meta.json").read_text())
+    assert (pilot["status"], pilot["max_steps"]) == ("completed", None)
+    assert j["budget_spent"] == pytest.approx(2.0)  # the pilot (the as-is candidate) and one probe
+
+
+def test_a_pilot_that_fails_says_why_t_is_unknown(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch\nraise RuntimeError('no data here')\n")
+    res = gs("tune", "--out", tmp_path / "t", bad, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2
+    assert "cannot learn the training's length" in res.stderr and "--steps" in res.stderr
+    assert "no data here" in res.stderr  # the pilot's own last line
+
+
 def test_bad_tune_input_is_one_line_and_exit_2(tmp_path):
     for args in (["--candidates", "0,1", TASK], ["--candidates", "a", TASK], ["--budget", "-1", TASK],
                  ["nothere.py"]):
