@@ -193,3 +193,69 @@ def test_plot_marks_the_origin_step(sqrt_runs):
     res = gs("plot", sqrt_runs / "traced", "-o", sqrt_runs / "t.png")
     assert res.returncode == 0, res.stderr
     assert (sqrt_runs / "t.png").stat().st_size > 10_000
+
+
+class _Sqrt(torch.nn.Module):
+    bad = False
+
+    def forward(self, x):
+        return torch.sqrt(x - 100) if self.bad else x
+
+
+def test_closure_steps_are_traced_in_their_own_step(tmp_path):
+    """optimizer.step(closure) (Lightning's automatic optimization) runs forward and backward
+    inside step(): the events still belong to that step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), _Sqrt(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.record(tmp_path / "r", trace_nan=True):
+        for step in range(10):
+            model[1].bad = step >= 6
+            x = torch.randn(8, 4)
+
+            def closure():
+                opt.zero_grad()
+                loss = model(x).pow(2).mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    run = gradscope.load_run(tmp_path / "r")
+    assert np.isfinite(run.steps["loss"][:6]).all() and not np.isfinite(run.steps["loss"][6])
+    origin = run.meta["processes"][0]["nan_trace"]["origin"]
+    assert (origin["step"], origin["phase"], origin["module"]) == (6, "forward", "1")
+
+
+def test_scaler_skipped_overflow_steps_are_no_origin_and_training_is_identical(tmp_path):
+    # amp_train.py: fp16 autocast, GradScaler at 2**40: its first steps overflow and are skipped
+    plain = python(script("amp_train.py"), "ref.json", "plain.pt", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    res = gs("run", "-q", "--out", tmp_path / "r", "--trace-nan", script("amp_train.py"), "ref2.json", "traced.pt",
+             cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    run = gradscope.load_run(tmp_path / "r")
+    assert run.steps["skipped"].sum() >= 1
+    assert run.meta["processes"][0]["nan_trace"]["origin"] is None
+    a, b = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "traced.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tracing_adds_no_sync_and_names_the_origin(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), _Sqrt(), torch.nn.Linear(64, 1)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = [torch.randn(32, 64, device="cuda") for _ in range(30)]
+    with gradscope.record(tmp_path / "r", flush_steps=10_000, flush_seconds=1e9, trace_nan=True):
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising call made while steps run raises
+        try:
+            for step, x in enumerate(data):
+                model[1].bad = step >= 20
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    origin = gradscope.load_run(tmp_path / "r").meta["processes"][0]["nan_trace"]["origin"]
+    assert (origin["step"], origin["phase"], origin["module"]) == (20, "forward", "1")
