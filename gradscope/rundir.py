@@ -11,6 +11,9 @@ run killed at any moment still loads:
                              with --trace-nan also "nan_trace": {enabled, steps_traced,
                              origin: null or {step, optimizer, phase ("input"|"forward"|
                              "loss"|"backward"), module (str|null), detail, what, why}}
+                             "clip_audit": {"findings": [{kind, optimizer, first_step,
+                             count, ...details}], "error": str|null}, the clip audit's
+                             record (capture/audit.py; read by analysis/audit.py)
       steps-r{R}.csv         one row per optimizer step of rank R (STEP_COLUMNS)
       layers-r{R}-o{O}.csv   per-parameter gradient norms of optimizer O on rank R:
                              `step` then one column per parameter name

@@ -14,13 +14,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from gradscope.analysis import audit
 from gradscope.analysis.ranks import disagreement_note
 from gradscope.errors import GradscopeError
 
 REGIMES = ("always-clips", "never-clips", "healthy", "unclipped")
 # --fail-on names that are rules of their own, not regimes.
 DIVERGENCE = "divergence"  # the loss rose far above its running minimum and stayed (analysis/divergence.py)
-FAIL_ON_RULES = (DIVERGENCE,)
+CLIP_BUGS = "clip-bugs"  # fail on any finding of the clip audit (analysis/audit.py)
+FAIL_ON_RULES = (DIVERGENCE, CLIP_BUGS)
 POLICY_FILE = "check.yaml"
 # Policy keys as written in YAML (dashes and underscores both accepted) -> Policy fields.
 _POLICY_KEYS = {
@@ -95,7 +97,7 @@ class NonFinite:
 class CheckResult:
     """One check as CI sees it: a JUnit testcase, a line, an annotation."""
 
-    name: str  # "non-finite", "fail-on", "max-clip-fraction", "max-spikes", "max-skipped-fraction"
+    name: str  # "non-finite", "fail-on", "clip-bugs", "max-clip-fraction", "max-spikes", "max-skipped-fraction"
     status: str  # PASS, FAIL or SKIP
     message: str
 
@@ -126,6 +128,7 @@ class Verdict:
             return None
         step, rank, opt, what = min(cands)
         return rank, opt, step, what
+    findings: list = field(default_factory=list)  # the clip audit's (analysis/audit.py Finding): warnings
 
     @property
     def ok(self) -> bool:
@@ -428,6 +431,7 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
             msg = f"{n} steps: every loss and gradient norm finite" if n else "no steps recorded"
         checks.append(CheckResult("non-finite", PASS if n else SKIP, msg))
 
+    found = audit.findings(run)
     regimes = tuple(r for r in policy.fail_on if r in REGIMES)
     if regimes:
         checks.append(_check_fail_on(regimes, facts))
@@ -436,13 +440,16 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
         check, more, divergence = _check_divergence(run, policy)
         checks.append(check)
         notes.extend(more)
+    if CLIP_BUGS in policy.fail_on:
+        checks.append(_check_clip_bugs(found, audit.audited(run)))
     if policy.max_clip_fraction is not None:
         checks.append(_check_clip_fraction(policy.max_clip_fraction, facts))
     if policy.max_spikes is not None:
         checks.append(_check_spikes(policy.max_spikes, facts))
     if policy.max_skipped_fraction is not None:
         checks.append(_check_skipped(policy.max_skipped_fraction, steps))
-    return Verdict(checks=checks, non_finite=nf, notes=notes, steps=len(steps), divergence=divergence)
+    return Verdict(checks=checks, non_finite=nf, notes=notes, steps=len(steps), divergence=divergence,
+                   findings=found)
 
 
 def _check_divergence(run, policy: Policy) -> tuple[CheckResult, list[str], Any]:
@@ -485,6 +492,30 @@ def _check_fail_on(fail_on: tuple[str, ...], facts: list[SeriesFacts]) -> CheckR
         return CheckResult("fail-on", FAIL, f"{why} (policy fails on {', '.join(fail_on)})")
     regimes = ", ".join(sorted({f.regime for f in judged}))
     return CheckResult("fail-on", PASS, f"regime {regimes} (policy fails on {', '.join(fail_on)})")
+
+
+def _check_clip_bugs(found: list, audited: bool) -> CheckResult:
+    if found:
+        n = len(found)
+        text = "; ".join(_finding_text(f, found) for f in found)
+        return CheckResult(CLIP_BUGS, FAIL, f"{n} clipping bug{'s' if n != 1 else ''}: {text}")
+    if not audited:
+        return CheckResult(CLIP_BUGS, SKIP, "no clip audit in this input (only runs recorded by `gradscope run` "
+                                            "or gradscope.record() carry one)")
+    return CheckResult(CLIP_BUGS, PASS, "the clip audit found no clipping bug")
+
+
+def _finding_text(f, found: list) -> str:
+    """A finding as one line of `check`; the rank is named when several ranks differ."""
+    where = f" (rank {f.rank})" if len({x.rank for x in found}) > 1 else ""
+    return f"{f.line()}{where}"
+
+
+def finding_lines(verdict: Verdict) -> list[str]:
+    """The findings as warnings (when no clip-bugs check carries them already)."""
+    if any(c.name == CLIP_BUGS for c in verdict.checks):
+        return []
+    return [_finding_text(f, verdict.findings) for f in verdict.findings]
 
 
 def _check_clip_fraction(limit: float, facts: list[SeriesFacts]) -> CheckResult:

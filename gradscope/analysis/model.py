@@ -166,6 +166,7 @@ class OptimizerAnalysis:
     nonfinite: NonFinite
     preset: PresetCheck | None
     notes: list[str] = field(default_factory=list)
+    findings: list = field(default_factory=list)  # the clip audit's findings for this optimizer (analysis/audit.py)
     whole_run: WholeRun | None = None
     caveats: list[str] = field(default_factory=list)  # what to weigh before applying the recommendation
     confidence: object = None          # confidence.Confidence: can one pilot tell? (None: not assessed)
@@ -189,6 +190,7 @@ class RunAnalysis:
     optimizers: list[OptimizerAnalysis]
     notes: list[str] = field(default_factory=list)
     status: str | None = None          # meta.json's status ("running": still being recorded), or the log's
+    findings: list = field(default_factory=list)  # the clip audit's (analysis/audit.py Finding), this rank
 
     @property
     def main(self) -> OptimizerAnalysis:

@@ -36,6 +36,7 @@ from torch.nn.utils import clip_grad as _clip_grad_mod
 
 from gradscope import __version__, rundir
 from gradscope.capture import announce, closure, distributed
+from gradscope.capture.audit import ClipAudit
 from gradscope.capture.boot import checked_clip_norm
 from gradscope.capture.names import parameter_names
 from gradscope.capture.step_limit import StepLimit
@@ -165,6 +166,7 @@ class Recorder:
         self._status = "running"
         self._prev_sigterm: Any = None
         self._atexit: Callable | None = None
+        self._audit = ClipAudit(owner=self._owned.get, active=self._mine)  # capture/audit.py
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -258,15 +260,20 @@ class Recorder:
             return __init__
 
         self._patch(torch.optim.Optimizer, "__init__", make_init)
+        for owner, name, make in self._audit.patches():  # zero_grad, zero_, GradScaler.unscale_
+            self._patch(owner, name, make)
 
         def make_backward(orig):
             def backward(tensors, *args, **kwargs):
                 if rec._in_backward or not rec._mine():
                     return orig(tensors, *args, **kwargs)
                 rec._note_backward(tensors)
+                rec._audit.backward_begin()
                 rec._in_backward = True  # checkpointing re-enters backward: not a loss
                 try:
-                    return orig(tensors, *args, **kwargs)
+                    result = orig(tensors, *args, **kwargs)
+                    rec._audit.backward_end()
+                    return result
                 finally:
                     rec._in_backward = False
 
@@ -329,6 +336,8 @@ class Recorder:
         def make_scale(orig):
             def scale(scaler, outputs):
                 out = orig(scaler, outputs)
+                if rec._mine() and out is not outputs:
+                    rec._audit.scaled()
                 if rec._mine() and isinstance(outputs, torch.Tensor) and out is not outputs:
                     try:
                         setattr(out, _UNSCALED_ATTR, outputs.detach())
@@ -352,6 +361,7 @@ class Recorder:
                 if st.steps == before:
                     # The scaler found inf/nan and never called optimizer.step(): still a row.
                     rec._record(st, optimizer.param_groups, skipped=True, scaler=scaler)
+                    rec._audit.step_end(st)
                     rec._maybe_flush()
                 return result
 
@@ -446,6 +456,7 @@ class Recorder:
     def _on_clip(self, params: list, kind: str, threshold: float, total: torch.Tensor | None) -> None:
         fn = "clip_grad_norm_" if kind == "norm" else "clip_grad_value_"
         if not self._applying:  # our own --clip-norm call is not one of the script's
+            self._audit.clip(params, fn, threshold)
             self._count(fn)
             if threshold not in self._thresholds[fn] and len(self._thresholds[fn]) < 20:
                 self._thresholds[fn].append(threshold)
@@ -484,6 +495,7 @@ class Recorder:
         if not self._mine():
             return None
         st = self._register(opt)
+        self._audit.step_begin(st)
         # A closure runs backward (and Lightning's clipping) inside step(): take the row when
         # its first evaluation returns (capture/closure.py).
         wrapped = closure.wrap_closure(args, kwargs, lambda: self._take_row(opt, st))
@@ -538,6 +550,7 @@ class Recorder:
         called = closure.closure_called(args, kwargs)
         if called is False:  # step() never evaluated its closure: the gradients are as they were
             self._take_row(opt, st)
+        self._audit.step_end(st)
         if called is not None:
             # The step's loss is what reached backward() up to its closure's first value;
             # later evaluations (LBFGS line searches) belong to no step.
@@ -855,6 +868,7 @@ class Recorder:
             "clip_thresholds": {k: v for k, v in self._thresholds.items() if v},
             "clip_norm_override": self.clip_norm,
             "script_max_norms_overridden": list(self._script_max_norms),
+            "clip_audit": self._audit.record(lambda st: st.names or parameter_names(st.params)),
         }
         if self._nantrace is not None:
             info["nan_trace"] = self._nantrace.info()

@@ -14,6 +14,7 @@ CHECK_HELP = """Fail (exit 1) when a run's loss or gradient norm went NaN/inf.
 \b
   gradscope check runs/exp1
   gradscope check runs/exp1 --fail-on always-clips,never-clips --max-clip-fraction 0.3
+  gradscope check runs/exp1 --fail-on clip-bugs
   gradscope check out/checkpoint-500/trainer_state.json --junit gradscope.xml
   gradscope check runs/exp1 --fail-on divergence        (the loss doubled from its best, for 20 logged steps)
   gradscope check runs/ sweeps/lr3e-4 out/trainer_state.json     (many at once)
@@ -23,7 +24,8 @@ gradscope runs and trainer logs (found recursively). With several, each is check
 a summary table lists them, and the exit status is the worst of them.
 
 Each run's lines end with one-line sparklines of its grad norm and loss, the first
-bad step marked. A GradScaler overflow step that was skipped is not a failure. Policy rules come
+bad step marked. A GradScaler overflow step that was skipped is not a failure. Clipping bugs
+the clip audit found are printed as warnings (--fail-on clip-bugs fails on them). Policy rules come
 from configs/check.yaml, --config FILE, or the flags (flags win). Exit codes:
 0 every check passed, 1 a check failed, 2 bad input. Under GitHub Actions
 (GITHUB_ACTIONS=true) failures are printed as ::error annotations.
@@ -39,7 +41,7 @@ def check_command(
     fail_on: Optional[str] = typer.Option(
         None, "--fail-on", metavar="REGIMES",
         help="Fail on these regimes: always-clips,never-clips,unclipped,healthy; and/or divergence (the loss rose "
-             "above --divergence-factor x its running minimum for --divergence-steps logged steps).",
+             "above --divergence-factor x its running minimum for --divergence-steps logged steps); clip-bugs: on the clip audit's findings.",
     ),
     max_clip_fraction: Optional[float] = typer.Option(
         None, "--max-clip-fraction", min=0.0, max=1.0, help="Fail when more than this share of steps is clipped."

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradscope.analysis.gate import FAIL, PASS, SKIP, CheckResult, Verdict
+from gradscope.analysis.gate import FAIL, PASS, SKIP, CheckResult, Verdict, finding_lines
 from gradscope.errors import GradscopeError
 
 SUITE = "gradscope"
@@ -46,6 +46,8 @@ def lines(verdict: Verdict, target: str, *, github: bool = False, curves: list[s
             out.append(annotation("error", f"gradscope check {c.name}", f"{target}: {c.message}"))
         else:
             out.append(f"{_MARK[c.status]} {c.name}: {c.message}")
+    for w in finding_lines(verdict):  # clipping bugs, when --fail-on clip-bugs is not set
+        out.append(annotation("warning", "gradscope clip audit", f"{target}: {w}") if github else f"warning: {w}")
     for n in verdict.notes:
         out.append(annotation("warning", "gradscope check", f"{target}: {n}") if github else f"note: {n}")
     out.extend(curves or [])
@@ -127,8 +129,9 @@ def junit_xml(verdict: Verdict, target: str) -> bytes:
         else:
             out = ET.SubElement(case, "system-out")
             out.text = c.message
-    if verdict.notes:
-        ET.SubElement(suite, "system-out").text = "\n".join(f"note: {n}" for n in verdict.notes)
+    warnings = [f"warning: {w}" for w in finding_lines(verdict)]
+    if verdict.notes or warnings:
+        ET.SubElement(suite, "system-out").text = "\n".join(warnings + [f"note: {n}" for n in verdict.notes])
     ET.indent(suites)
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
 
@@ -174,6 +177,7 @@ def to_json(verdict: Verdict, target: str) -> str:
             "layers_total": nf.layers_total,
             "origin": nf.origin.json() if nf.origin is not None else None,
         },
+        "findings": [f.as_json() for f in verdict.findings],
         "notes": verdict.notes,
     }
     return json.dumps(doc, indent=2, allow_nan=False)

@@ -14,6 +14,11 @@ plus these run-level keys:
                     "completed", "failed", "interrupted", "killed") or the log's ("completed", "unknown")
     optimizers      list of per-optimizer objects (one per optimizer, by id)
     notes           run-level notes followed by the main optimizer's notes (strings)
+    findings        the clip audit's findings on the rank analysed, every optimizer: a list of
+                    {kind, first_step, count, message} (empty when none, and for foreign logs,
+                    which carry no audit); kind: "clip-before-unscale" | "clip-after-step" |
+                    "clip-per-microbatch" | "clip-partial" | "no-zero-grad". Each optimizer
+                    object has its own "findings" list too.
 
 Per optimizer:
 
@@ -254,6 +259,8 @@ def _recommendation_json(r, rc) -> dict:
 def to_json(result: RunAnalysis, config=None) -> dict:
     """The JSON object of the module docstring (already free of NaN)."""
     per = [optimizer_json(o, config) for o in result.optimizers]
+    for o, d in zip(result.optimizers, per):
+        d["findings"] = [f.as_json() for f in result.findings if f.optimizer == o.optimizer]
     main = per[result.optimizers.index(result.main)]
     top = {
         "schema": SCHEMA,
@@ -266,6 +273,7 @@ def to_json(result: RunAnalysis, config=None) -> dict:
     }
     top.update({k: v for k, v in main.items() if k not in ("notes",)})
     top["notes"] = list(result.notes) + list(main["notes"])
+    top["findings"] = [f.as_json() for f in result.findings]
     top["optimizers"] = per
     return _clean(top)
 
@@ -339,6 +347,19 @@ def _head(o: OptimizerAnalysis, main: bool) -> list:
     if o.skipped_steps:
         head.append(f", {o.skipped_steps} skipped by the loss scaler ({o.skipped_fraction:.1%})")
     return [head]
+
+
+def _findings(o: OptimizerAnalysis, main: bool) -> list:
+    """The clip audit's findings, above the verdict: a clipping bug makes the verdict moot."""
+    from rich.text import Text
+
+    out = []
+    for f in getattr(o, "findings", None) or []:
+        bug = Text("clip bug  ", style="bold red")
+        bug.append(f.kind, style="bold red")
+        bug.append(f" from step {f.first_step} ({f.count} step{'s' if f.count != 1 else ''}): {f.message}")
+        out.append(bug)
+    return out
 
 
 def _percentile_table(o: OptimizerAnalysis, main: bool) -> list:
@@ -518,7 +539,7 @@ def _paste(o: OptimizerAnalysis, main: bool) -> list:
     return [Text("paste", style="bold"), sn]
 
 
-SECTIONS = (_head, _percentile_table, _verdict, _recommendation, _drift, _spikes, _nonfinite, _notes, _paste)
+SECTIONS = (_head, _findings, _percentile_table, _verdict, _recommendation, _drift, _spikes, _nonfinite, _notes, _paste)
 
 
 def render_summary(results: list, console=None) -> None:

@@ -13,6 +13,7 @@ def _fmt(x: float) -> str:
 def summary_lines(run_dir: Path) -> list[str]:
     import numpy as np
 
+    from gradscope.analysis import audit
     from gradscope.rundir import load_run
 
     run = load_run(run_dir)
@@ -25,6 +26,7 @@ def summary_lines(run_dir: Path) -> list[str]:
     judged = _judged(run) if not steps.empty else {}
     ranks = sorted(steps["rank"].unique()) if not steps.empty else []
     view = steps[steps["rank"] == ranks[0]] if ranks else steps
+    bugs = audit.findings(run, rank=int(ranks[0]) if ranks else None)
     for opt_id, s in view.groupby("optimizer"):
         info = next((o for o in meta.get("optimizers", []) if o.get("id") == opt_id), {})
         g = s["grad_norm"].to_numpy(dtype=float)
@@ -49,6 +51,9 @@ def summary_lines(run_dir: Path) -> list[str]:
             )
         else:
             lines.append("    clipped    no clip_grad_norm_ call seen")
+        for f in bugs:
+            if f.optimizer == opt_id:
+                lines.append(f"    clip bug   {f.line()}")
         bad = (~np.isfinite(g)) | (~np.isfinite(s["loss"].to_numpy(dtype=float)) & s["loss"].notna().to_numpy())
         skipped = s["skipped"].to_numpy()
         if bad.any() or skipped.any():

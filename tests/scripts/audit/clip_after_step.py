@@ -1,0 +1,17 @@
+"""Bug: clip_grad_norm_ after optimizer.step(): the update was never clipped."""
+import sys
+
+import torch
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+for step in range(20):
+    x = torch.randn(32, 8)
+    loss = torch.nn.functional.mse_loss(model(x), x[:, :1] * 3)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+if len(sys.argv) > 1:
+    torch.save(model.state_dict(), sys.argv[1])
