@@ -156,6 +156,22 @@ def test_only_rank_0_says_the_first_step_was_recorded(recorded):
 
 
 @pytest.mark.slow
+def test_clip_audit_finds_nothing_in_ddp_no_sync_accumulation_and_fsdp2(recorded):
+    """Controls of the clip audit: DDP; DDP with no_sync() accumulation, GradScaler with unscale_
+    before the clip; FSDP2 with and without the script's clip_grad_norm_. No finding on any rank."""
+    from gradscope.analysis.audit import findings
+
+    run_dir, _ = recorded
+    run = gradscope.load_run(run_dir)
+    procs = run.meta["processes"]
+    assert sorted(p["rank"] for p in procs) == [0, 1]
+    for p in procs:
+        assert p["clip_audit"] == {"findings": [], "error": None}
+        assert p["clip_calls"]["clip_grad_norm_"] == 2 * 4  # accum and fsdp_clip clipped every step
+    assert findings(run) == []
+
+
+@pytest.mark.slow
 def test_training_is_bit_identical_with_and_without_gradscope(recorded, tmp_path):
     """The recorder's collectives and hooks change nothing: same final weights, bit for bit."""
     import subprocess

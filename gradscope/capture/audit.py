@@ -75,16 +75,19 @@ class _Opt:
         self.last_step = -1  # index of the last step that ended
         self.clips: list[_Clip] = []  # since the last step ended
         self.covered: set = set()  # ids of the parameters those clips named
-        self.snapshot: list | None = None  # (param, grad weakref) when the last step ended
+        self.snapshot: list | None = None  # (param, grad weakref, version) when the last step ended
 
 
 class ClipAudit:
     """The state machine. `owner(id(param))` gives the recorder's optimizer state of a parameter;
-    `active()` is false in forked children and after stop."""
+    `active()` is false in forked children and after stop; `scaler()` is the GradScaler whose
+    step() is running (None outside GradScaler.step)."""
 
-    def __init__(self, owner: Callable[[int], Any], active: Callable[[], bool]) -> None:
+    def __init__(self, owner: Callable[[int], Any], active: Callable[[], bool],
+                 scaler: Callable[[], Any] = lambda: None) -> None:
         self._owner = owner
         self._active = active
+        self._scaler = scaler
         self._seq = 0
         self._backward = -1  # seq of the last backward
         self._scale = -1  # seq of the last GradScaler.scale that scaled
@@ -302,7 +305,7 @@ class ClipAudit:
             o.begin = self._next()
 
     @_guard
-    def step_end(self, st: Any) -> None:
+    def step_end(self, st: Any, via_scaler: bool | None = None) -> None:
         """The step of `st` is over (its update applied, or skipped by a GradScaler)."""
         o = self._opt(st)
         if o is None:
@@ -310,7 +313,9 @@ class ClipAudit:
         seq = self._next()
         step = st.steps - 1  # the recorder counts the step when its row is taken
         params = st.params
-        for c in o.clips:
+        if via_scaler is None:
+            via_scaler = self._scaler() is not None
+        for c in o.clips if via_scaler else ():  # a step made by GradScaler.step, which unscales
             if c.scaled:
                 self._hit("clip-before-unscale", o, step, function=c.fn, threshold=c.threshold)
                 break
@@ -329,7 +334,7 @@ class ClipAudit:
                 self._hit("clip-partial", o, step, **(detail or {}))
         if self._accumulated(o):
             self._hit("no-zero-grad", o, step)
-        o.snapshot = [(p, weakref.ref(g)) for p in params if (g := p.grad) is not None]
+        o.snapshot = [(p, weakref.ref(g), g._version) for p in params if (g := p.grad) is not None]
         for c in o.clips:
             c.done = True
         if o.clips:
@@ -339,15 +344,20 @@ class ClipAudit:
         o.end, o.last_step = seq, step
 
     def _accumulated(self, o: _Opt) -> bool:
-        """Every gradient this step applies is the tensor the previous step applied, and nothing zeroed it."""
+        """Every gradient this step applies is the tensor the previous step applied, a backward wrote
+        into it since (its version moved), and nothing zeroed it."""
         if not o.snapshot or o.zero > o.end or self._backward < o.end or self._zero_unknown > o.end:
             return False
-        for p, ref in o.snapshot:
+        written = False
+        for p, ref, version in o.snapshot:
             g = p.grad
             if g is None or g is not ref():
                 return False
+            written = written or g._version != version
+        if not written:
+            return False
         if self._zero_ptrs:
-            for p, _ in o.snapshot:
+            for p, _, _ in o.snapshot:
                 try:
                     if self._zero_ptrs.get(p.grad.data_ptr(), -1) > o.end:
                         return False

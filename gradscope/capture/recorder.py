@@ -166,7 +166,8 @@ class Recorder:
         self._status = "running"
         self._prev_sigterm: Any = None
         self._atexit: Callable | None = None
-        self._audit = ClipAudit(owner=self._owned.get, active=self._mine)  # capture/audit.py
+        self._audit = ClipAudit(owner=self._owned.get, active=self._mine,  # capture/audit.py
+                                scaler=lambda: self._active_scaler)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -361,7 +362,7 @@ class Recorder:
                 if st.steps == before:
                     # The scaler found inf/nan and never called optimizer.step(): still a row.
                     rec._record(st, optimizer.param_groups, skipped=True, scaler=scaler)
-                    rec._audit.step_end(st)
+                    rec._audit.step_end(st, via_scaler=True)
                     rec._maybe_flush()
                 return result
 
