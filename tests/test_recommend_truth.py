@@ -36,11 +36,15 @@ def cli_json(args, capsys) -> dict:
 
 
 def report(args, capsys) -> str:
+    before = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "200"  # rich wraps at the terminal width: one report line per line here
     try:
         code, out, err = cli(args, capsys)
     finally:
-        del os.environ["COLUMNS"]
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
     assert code == 0, err
     return out
 
