@@ -20,7 +20,7 @@ held out before any of their recommend or tune results were seen: they are repor
 Every training's result is cached on disk (OUT/cache/<task>/s<seed>/<method>.json) as soon as it
 ends, and pilots and tune directories are kept, so an interrupted run resumes where it stopped.
 The full trainings at a recommended or tuned tau run in-process with clip_grad_norm_, which is
-bit-identical to `gradscope run --clip-norm tau` (tests/test_clip_norm_option.py).
+bit-identical to `gradscope run --clip-norm tau` (tests/test_clip_override.py).
 """
 from __future__ import annotations
 
