@@ -177,14 +177,15 @@ def run_recorded(
         from gradscope.capture.announce import ENV_ANNOUNCE
 
         env[ENV_ANNOUNCE] = repr(time.time())
-        print(f"gradscope: recording into {run_dir}   watch it live: gradscope watch {run_dir}",
-              file=sys.stderr, flush=True)
 
     try:
         child = subprocess.Popen(argv, env=env)
     except OSError as e:
         rundir.write_json_atomic(run_dir / rundir.META_FILE, rundir.finish_meta(meta, "failed", 2))
         raise GradscopeError(f"cannot start {argv[0]}: {e.strerror}") from None
+    if announce:  # once it has really started (the script takes far longer to print its first line)
+        print(f"gradscope: recording into {run_dir}   watch it live: gradscope watch {run_dir}",
+              file=sys.stderr, flush=True)
 
     def forward(signum, frame):
         try:
