@@ -293,3 +293,19 @@ def test_check_fail_on_clip_bugs_passes_a_clean_run_and_skips_a_foreign_log(tmp_
     assert res.returncode == 0 and "SKIP clip-bugs: no clip audit in this input" in res.stdout
     bad = gs("check", log, "--fail-on", "clip-bug", cwd=tmp_path)
     assert bad.returncode == 2 and "clip-bugs" in bad.stderr
+
+
+@pytest.mark.slow
+def test_lightning_clip_in_on_after_backward_with_accumulation_is_clip_per_microbatch(tmp_path):
+    """Under Lightning's closures too: a clip in on_after_backward runs after each of the 2 micro-batches
+    of every window (12 batches, 6 steps), so each step's first clip is overwritten by the second backward."""
+    pytest.importorskip("lightning")
+    script = AUDIT / "lightning_clip_per_microbatch.py"
+    res = gs("run", "-q", "--out", tmp_path / "run", script, tmp_path / "with.pt", cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    found = findings(gradscope.load_run(tmp_path / "run"))
+    assert [(f.kind, f.first_step, f.count) for f in found] == [("clip-per-microbatch", 0, 6)]
+    plain = python(script, tmp_path / "without.pt", cwd=tmp_path, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    a, b = _weights(tmp_path / "with.pt"), _weights(tmp_path / "without.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

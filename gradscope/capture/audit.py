@@ -67,7 +67,7 @@ class _Clip:
 class _Opt:
     """The audit's view of one optimizer (the recorder's _OptState is `st`)."""
 
-    __slots__ = ("st", "begin", "end", "zero", "unscaled", "last_step", "clips", "covered", "snapshot")
+    __slots__ = ("st", "begin", "end", "zero", "unscaled", "last_step", "clips", "covered", "snapshot", "param_ids")
 
     def __init__(self, st: Any) -> None:
         self.st = st
@@ -76,6 +76,7 @@ class _Opt:
         self.clips: list[_Clip] = []  # since the last step ended
         self.covered: set = set()  # ids of the parameters those clips named
         self.snapshot: list | None = None  # (param, grad weakref, version) when the last step ended
+        self.param_ids: frozenset | None = None
 
 
 class ClipAudit:
@@ -274,11 +275,11 @@ class ClipAudit:
         seq = self._next()
         if not math.isfinite(threshold):
             return  # max_norm=inf clips nothing: a way to measure the norm, not a clip
-        ids = {id(p) for p in params}
+        ids = set(map(id, params))
         owners: list[_Opt] = []
-        for i in ids:
-            o = self._opt(self._owner(i))
-            if o is not None and o not in owners:
+        for st in {id(s): s for s in map(self._owner, ids) if s is not None}.values():
+            o = self._opt(st)
+            if o is not None:
                 owners.append(o)
         kept = None
         for o in owners:
@@ -313,6 +314,8 @@ class ClipAudit:
         seq = self._next()
         step = st.steps - 1  # the recorder counts the step when its row is taken
         params = st.params
+        if o.param_ids is None or len(o.param_ids) != len(params):
+            o.param_ids = frozenset(map(id, params))
         if via_scaler is None:
             via_scaler = self._scaler() is not None
         for c in o.clips if via_scaler else ():  # a step made by GradScaler.step, which unscales
@@ -323,7 +326,7 @@ class ClipAudit:
             if c.overwritten and c.seq > o.zero:
                 self._hit("clip-per-microbatch", o, step, function=c.fn)
                 break
-        if o.covered:
+        if o.covered and not o.param_ids <= o.covered:  # the usual case, every parameter clipped: no loop
             have = [p for p in params if p.grad is not None]
             out = [i for i, p in enumerate(params) if p.grad is not None and id(p) not in o.covered]
             if out and len(out) < len(have):
@@ -334,7 +337,11 @@ class ClipAudit:
                 self._hit("clip-partial", o, step, **(detail or {}))
         if self._accumulated(o):
             self._hit("no-zero-grad", o, step)
-        o.snapshot = [(p, weakref.ref(g), g._version) for p in params if (g := p.grad) is not None]
+        if o.zero > o.end:
+            o.snapshot = None  # zeroed by zero_grad this step: the next one is judged only if it is not
+        else:
+            o.snapshot = [(p, weakref.ref(g), g._version) for p, g in zip(params, [p.grad for p in params])
+                          if g is not None]
         for c in o.clips:
             c.done = True
         if o.clips:
