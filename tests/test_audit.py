@@ -309,3 +309,29 @@ def test_lightning_clip_in_on_after_backward_with_accumulation_is_clip_per_micro
     assert plain.returncode == 0, plain.stderr[-3000:]
     a, b = _weights(tmp_path / "with.pt"), _weights(tmp_path / "without.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_audit_that_failed_says_so_instead_of_looking_clean(tmp_path, monkeypatch):
+    """A failure inside the audit turns it off (training goes on, bit for bit) and is recorded;
+    check and recommend then say that findings may be missing, rather than report a clean run."""
+    from gradscope.capture import audit as capture_audit
+
+    def broken(self, o):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(capture_audit.ClipAudit, "_accumulated", broken)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.record(tmp_path / "r"):
+        for _ in range(12):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    run = gradscope.load_run(tmp_path / "r")
+    assert run.meta["processes"][0]["clip_audit"] == {"findings": [], "error": "RuntimeError: boom"}
+    res = gs("check", tmp_path / "r", "--fail-on", "clip-bugs", cwd=tmp_path)
+    assert res.returncode == 0 and "SKIP clip-bugs: the clip audit stopped early" in res.stdout
+    assert "note: the clip audit stopped early on rank 0 (RuntimeError: boom)" in res.stdout
+    doc = json.loads(gs("recommend", tmp_path / "r", "--json", cwd=tmp_path).stdout)
+    assert any("the clip audit stopped early" in n for n in doc["notes"])

@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from gradscope.analysis.audit import findings as audit_findings
+from gradscope.analysis.audit import errors as audit_errors, findings as audit_findings
 from gradscope.analysis.confidence import assess_confidence, tune_command
 from gradscope.analysis.config import AnalysisConfig, Preset, get_preset, load_config
 from gradscope.analysis.judge import (
@@ -95,6 +95,7 @@ def analyze(
         raise GradscopeError("; ".join(problems))
     notes.extend(f"skipped: {p}" for p in problems)
     found = [f for f in audit_findings(run, rank=chosen) if optimizer is None or f.optimizer == optimizer]
+    notes.extend(audit_errors(run, rank=chosen))
     for o in results:
         o.findings = [f for f in found if f.optimizer == o.optimizer]
     return RunAnalysis(

@@ -40,6 +40,17 @@ def audited(run, rank: int | None = None) -> bool:
     return any(isinstance(p.get(AUDIT_KEY), dict) for p in _processes(run, rank))
 
 
+def errors(run, rank: int | None = None) -> list[str]:
+    """Why the audit stopped early in a process (a failure of the audit itself), one note each."""
+    out = []
+    for p in _processes(run, rank):
+        record = p.get(AUDIT_KEY)
+        if isinstance(record, dict) and record.get("error"):
+            out.append(f"the clip audit stopped early on rank {int(p.get('rank', 0) or 0)} ({record['error']}): "
+                       "clipping bugs after that point are not reported")
+    return out
+
+
 def findings(run, rank: int | None = None) -> list[Finding]:
     """Every finding of the given rank (None: every rank, identical findings of several ranks once)."""
     out: list[Finding] = []

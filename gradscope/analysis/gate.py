@@ -432,6 +432,8 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
         checks.append(CheckResult("non-finite", PASS if n else SKIP, msg))
 
     found = audit.findings(run)
+    broken = audit.errors(run)
+    notes.extend(broken)
     regimes = tuple(r for r in policy.fail_on if r in REGIMES)
     if regimes:
         checks.append(_check_fail_on(regimes, facts))
@@ -441,7 +443,7 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
         checks.append(check)
         notes.extend(more)
     if CLIP_BUGS in policy.fail_on:
-        checks.append(_check_clip_bugs(found, audit.audited(run)))
+        checks.append(_check_clip_bugs(found, audit.audited(run), bool(broken)))
     if policy.max_clip_fraction is not None:
         checks.append(_check_clip_fraction(policy.max_clip_fraction, facts))
     if policy.max_spikes is not None:
@@ -494,7 +496,7 @@ def _check_fail_on(fail_on: tuple[str, ...], facts: list[SeriesFacts]) -> CheckR
     return CheckResult("fail-on", PASS, f"regime {regimes} (policy fails on {', '.join(fail_on)})")
 
 
-def _check_clip_bugs(found: list, audited: bool) -> CheckResult:
+def _check_clip_bugs(found: list, audited: bool, broken: bool = False) -> CheckResult:
     if found:
         n = len(found)
         text = "; ".join(_finding_text(f, found) for f in found)
@@ -502,6 +504,9 @@ def _check_clip_bugs(found: list, audited: bool) -> CheckResult:
     if not audited:
         return CheckResult(CLIP_BUGS, SKIP, "no clip audit in this input (only runs recorded by `gradscope run` "
                                             "or gradscope.record() carry one)")
+    if broken:
+        return CheckResult(CLIP_BUGS, SKIP, "the clip audit stopped early in this run (see the note): it cannot "
+                                            "say the run is free of clipping bugs")
     return CheckResult(CLIP_BUGS, PASS, "the clip audit found no clipping bug")
 
 

@@ -63,6 +63,8 @@ def summary_lines(run_dir: Path) -> list[str]:
             )
     if len(ranks) > 1:
         lines.append(f"  ranks: {len(ranks)} ({', '.join(map(str, ranks))}); figures above are rank {ranks[0]}")
+    for note in audit.errors(run):
+        lines.append(f"  note: {note}")
     lines.append(f"  run saved in {run_dir}   next: gradscope recommend {run_dir}")
     return lines
 
