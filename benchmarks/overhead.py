@@ -156,6 +156,12 @@ def fixed_cost_us(workdir: Path, steps: int = 2000) -> tuple[float, float]:
     return off * 1e6, (on - off) * 1e6
 
 
+def _print_tiny(work: Path) -> None:
+    base, extra = fixed_cost_us(work)
+    print(f"tiny model (Linear 4x4): {base:.0f} us/step without, +{extra:.0f} us/step with recording "
+          f"({extra / base:.2f}x the bare step)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=12)
@@ -164,7 +170,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-ddp", action="store_true", help="skip the 2-process DDP case (overhead_ddp.py)")
+    ap.add_argument("--tiny", action="store_true", help="only the fixed per-step cost on the tiny model")
     args = ap.parse_args()
+    if args.tiny:
+        with tempfile.TemporaryDirectory() as tmp:
+            _print_tiny(Path(tmp))
+        return
     if args.quick:
         args.pairs, args.block = 4, 5
 
@@ -188,8 +199,7 @@ def main() -> None:
                 yard = paired_ratios(step, args.pairs, args.block, lambda tag: foreach_norm_pass(model, hook))
                 print(f"{n / 1e6:.1f}M params, yardstick: one bare torch._foreach_norm pass per step, "
                       f"median ratio {_spread(yard)}")
-        base, extra = fixed_cost_us(work)
-        print(f"tiny model (Linear 4x4): {base:.0f} us/step without, +{extra:.0f} us/step with recording")
+        _print_tiny(work)
     if not args.no_ddp:
         # DDP: two ranks under torchrun, in their own processes (benchmarks/overhead_ddp.py).
         ddp = [sys.executable, str(Path(__file__).with_name("overhead_ddp.py"))]

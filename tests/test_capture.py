@@ -323,3 +323,39 @@ def test_stop_on_nan_stops_within_one_flush_and_exits_1(tmp_path):
     assert stopped_after < first_bad + 5  # within one flush interval
     assert run.meta["status"] == "failed" and run.meta["exit_code"] == 1
     assert len(run.steps) == stopped_after + 2  # the step that raised was recorded too
+
+
+@pytest.mark.parametrize("accum, stride", [(1, 1), (3, 2)])
+def test_lean_path_writes_the_same_bytes_as_the_full_path(tmp_path, accum, stride):
+    """Plain steps take the lean path (capture/rows.py: norms and losses in one stack, the
+    global norm batched at flush); every recorded figure is the full path's, bit for bit."""
+    def train(out, lean):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        with gradscope.record(out, layer_stride=stride, flush_steps=7) as rec:
+            calls = []
+            if not lean:
+                rec._record_lean = lambda *a: False
+            else:
+                orig = rec._record_lean
+                rec._record_lean = lambda *a: calls.append(orig(*a)) or calls[-1]
+            for _ in range(25):
+                for _ in range(accum):
+                    x = torch.randn(16, 6)
+                    loss = (model(x) - x[:, :3]).pow(2).mean() / accum
+                    loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return calls
+
+    calls = train(tmp_path / "lean", True)
+    assert calls and all(calls)  # every step took the lean path
+    train(tmp_path / "full", False)
+    for name in ("steps-r0.csv", "layers-r0-o0.csv"):
+        lean = (tmp_path / "lean" / name).read_text().splitlines()
+        full = (tmp_path / "full" / name).read_text().splitlines()
+        cut = (lambda line: line.rsplit(",", 1)[0]) if name.startswith("steps") else (lambda line: line)
+        assert [cut(l) for l in lean] == [cut(l) for l in full], name  # all but the wall-clock time
+    ref = gradscope.load_run(tmp_path / "lean").steps
+    assert len(ref) == 25 and ref["grad_norm"].notna().all() and ref["loss"].notna().all()

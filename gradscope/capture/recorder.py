@@ -35,7 +35,7 @@ import torch
 from torch.nn.utils import clip_grad as _clip_grad_mod
 
 from gradscope import __version__, rundir
-from gradscope.capture import announce, closure, distributed
+from gradscope.capture import announce, closure, distributed, rows as lean_rows
 from gradscope.capture.audit import ClipAudit
 from gradscope.capture.boot import checked_clip_norm
 from gradscope.capture.names import parameter_names
@@ -46,6 +46,7 @@ from gradscope.capture.stopper import NanStop, is_bad
 from gradscope.capture.writer import ProcessWriter
 
 _ACTIVE: "Recorder | None" = None
+_NAN = float("nan")
 _UNSCALED_ATTR = "_gradscope_unscaled"
 
 
@@ -71,9 +72,11 @@ class _Row:
     clip_value: float
     lr: Any  # float, or a tensor for tensor learning rates
     time: float
-    values: torch.Tensor  # [grad_norm, loss, clipped, skipped, loss_scale] on the device
+    values: torch.Tensor | None  # [grad_norm, loss, clipped, skipped, loss_scale] on the device; None: lean row
     layers: torch.Tensor | None
     norms: Any = None  # distributed.GlobalNorms still being reduced across ranks (gloo): see _resolve
+    taken: torch.Tensor | None = None  # lean rows (rows.py): per-tensor norms then losses; values at flush
+    n_norms: int = 0  # lean rows: how many of `taken` are norms
 
 
 @dataclass
@@ -89,6 +92,7 @@ class _OptState:
     rows: list = field(default_factory=list)
     ref: Any = None
     momentum: float | None = None  # SGD-style heavy-ball momentum: updates are ~1/(1-momentum) x lr x grad
+    lean: Any = False  # rows.signature of its gradients once seen (None: its steps take the full path)
 
 
 @dataclass
@@ -146,6 +150,7 @@ class Recorder:
         self._states: list[_OptState] = []
         self._owned: dict[int, _OptState] = {}  # id(param) -> optimizer that owns it
         self._manual: _OptState | None = None
+        self._last_state: _OptState | None = None  # _register's one-entry cache
         self._losses: list[torch.Tensor] = []
         self._loss_base = 0
         self._in_backward = False
@@ -155,6 +160,8 @@ class Recorder:
         self._pending = 0
         self._last_flush = time.monotonic()
         self._inflight: list[_Batch] = []
+        self._process_key: tuple | None = None  # what process-r*.json last said, besides counts
+        self._process_at = 0.0
         self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._index_cache: dict[tuple, torch.Tensor] = {}
         self._clip_calls: dict[str, int] = {}
@@ -390,6 +397,9 @@ class Recorder:
     # ------------------------------------------------------------------ events
 
     def _register(self, opt: torch.optim.Optimizer) -> _OptState:
+        last = self._last_state  # the optimizer of the previous call, nearly always this one
+        if last is not None and last.ref is not None and last.ref() is opt:
+            return last
         st = self._opts.get(opt)
         if st is None:
             params = [p for g in opt.param_groups for p in g["params"]]
@@ -407,6 +417,7 @@ class Recorder:
             self._states.append(st)
             for p in params:
                 self._owned[id(p)] = st
+        self._last_state = st
         return st
 
     def _note_backward(self, tensors: Any) -> None:
@@ -414,7 +425,8 @@ class Recorder:
         if not isinstance(t, torch.Tensor) or t.numel() != 1:
             return  # a vector backward with explicit gradients has no scalar loss
         value = getattr(t, _UNSCALED_ATTR, None)
-        self._losses.append((value if value is not None else t).detach())
+        value = (value if value is not None else t).detach()
+        self._losses.append(value if value.dim() == 0 else value.reshape(()))  # a [1]-shaped loss too
         if self._nantrace is not None:
             self._nantrace.on_loss(self._losses[-1])
 
@@ -545,7 +557,8 @@ class Recorder:
             self._script_max_norms.append(max_norm)
 
     def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        st = self._opts.get(opt)
+        last = self._last_state
+        st = last if last is not None and last.ref is not None and last.ref() is opt else self._opts.get(opt)
         if st is None or not self._mine():
             return
         called = closure.closure_called(args, kwargs)
@@ -579,6 +592,9 @@ class Recorder:
 
     def _record(self, st: _OptState, param_groups: list, *, skipped: Any = False, scaler: Any = None,
                 grad_scale: Any = None) -> None:
+        if (scaler is None and grad_scale is None and (skipped is None or skipped is False)
+                and self._record_lean(st, param_groups)):
+            return
         with self._lock, torch.no_grad():
             params = [p for g in param_groups for p in g["params"]]
             grads = [p.grad for p in params if p.grad is not None]
@@ -669,6 +685,44 @@ class Recorder:
 
             self._pending += 1
 
+    def _record_lean(self, st: _OptState, param_groups: list) -> bool:
+        """The common step's row without its host-side bookkeeping (rows.py); False: not one."""
+        if (self._clips or self._pre_norms or self._stopper is not None or self._nantrace is not None
+                or st.kind != "optimizer" or st.lean is None):
+            return False
+        params = param_groups[0]["params"] if len(param_groups) == 1 else [p for g in param_groups for p in g["params"]]
+        if st.lean is False:  # first step: are its gradients all of one device and dtype?
+            st.lean = lean_rows.signature(params) if len(params) == len(st.params) else None
+            if st.lean is None:
+                return False
+            self._devices.add(str(st.lean[0]))
+        grads = lean_rows.plain_grads(params, st.params, st.lean)
+        if grads is None:
+            return False
+        with self._lock:
+            start = max(0, st.loss_from - self._loss_base)
+            grad_mode = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)  # no_grad, without the context manager's cost
+            try:
+                taken = lean_rows.take(grads, self._losses[start:] if start else self._losses)
+            finally:
+                torch._C._set_grad_enabled(grad_mode)
+            if taken is None:
+                return False
+            st.loss_from = self._loss_base + len(self._losses)
+            if self._losses:
+                self._trim_losses()
+            lr = param_groups[0].get("lr", _NAN)
+            if isinstance(lr, torch.Tensor):
+                lr = lr.detach().clone()
+            # layers True: the per-layer norms, filled in at flush (rows.values_of)
+            want_layers = True if self.layer_stride and st.steps % self.layer_stride == 0 else None
+            st.rows.append(_Row(st.steps, _NAN, _NAN, lr, time.time(), None, want_layers,
+                                taken=taken, n_norms=len(grads)))
+            st.steps += 1
+            self._pending += 1
+        return True
+
     def _forget_stale(self) -> None:
         """Drop measurements and clip calls of gradients that no longer exist (a clip after the
         step, a norm taken for logging): no step will apply them, and nothing may grow per step."""
@@ -724,6 +778,10 @@ class Recorder:
             row.layers = distributed.fill_layers(row.layers, vector)
 
     def _trim_losses(self) -> None:
+        if len(self._states) == 1 and len(self._losses) <= 10_000:  # one optimizer: its step consumed them all
+            self._loss_base += len(self._losses)
+            self._losses.clear()
+            return
         keep_from = min((s.loss_from for s in self._states if s.kind == "optimizer"), default=None)
         if keep_from is None or len(self._states) == 1:
             keep_from = self._loss_base + len(self._losses)
@@ -749,19 +807,17 @@ class Recorder:
             for r in rows:
                 if r.norms is not None:
                     self._resolve(r)
-            device = rows[0].values.device
-            values = torch.stack([r.values.to(device, non_blocking=True) for r in rows])
+            device = rows[0].values.device if rows[0].values is not None else rows[0].taken.device
+            values, layers, layer_steps = lean_rows.values_and_layers(rows, device)
             tensor_lrs = [r.lr for r in rows if isinstance(r.lr, torch.Tensor)]
             lrs = torch.stack([t.float().to(device) for t in tensor_lrs]) if tensor_lrs else None
-            layer_rows = [r for r in rows if r.layers is not None]
-            layers = torch.stack([r.layers.to(device, non_blocking=True) for r in layer_rows]) if layer_rows else None
             batch = _Batch(
                 st=st,
                 rows=rows,
                 values=_to_host(values),
                 lrs=_to_host(lrs) if lrs is not None else None,
                 layers=_to_host(layers) if layers is not None else None,
-                layer_steps=[r.step for r in layer_rows],
+                layer_steps=layer_steps,
                 event=None,
             )
             if device.type == "cuda":
@@ -771,7 +827,7 @@ class Recorder:
         self._drain(block=False)
 
     def _drain(self, block: bool) -> None:
-        wrote = False
+        wrote = rows_written = False
         while self._inflight:
             batch = self._inflight[0]
             if batch.event is not None:
@@ -781,10 +837,10 @@ class Recorder:
                     break  # not arrived yet; try again at the next flush
             self._inflight.pop(0)
             self._write(batch)
-            wrote = True
+            rows_written = True
         if self._nantrace is not None and self._nantrace.resolve():
             wrote = True  # the origin is known: into the process file now
-        if wrote:
+        if wrote or (rows_written and self._process_due(block)):
             self._write_process()  # small, atomic: keeps step counts and optimizers current
         if self.stop_on_nan and self._first_bad and self._status == "running":
             # Values reach the host only here, so this is the earliest moment we can know,
@@ -792,6 +848,18 @@ class Recorder:
             print(f"gradscope: stopping the training (--stop-on-nan): {self._first_bad}", file=sys.stderr)
             self._status = "failed"
             raise SystemExit(1)
+
+    def _process_due(self, block: bool) -> bool:
+        """Rewrite process-r*.json after rows were written? When anything but the counts changed
+        (an optimizer, a clip function or threshold), and the counts at most every flush_seconds:
+        replacing a file costs milliseconds on some disks, more than a hundred small steps."""
+        key = (len(self._states), tuple(self._clip_calls), tuple(map(len, self._thresholds.values())),
+               len(self._script_max_norms), self._status)
+        now = time.monotonic()
+        if block or key != self._process_key or now - self._process_at >= self.flush_seconds:
+            self._process_key, self._process_at = key, now
+            return True
+        return False
 
     def _stop_now(self) -> None:
         """--stop-on-nan saw a bad step: write every row (waiting now is fine: we stop), then stop."""
@@ -808,18 +876,19 @@ class Recorder:
         st = batch.st
         values = batch.values.tolist()
         lrs = iter(batch.lrs.tolist()) if batch.lrs is not None else iter(())
-        f32, f64 = rundir.fmt_float32, rundir.fmt_float64
+        # One %-format per line (the bytes of rundir.fmt_float32 / fmt_float64: "%.9g" and repr
+        # spell nan and inf the same way): formatting is most of a flush's cost.
+        line = str(st.id) + ",%d,%.9g,%.9g,%r,%d,%r,%d,%r,%r,%.6f\n"
+        check = self._first_bad is None and not all(math.isfinite(gn + loss) for gn, loss, *_ in values)
         lines = []
         for r, (gn, loss, clipped, skipped, scale) in zip(batch.rows, values):
             lr = next(lrs) if isinstance(r.lr, torch.Tensor) else float(r.lr)
-            if self._first_bad is None and is_bad(gn, loss, skipped):
+            if check and self._first_bad is None and is_bad(gn, loss, skipped):
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 self._first_bad = f"non-finite {what} at step {r.step} of optimizer {st.id}"
-            lines.append((
-                str(st.id), str(r.step), f32(gn), f32(loss), f64(r.clip_max_norm), str(int(clipped)),
-                f64(r.clip_value), str(int(skipped)), f64(scale), f64(lr), "%.6f" % r.time,
-            ))
-        self._writer.write_steps(lines)
+            lines.append(line % (r.step, gn, loss, r.clip_max_norm, clipped, r.clip_value, skipped, scale, lr,
+                                 r.time))
+        self._writer.write_steps_text("".join(lines))
         if self._nantrace is not None:
             self._nantrace.note_rows(st.id, batch.rows, values)
         if first:  # once per process, at its first write: `gradscope run` says the recording is live
@@ -827,10 +896,9 @@ class Recorder:
         if batch.layers is not None:
             if st.names is None:
                 st.names = parameter_names(st.params)
-            layer_lines = [
-                (str(step), *map(f32, row)) for step, row in zip(batch.layer_steps, batch.layers.tolist())
-            ]
-            self._writer.write_layers(st.id, st.names, layer_lines)
+            layer_line = "%d" + ",%.9g" * len(st.names) + "\n"
+            text = "".join(layer_line % (step, *row) for step, row in zip(batch.layer_steps, batch.layers.tolist()))
+            self._writer.write_layers_text(st.id, st.names, text)
 
     def _write_process(self) -> None:
         if self._writer is None:

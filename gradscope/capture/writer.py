@@ -39,12 +39,19 @@ class ProcessWriter:
         self._steps.write(",".join(rundir.STEP_COLUMNS) + "\n")
 
     def write_steps(self, rows: Sequence[Sequence[str]]) -> None:
+        self.write_steps_text(rundir.csv_lines(rows))
+
+    def write_steps_text(self, text: str) -> None:
+        """Whole CSV lines, each ending in a newline."""
         if self._steps is None:
             self._claim_rank()
-        self._steps.write(rundir.csv_lines(rows))
+        self._steps.write(text)
         self._steps.flush()
 
     def write_layers(self, optimizer: int, names: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        self.write_layers_text(optimizer, names, rundir.csv_lines(rows))
+
+    def write_layers_text(self, optimizer: int, names: Sequence[str], text: str) -> None:
         f = self._layers.get(optimizer)
         if f is None:
             if self._steps is None:
@@ -53,7 +60,7 @@ class ProcessWriter:
             f = open(path, "w", encoding="utf-8", newline="")
             f.write(",".join(["step", *names]) + "\n")
             self._layers[optimizer] = f
-        f.write(rundir.csv_lines(rows))
+        f.write(text)
         f.flush()
 
     def write_process(self, info: dict) -> None:
