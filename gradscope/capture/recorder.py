@@ -854,7 +854,8 @@ class Recorder:
         (an optimizer, a clip function or threshold), and the counts at most every flush_seconds:
         replacing a file costs milliseconds on some disks, more than a hundred small steps."""
         key = (len(self._states), tuple(self._clip_calls), tuple(map(len, self._thresholds.values())),
-               len(self._script_max_norms), self._status)
+               len(self._script_max_norms), self._status, len(getattr(self._audit, "_found", ())),
+               getattr(self._audit, "error", None))  # a new clip-audit finding: written at once
         now = time.monotonic()
         if block or key != self._process_key or now - self._process_at >= self.flush_seconds:
             self._process_key, self._process_at = key, now
