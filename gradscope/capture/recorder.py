@@ -519,6 +519,10 @@ class Recorder:
 
     def _take_row(self, opt: torch.optim.Optimizer, st: _OptState) -> None:
         """The step's gradients are final here: apply --clip-norm, then record the row."""
+        d = opt.__dict__
+        if (self.clip_norm is None and self._active_scaler is None and "found_inf" not in d
+                and "grad_scale" not in d and self._record_lean(st, opt.param_groups)):
+            return  # the common step: the lean path (rows.py)
         if self.clip_norm is not None:
             self._apply_clip_norm(opt)
         skipped = getattr(opt, "found_inf", None)  # fused optimizers skip inside step()
@@ -700,13 +704,10 @@ class Recorder:
         if grads is None:
             return False
         with self._lock:
-            start = max(0, st.loss_from - self._loss_base)
-            grad_mode = torch.is_grad_enabled()
-            torch._C._set_grad_enabled(False)  # no_grad, without the context manager's cost
-            try:
-                taken = lean_rows.take(grads, self._losses[start:] if start else self._losses)
-            finally:
-                torch._C._set_grad_enabled(grad_mode)
+            start = st.loss_from - self._loss_base
+            # No gradient requires grad (plain_grads) and the losses are detached: nothing here
+            # can record a graph, so no no_grad context is needed.
+            taken = lean_rows.take(grads, self._losses[start:] if start > 0 else self._losses)
             if taken is None:
                 return False
             st.loss_from = self._loss_base + len(self._losses)
@@ -880,6 +881,7 @@ class Recorder:
         # One %-format per line (the bytes of rundir.fmt_float32 / fmt_float64: "%.9g" and repr
         # spell nan and inf the same way): formatting is most of a flush's cost.
         line = str(st.id) + ",%d,%.9g,%.9g,%r,%d,%r,%d,%r,%r,%.6f\n"
+        lean = str(st.id) + ",%d,%.9g,%.9g,nan,0,nan,0,nan,%r,%.6f\n"  # a lean row's constant columns
         check = self._first_bad is None and not all(math.isfinite(gn + loss) for gn, loss, *_ in values)
         lines = []
         for r, (gn, loss, clipped, skipped, scale) in zip(batch.rows, values):
@@ -887,8 +889,11 @@ class Recorder:
             if check and self._first_bad is None and is_bad(gn, loss, skipped):
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 self._first_bad = f"non-finite {what} at step {r.step} of optimizer {st.id}"
-            lines.append(line % (r.step, gn, loss, r.clip_max_norm, clipped, r.clip_value, skipped, scale, lr,
-                                 r.time))
+            if r.values is None:  # lean (rows.py): no clip, no scaler
+                lines.append(lean % (r.step, gn, loss, lr, r.time))
+            else:
+                lines.append(line % (r.step, gn, loss, r.clip_max_norm, clipped, r.clip_value, skipped, scale, lr,
+                                     r.time))
         self._writer.write_steps_text("".join(lines))
         if self._nantrace is not None:
             self._nantrace.note_rows(st.id, batch.rows, values)

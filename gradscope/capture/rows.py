@@ -29,7 +29,8 @@ def plain_grads(params: list, st_params: list, sig: tuple) -> list | None:
     dtype = sig[1]
     grads = [p.grad for p in params]
     for p, q, g in zip(params, st_params, grads):
-        if p is not q or g is None or type(g) is not torch.Tensor or g.dtype is not dtype:
+        # requires_grad (create_graph=True): norms taken under no_grad, on the full path
+        if p is not q or g is None or type(g) is not torch.Tensor or g.dtype is not dtype or g.requires_grad:
             return None
     return grads if grads[0].device == sig[0] else None
 
