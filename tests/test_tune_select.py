@@ -151,3 +151,28 @@ def test_unseeded_probe_is_seen_before_its_first_clip():
     late = loss.copy()
     late[10] += 1e-3  # after the probe clipped: expected to differ
     assert t.unseeded(pilot, _steps(late, g, clip=1.5)) is None
+
+
+def test_candidates_of_a_pilot_that_blew_up_sit_around_its_norm_before_the_blow_up():
+    # tiny_norm's pilot (benchmarks/advice): the norm grows ~100x a step from 0.133; the median of
+    # its 8 steps is ~6e5, and a ladder around that clipped nothing that mattered (all diverged)
+    g = 0.13268473 * 100.0 ** np.arange(8)
+    loss = 0.04 * 1e4 ** np.arange(8)
+    c = t.candidates_from_pilot(_steps(loss, g), horizon=8)
+    assert t.blew_up(_steps(loss, g))
+    assert len(c) == len(t.GRID_FACTORS)
+    assert c[0] == pytest.approx(0.13268473 / 16, rel=0.03) and c[-1] == pytest.approx(0.13268473 * 4, rel=0.03)
+    # went non-finite: the finite norms before it, not their median, place the ladder
+    g2 = np.array([2.0, 2.1, 1.9, 50.0, 3e3, np.inf, np.nan])
+    l2 = np.array([1.0, 0.9, 0.9, 5.0, 1e3, np.inf, np.nan])
+    assert t.typical_norm(_steps(l2, g2)) == 2.0
+    # a skipped (GradScaler) inf step is no blow-up, nor is a run whose norms fall by 100x
+    g3 = np.array([4.0, np.inf, 3.0, 2.0, 3.0])
+    skipped = np.array([False, True, False, False, False])
+    assert not t.blew_up(_steps(np.ones(5), g3, skipped=skipped))
+    assert t.typical_norm(_steps(np.ones(5), g3, skipped=skipped)) == 3.0
+    falling = np.geomspace(100.0, 0.5, 30)
+    assert not t.blew_up(_steps(np.ones(30), falling))
+    assert t.typical_norm(_steps(np.ones(30), falling)) == pytest.approx(np.median(falling))
+    # a script that reports no loss is not taken for a blow-up
+    assert not t.blew_up(_steps(np.full(10, np.nan), np.ones(10)))

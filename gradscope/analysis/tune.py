@@ -3,7 +3,8 @@
 Steps tables in (the columns of a gradscope run), dataclasses out. The orchestration
 (gradscope/tune.py) runs the probes; this module decides what to run and what won.
 
-- :func:`candidates_from_pilot`: thresholds around the scale of the pilot's norms.
+- :func:`candidates_from_pilot`: thresholds around the scale of the pilot's norms (of its first
+  norm when the pilot blew up).
 - :func:`plan`: successive halving that fits the budget: many short probes, half of them
   continued to a horizon ``growth`` times longer, the last two to the longest horizon the
   budget allows (the whole training when it can).
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradscope.analysis.config import SituationConfig
 from gradscope.analysis.robust import round_sig
 
 AS_IS = math.inf  # the candidate "the script as it is" (no --clip-norm): ranks as the largest threshold
@@ -76,18 +78,45 @@ class Choice:
 
 
 def typical_norm(steps, horizon: int | None = None) -> float | None:
-    """Median of optimizer 0's finite, positive, not-skipped norms in the first ``horizon`` steps."""
+    """The norm level the candidates are placed around, from optimizer 0's first ``horizon`` steps:
+    the median of its finite, positive, not-skipped norms; but when the pilot blew up (see
+    :func:`blew_up`), the first of them, the level before the blow-up (the norms of a blow-up
+    grow by orders of magnitude, and their median says nothing of the scale training needs;
+    `recommend`'s blew-up rule starts from the same first norm)."""
     s = _first_optimizer(steps)
     if horizon is not None:
         s = s[s["step"] < horizon]
     g = s["grad_norm"].to_numpy(dtype=float)
     ok = np.isfinite(g) & (g > 0) & ~s["skipped"].to_numpy(dtype=bool)
-    return float(np.median(g[ok])) if ok.any() else None
+    if not ok.any():
+        return None
+    return float(g[ok][0]) if blew_up(s) else float(np.median(g[ok]))
+
+
+def blew_up(steps, cfg: SituationConfig = SituationConfig()) -> bool:
+    """A pilot (optimizer 0's rows, in step order) that went non-finite on a step it did not skip,
+    or whose norms ran away: the median of its last tenth (at least 3 steps) reached
+    ``cfg.runaway_ratio`` times the median of its first ``cfg.early_steps`` finite norms (the
+    rule `recommend` calls a blow-up)."""
+    skipped = steps["skipped"].to_numpy(dtype=bool)
+    g = steps["grad_norm"].to_numpy(dtype=float)[~skipped]
+    loss = steps["loss"].to_numpy(dtype=float)[~skipped]
+    recorded = np.isfinite(loss)
+    # a NaN loss counts once losses were recorded (before that the script may not report one)
+    nan_loss = recorded.any() and np.isnan(loss[int(np.argmax(recorded)):]).any()
+    if (~np.isfinite(g)).any() or np.isinf(loss).any() or nan_loss:
+        return True
+    g = g[g > 0]
+    if len(g) < 2:
+        return False
+    early = float(np.median(g[:cfg.early_steps]))
+    tail = g[-max(3, len(g) // 10):]
+    return float(np.median(tail)) >= cfg.runaway_ratio * early
 
 
 def candidates_from_pilot(steps, horizon: int | None = None, factors=GRID_FACTORS) -> list[float]:
-    """Thresholds around the pilot's typical norm, rounded as the report hands them out
-    (so the probed value is the pasted one)."""
+    """Thresholds around the pilot's norm level (:func:`typical_norm`), rounded as the report
+    hands them out (so the probed value is the pasted one)."""
     level = typical_norm(steps, horizon)
     if level is None:
         return []
