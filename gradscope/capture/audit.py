@@ -104,7 +104,7 @@ class ClipAudit:
     # ------------------------------------------------------------------ patches
 
     def patches(self) -> list[tuple[Any, str, Callable[[Any], Any]]]:
-        """(owner, attribute, make(original) -> replacement) for the recorder's _patch."""
+        """(owner, attribute, make(original) -> replacement) for patches.install (capture/patches.py)."""
         audit = self
 
         def make_opt_zero(orig):

@@ -17,11 +17,14 @@ Per step everything stays on the device: a handful of small kernels, no
 (every ``flush_steps`` steps or ``flush_seconds`` seconds, and at stop) with a
 non-blocking copy whose completion is polled, never waited for, until stop.
 The user's gradients, RNG state and dtypes are never touched.
+
+This module keeps the lifecycle, the per-step bookkeeping and the device-side rows;
+``patches.py`` installs the hooks listed above (``Recorder._install``), and
+``flushing.py`` copies the rows to the host and writes them (``Recorder._flush`` ...).
 """
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import signal
 import sys
@@ -32,22 +35,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch.nn.utils import clip_grad as _clip_grad_mod
 
-from gradscope import __version__, rundir
-from gradscope.capture import announce, closure, distributed, rows as lean_rows
+from gradscope.capture import closure, distributed, flushing, patches, rows as lean_rows
 from gradscope.capture.audit import ClipAudit
 from gradscope.capture.boot import checked_clip_norm
-from gradscope.capture.names import parameter_names
 from gradscope.capture.step_limit import StepLimit
 from gradscope.capture.norms import per_tensor_norms, stack_norms, total_norm_like_torch
 from gradscope.capture.nantrace import NanTrace
-from gradscope.capture.stopper import NanStop, is_bad
+from gradscope.capture.patches import UNSCALED_ATTR as _UNSCALED_ATTR
+from gradscope.capture.stopper import NanStop
 from gradscope.capture.writer import ProcessWriter
 
 _ACTIVE: "Recorder | None" = None
 _NAN = float("nan")
-_UNSCALED_ATTR = "_gradscope_unscaled"
 
 
 def active_recorder() -> "Recorder | None":
@@ -93,19 +93,6 @@ class _OptState:
     ref: Any = None
     momentum: float | None = None  # SGD-style heavy-ball momentum: updates are ~1/(1-momentum) x lr x grad
     lean: Any = False  # rows.signature of its gradients once seen (None: its steps take the full path)
-
-
-@dataclass
-class _Batch:
-    """Rows whose device-to-host copy has been launched but maybe not finished."""
-
-    st: _OptState
-    rows: list
-    values: torch.Tensor
-    lrs: torch.Tensor | None
-    layers: torch.Tensor | None
-    layer_steps: list
-    event: Any
 
 
 class Recorder:
@@ -159,7 +146,7 @@ class Recorder:
         self._active_scaler: Any = None
         self._pending = 0
         self._last_flush = time.monotonic()
-        self._inflight: list[_Batch] = []
+        self._inflight: list[flushing.Batch] = []
         self._process_key: tuple | None = None  # what process-r*.json last said, besides counts
         self._process_at = 0.0
         self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -246,141 +233,8 @@ class Recorder:
 
     # ------------------------------------------------------------------ hooks
 
-    def _patch(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
-        original = getattr(owner, name)
-        replacement = make(original)
-        setattr(owner, name, replacement)
-        self._patches.append((owner, name, original, replacement))
-
     def _install(self) -> None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-        rec = self
-        self._handles.append(register_optimizer_step_pre_hook(self._on_step))
-        self._handles.append(register_optimizer_step_post_hook(self._after_step))
-
-        def make_init(orig):
-            def __init__(opt, *args, **kwargs):
-                orig(opt, *args, **kwargs)
-                if rec._mine():
-                    rec._register(opt)
-
-            return __init__
-
-        self._patch(torch.optim.Optimizer, "__init__", make_init)
-        for owner, name, make in self._audit.patches():  # zero_grad, zero_, GradScaler.unscale_
-            self._patch(owner, name, make)
-
-        def make_backward(orig):
-            def backward(tensors, *args, **kwargs):
-                if rec._in_backward or not rec._mine():
-                    return orig(tensors, *args, **kwargs)
-                rec._note_backward(tensors)
-                rec._audit.backward_begin()
-                rec._in_backward = True  # checkpointing re-enters backward: not a loss
-                try:
-                    result = orig(tensors, *args, **kwargs)
-                    rec._audit.backward_end()
-                    return result
-                finally:
-                    rec._in_backward = False
-
-            return backward
-
-        self._patch(torch.autograd, "backward", make_backward)
-
-        def make_total_norm(orig):
-            def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
-                if not rec._mine():
-                    return orig(tensors, norm_type, error_if_nonfinite, foreach)
-                return rec._on_total_norm(orig, tensors, norm_type, error_if_nonfinite, foreach)
-
-            return get_total_norm
-
-        total_norm = make_total_norm(_clip_grad_mod._get_total_norm)
-        self._set(_clip_grad_mod, "_get_total_norm", total_norm)
-        self._set(torch.nn.utils, "get_total_norm", total_norm)
-
-        def make_clip_with_norm(orig):
-            def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
-                if not rec._mine():
-                    return orig(parameters, max_norm, total_norm, foreach)
-                params = _as_list(parameters)
-                # torch reads max_norm with float() too; converting once here and handing torch
-                # the float keeps a tensor argument to one read per call, as without gradscope.
-                max_norm = float(max_norm)
-                if rec.clip_norm is not None:
-                    if not rec._applying:
-                        rec._note_script_threshold(max_norm)
-                    max_norm = rec.clip_norm
-                rec._on_clip(params, "norm", max_norm, total_norm)
-                return orig(params, max_norm, total_norm, foreach)
-
-            return clip_grads_with_norm_
-
-        clip_with_norm = make_clip_with_norm(_clip_grad_mod._clip_grads_with_norm_)
-        self._set(_clip_grad_mod, "_clip_grads_with_norm_", clip_with_norm)
-        self._set(torch.nn.utils, "clip_grads_with_norm_", clip_with_norm)
-
-        def make_clip_value(orig):
-            def clip_grad_value_(parameters, clip_value, foreach=None):
-                if not rec._mine():
-                    return orig(parameters, clip_value, foreach)
-                params = _as_list(parameters)
-                clip_value = float(clip_value)  # as torch does; read once (see clip_grads_with_norm_)
-                with torch.no_grad():
-                    rec._remember_norms([p.grad for p in params if p.grad is not None])
-                rec._on_clip(params, "value", clip_value, None)
-                return orig(params, clip_value, foreach)
-
-            return clip_grad_value_
-
-        clip_value = make_clip_value(_clip_grad_mod.clip_grad_value_)
-        self._set(_clip_grad_mod, "clip_grad_value_", clip_value)
-        self._set(torch.nn.utils, "clip_grad_value_", clip_value)
-
-        scaler_cls = torch.amp.GradScaler
-
-        def make_scale(orig):
-            def scale(scaler, outputs):
-                out = orig(scaler, outputs)
-                if rec._mine() and out is not outputs:
-                    rec._audit.scaled()
-                if rec._mine() and isinstance(outputs, torch.Tensor) and out is not outputs:
-                    try:
-                        setattr(out, _UNSCALED_ATTR, outputs.detach())
-                    except (AttributeError, RuntimeError):
-                        pass
-                return out
-
-            return scale
-
-        def make_scaler_step(orig):
-            def step(scaler, optimizer, *args, **kwargs):
-                if not rec._mine():
-                    return orig(scaler, optimizer, *args, **kwargs)
-                st = rec._register(optimizer)
-                before = st.steps
-                outer, rec._active_scaler = rec._active_scaler, scaler
-                try:
-                    result = orig(scaler, optimizer, *args, **kwargs)
-                finally:
-                    rec._active_scaler = outer
-                if st.steps == before:
-                    # The scaler found inf/nan and never called optimizer.step(): still a row.
-                    rec._record(st, optimizer.param_groups, skipped=True, scaler=scaler)
-                    rec._audit.step_end(st, via_scaler=True)
-                    rec._maybe_flush()
-                return result
-
-            return step
-
-        self._patch(scaler_cls, "scale", make_scale)
-        self._patch(scaler_cls, "step", make_scaler_step)
-
-    def _set(self, owner: Any, name: str, value: Any) -> None:
-        self._patches.append((owner, name, getattr(owner, name), value))
-        setattr(owner, name, value)
+        patches.install(self)  # capture/patches.py
 
     def _uninstall(self) -> None:
         if self._nantrace is not None:
@@ -795,159 +649,13 @@ class Recorder:
 
     # ------------------------------------------------------------------ flushing
 
-    def _flush(self) -> None:
-        """Launch the device-to-host copy of every pending row; write what has arrived."""
-        self._pending = 0
-        if self._nantrace is not None:
-            self._nantrace.flush()  # before the rows' copies: their events cover it
-        self._last_flush = time.monotonic()
-        for st in self._states:
-            if not st.rows:
-                continue
-            rows, st.rows = st.rows, []
-            for r in rows:
-                if r.norms is not None:
-                    self._resolve(r)
-            device = rows[0].values.device if rows[0].values is not None else rows[0].taken.device
-            values, layers, layer_steps = lean_rows.values_and_layers(rows, device)
-            tensor_lrs = [r.lr for r in rows if isinstance(r.lr, torch.Tensor)]
-            lrs = torch.stack([t.float().to(device) for t in tensor_lrs]) if tensor_lrs else None
-            batch = _Batch(
-                st=st,
-                rows=rows,
-                values=_to_host(values),
-                lrs=_to_host(lrs) if lrs is not None else None,
-                layers=_to_host(layers) if layers is not None else None,
-                layer_steps=layer_steps,
-                event=None,
-            )
-            if device.type == "cuda":
-                batch.event = torch.cuda.Event()
-                batch.event.record()
-            self._inflight.append(batch)
-        self._drain(block=False)
-
-    def _drain(self, block: bool) -> None:
-        wrote = rows_written = False
-        while self._inflight:
-            batch = self._inflight[0]
-            if batch.event is not None:
-                if block:
-                    batch.event.synchronize()
-                elif not batch.event.query():
-                    break  # not arrived yet; try again at the next flush
-            self._inflight.pop(0)
-            self._write(batch)
-            rows_written = True
-        if self._nantrace is not None and self._nantrace.resolve():
-            wrote = True  # the origin is known: into the process file now
-        if wrote or (rows_written and self._process_due(block)):
-            self._write_process()  # small, atomic: keeps step counts and optimizers current
-        if self.stop_on_nan and self._first_bad and self._status == "running":
-            # Values reach the host only here, so this is the earliest moment we can know,
-            # without a per-step sync: within one flush interval of the bad step.
-            print(f"gradscope: stopping the training (--stop-on-nan): {self._first_bad}", file=sys.stderr)
-            self._status = "failed"
-            raise SystemExit(1)
-
-    def _process_due(self, block: bool) -> bool:
-        """Rewrite process-r*.json after rows were written? When anything but the counts changed
-        (an optimizer, a clip function or threshold), and the counts at most every flush_seconds:
-        replacing a file costs milliseconds on some disks, more than a hundred small steps."""
-        key = (len(self._states), tuple(self._clip_calls), tuple(map(len, self._thresholds.values())),
-               len(self._script_max_norms), self._status, len(getattr(self._audit, "_found", ())),
-               getattr(self._audit, "error", None))  # a new clip-audit finding: written at once
-        now = time.monotonic()
-        if block or key != self._process_key or now - self._process_at >= self.flush_seconds:
-            self._process_key, self._process_at = key, now
-            return True
-        return False
-
-    def _stop_now(self) -> None:
-        """--stop-on-nan saw a bad step: write every row (waiting now is fine: we stop), then stop."""
-        self._flush()
-        self._drain(block=True)  # raises SystemExit once the bad row is written
-        if self._status == "running":  # the row was judged bad before its flush could say so
-            self._first_bad = self._first_bad or self._stopper.reason
-            self._drain(block=True)
-
-    def _write(self, batch: _Batch) -> None:
-        first = self._writer is None
-        if first:
-            self._writer = ProcessWriter(self.run_dir, self.rank)
-        st = batch.st
-        values = batch.values.tolist()
-        lrs = iter(batch.lrs.tolist()) if batch.lrs is not None else iter(())
-        # One %-format per line (the bytes of rundir.fmt_float32 / fmt_float64: "%.9g" and repr
-        # spell nan and inf the same way): formatting is most of a flush's cost.
-        line = str(st.id) + ",%d,%.9g,%.9g,%r,%d,%r,%d,%r,%r,%.6f\n"
-        lean = str(st.id) + ",%d,%.9g,%.9g,nan,0,nan,0,nan,%r,%.6f\n"  # a lean row's constant columns
-        check = self._first_bad is None and not all(math.isfinite(gn + loss) for gn, loss, *_ in values)
-        lines = []
-        for r, (gn, loss, clipped, skipped, scale) in zip(batch.rows, values):
-            lr = next(lrs) if isinstance(r.lr, torch.Tensor) else float(r.lr)
-            if check and self._first_bad is None and is_bad(gn, loss, skipped):
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
-                self._first_bad = f"non-finite {what} at step {r.step} of optimizer {st.id}"
-            if r.values is None:  # lean (rows.py): no clip, no scaler
-                lines.append(lean % (r.step, gn, loss, lr, r.time))
-            else:
-                lines.append(line % (r.step, gn, loss, r.clip_max_norm, clipped, r.clip_value, skipped, scale, lr,
-                                     r.time))
-        self._writer.write_steps_text("".join(lines))
-        if self._nantrace is not None:
-            self._nantrace.note_rows(st.id, batch.rows, values)
-        if first:  # once per process, at its first write: `gradscope run` says the recording is live
-            announce.first_step(self._writer.rank, batch.rows[0].step, st.id, st.cls, batch.rows[0].time)
-        if batch.layers is not None:
-            if st.names is None:
-                st.names = parameter_names(st.params)
-            layer_line = "%d" + ",%.9g" * len(st.names) + "\n"
-            text = "".join(layer_line % (step, *row) for step, row in zip(batch.layer_steps, batch.layers.tolist()))
-            self._writer.write_layers_text(st.id, st.names, text)
-
-    def _write_process(self) -> None:
-        if self._writer is None:
-            return
-        info = {
-            "format": rundir.FORMAT_NAME,
-            "format_version": rundir.FORMAT_VERSION,
-            "gradscope_version": __version__,
-            "rank": self._writer.rank,
-            "world_size": _world_size(),
-            "pid": self._pid,
-            "host": rundir.host_name(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "devices": sorted(self._devices),
-            "started": _iso(self._started_at),
-            "ended": _iso(time.time()) if self._closed or self._status != "running" else None,
-            "status": self._status,
-            "layer_stride": self.layer_stride,
-            "flush_steps": self.flush_steps,
-            "flush_seconds": self.flush_seconds,
-            "optimizers": [
-                {
-                    "id": st.id,
-                    "class": st.cls,
-                    "kind": st.kind,
-                    "parameters": st.n_elements,
-                    "tensors": len(st.params),
-                    "steps": st.steps,
-                    "momentum": st.momentum,
-                    "layers_file": rundir.layers_file(self._writer.rank, st.id) if st.names else None,
-                }
-                for st in self._states
-            ],
-            "clip_calls": dict(self._clip_calls),
-            "clip_thresholds": {k: v for k, v in self._thresholds.items() if v},
-            "clip_norm_override": self.clip_norm,
-            "script_max_norms_overridden": list(self._script_max_norms),
-            "clip_audit": self._audit.record(lambda st: st.names or parameter_names(st.params)),
-        }
-        if self._nantrace is not None:
-            info["nan_trace"] = self._nantrace.info()
-        self._writer.write_process(info)
+    # In flushing.py (functions of the recorder); kept as methods so that every caller stays as it was.
+    _flush = flushing.flush
+    _drain = flushing.drain
+    _process_due = flushing.process_due
+    _stop_now = flushing.stop_now
+    _write = flushing.write
+    _write_process = flushing.write_process
 
 
 # ---------------------------------------------------------------------- helpers
@@ -960,19 +668,6 @@ def _momentum(opt: Any) -> float | None:
         return float(m) if isinstance(m, (int, float)) and not isinstance(m, bool) else None
     except Exception:
         return None
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    # CUDA: an asynchronous copy into pinned memory, completion tracked by an event.
-    if t.device.type == "cpu":
-        return t
-    return t.to("cpu", non_blocking=True)
-
-
-def _as_list(parameters: Any) -> list:
-    if isinstance(parameters, torch.Tensor):
-        return [parameters]
-    return list(parameters)
 
 
 def _has_dtensor(tensors: list) -> bool:
@@ -998,21 +693,3 @@ def _current_rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
-
-
-def _world_size() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-    except Exception:
-        pass
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + ("%.3f" % (t % 1))[1:]
