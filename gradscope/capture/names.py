@@ -16,7 +16,7 @@ import torch
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-def _strip_wrappers(name: str) -> str:
+def strip_wrappers(name: str) -> str:
     changed = True
     while changed:
         changed = False
@@ -55,7 +55,7 @@ def parameter_names(params: list[torch.Tensor]) -> list[str]:
     for rank, (_, root, named) in enumerate(covers):
         prefix = "" if rank == 0 else main_vars.get(id(root), f"module{rank}") + "."
         for pid, name in named.items():
-            found.setdefault(pid, prefix + _strip_wrappers(name))
+            found.setdefault(pid, prefix + strip_wrappers(name))
     names: list[str] = []
     seen: set[str] = set()
     for i, p in enumerate(params):

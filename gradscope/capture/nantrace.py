@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
+from gradscope.capture.names import strip_wrappers
 from gradscope.capture.stopper import is_bad
 
 IN, FWD, LOSS, GOUT, BWD, PARAM = range(6)
 _SHIFT = 1 << 32
 _CACHE_MAX = 4096  # finiteness flags kept per forward, by tensor identity and version
-_WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 class _Call:
@@ -460,16 +460,6 @@ class NanTrace:
         return origin
 
 
-def _strip(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPERS:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
-
-
 def _module_names(params: list) -> tuple[dict[int, str], dict[int, Any], Any]:
     """(id(module) -> name, id(module) -> its parent module, the main root).
 
@@ -504,7 +494,7 @@ def _module_names(params: list) -> tuple[dict[int, str], dict[int, Any], Any]:
         prefix = "" if rank == 0 else (var or f"module{rank}") + "."
         try:
             for n, m in root.named_modules(remove_duplicate=False):
-                n = _strip(n)
+                n = strip_wrappers(n)
                 names.setdefault(id(m), prefix + n if n else (var or type(m).__name__))
         except Exception:
             continue
