@@ -183,11 +183,10 @@ def test_lightning_script_under_gradscope_run_clip_norm(tmp_path):
     """The CLI end to end on a Lightning script: `gradscope run --clip-norm 0.5` equals the
     script's own gradient_clip_val=0.5 (with accumulation 2)."""
     _lightning()
-    train = tmp_path / "train_pl.py"
-    train.write_text(LIGHTNING_SCRIPT)
-    own = python(train, "0.5", tmp_path / "own.pt", cwd=tmp_path, timeout=300)
+    train = script("lightning_tiny.py")
+    own = python(train, "0.5", "-1", tmp_path / "own.pt", cwd=tmp_path, timeout=300)
     assert own.returncode == 0, own.stderr
-    res = gs("run", "--out", tmp_path / "run", "--clip-norm", "0.5", train, "none", tmp_path / "rec.pt",
+    res = gs("run", "--out", tmp_path / "run", "--clip-norm", "0.5", train, "none", "-1", tmp_path / "rec.pt",
              cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
     _same_weights(torch.load(tmp_path / "own.pt", weights_only=True),
@@ -197,32 +196,6 @@ def test_lightning_script_under_gradscope_run_clip_norm(tmp_path):
     assert "no clip_grad_norm_ call seen" not in res.stderr
 
 
-LIGHTNING_SCRIPT = '''
-import sys, warnings
-import torch, lightning as L
-warnings.simplefilter("ignore")
-clip = None if sys.argv[1] == "none" else float(sys.argv[1])
-
-class Tiny(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.05)
-
-g = torch.Generator().manual_seed(1)
-x = torch.randn(96, 8, generator=g)
-y = x[:, :1] * 3
-torch.manual_seed(0)
-model = Tiny()
-trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=clip,
-                    enable_progress_bar=False, logger=False, enable_checkpointing=False, enable_model_summary=False)
-trainer.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
-torch.save(model.state_dict(), sys.argv[2])
-'''
 
 
 @pytest.mark.slow
@@ -260,6 +233,7 @@ def test_lightning_with_accumulation_memory_stays_flat(tmp_path):
 
 def _hf_fit(root, *, record=None, optim="adamw_torch", accum=2, max_grad_norm=0.5):
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # the Trainer needs it (the frameworks extra installs it)
     refs = []
 
     class RefTrainer(transformers.Trainer):

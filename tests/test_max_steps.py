@@ -94,35 +94,6 @@ def test_bad_max_steps_is_a_usage_error(tmp_path, bad):
     assert not (tmp_path / "run").exists()
 
 
-LIGHTNING_SCRIPT = '''
-import sys, warnings
-import torch, lightning as L
-warnings.simplefilter("ignore")
-max_steps, save = int(sys.argv[1]), sys.argv[2]
-
-class Tiny(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.05)
-
-g = torch.Generator().manual_seed(1)
-x = torch.randn(160, 8, generator=g)
-y = x[:, :1] * 3
-torch.manual_seed(0)
-model = Tiny()
-trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=max_steps, accumulate_grad_batches=2,
-                    gradient_clip_val=0.5, enable_progress_bar=False, logger=False, enable_checkpointing=False,
-                    enable_model_summary=False)
-try:
-    trainer.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
-finally:
-    torch.save(model.state_dict(), save)
-'''
 
 
 @pytest.mark.slow
@@ -131,11 +102,10 @@ def test_max_steps_under_lightning_stops_after_the_whole_closure_step(tmp_path):
     inside): --max-steps 3 ends after the 3rd whole step, with the weights of Lightning's own
     Trainer(max_steps=3), status stopped, exit 0."""
     pytest.importorskip("lightning")
-    train = tmp_path / "train_pl.py"
-    train.write_text(LIGHTNING_SCRIPT)
-    own = python(train, "3", tmp_path / "own.pt", cwd=tmp_path, timeout=300)
+    train = script("lightning_tiny.py")
+    own = python(train, "0.5", "3", tmp_path / "own.pt", cwd=tmp_path, timeout=300)
     assert own.returncode == 0, own.stderr
-    res = gs("run", "--out", tmp_path / "run", "--max-steps", "3", train, "-1", tmp_path / "rec.pt",
+    res = gs("run", "--out", tmp_path / "run", "--max-steps", "3", train, "0.5", "-1", tmp_path / "rec.pt",
              cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
     _same_weights(tmp_path / "own.pt", tmp_path / "rec.pt")
