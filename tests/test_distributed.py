@@ -207,8 +207,10 @@ def test_a_crashed_rank_leaves_the_others_data_and_its_exit_status(tmp_path):
 @pytest.mark.slow
 def test_mp_spawn_ranks_are_recorded_but_not_dataloader_workers(tmp_path):
     """mp.spawn ranks are spawn children like DataLoader workers: recorded once they join
-    a process group; the spawn-context DataLoader worker leaves no file."""
-    res = gs("run", "-q", "--out", tmp_path / "run", str(SCRIPTS / "spawn_ranks.py"), str(_free_port()),
+    a process group; the spawn-context DataLoader worker leaves no file. No flush before the
+    script destroys its group (--flush-seconds 600): each rank still writes under its own rank
+    (it is taken while the group exists; mp.spawn sets no RANK to fall back on)."""
+    res = gs("run", "-q", "--flush-seconds", "600", "--out", tmp_path / "run", str(SCRIPTS / "spawn_ranks.py"), str(_free_port()),
              cwd=tmp_path, timeout=180)
     assert res.returncode == 0, _tail(res)
     run = gradscope.load_run(tmp_path / "run")

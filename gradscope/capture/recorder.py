@@ -173,6 +173,7 @@ class Recorder:
         self._install()
         if self._nantrace is not None:
             self._nantrace.start()
+        self._settle_rank()
         for opt in _existing_optimizers():
             self._register(opt)
         self._atexit = lambda: self.stop("completed" if self._status == "running" else self._status)
@@ -221,6 +222,13 @@ class Recorder:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def _settle_rank(self) -> None:
+        # Take the rank while the process group exists: the files are named at the first flush,
+        # which can come after the script destroyed its group (a short mp.spawn rank, whose
+        # environment has no RANK to fall back on, would otherwise be named rank 0).
+        if self._rank is None and _group_exists():
+            self._rank = _current_rank()
+
     @property
     def rank(self) -> int:
         if self._rank is None:
@@ -256,6 +264,7 @@ class Recorder:
             return last
         st = self._opts.get(opt)
         if st is None:
+            self._settle_rank()  # once per optimizer: DDP ones are made after init_process_group
             params = [p for g in opt.param_groups for p in g["params"]]
             st = _OptState(
                 id=len(self._states),
@@ -681,14 +690,23 @@ def _existing_optimizers() -> list:
     return [o for o in gc.get_objects() if issubclass(type(o), torch.optim.Optimizer)]
 
 
-def _current_rank() -> int:
+def _group_exists() -> bool:
     try:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
+        return dist.is_available() and dist.is_initialized()
     except Exception:
-        pass
+        return False
+
+
+def _current_rank() -> int:
+    if _group_exists():
+        try:
+            import torch.distributed as dist
+
+            return dist.get_rank()
+        except Exception:
+            pass
     try:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
