@@ -9,7 +9,8 @@ from typing import Iterator
 
 from gradscope import rundir
 from gradscope.capture.boot import checked_clip_norm
-from gradscope.capture.recorder import Recorder, _current_rank
+from gradscope.capture.distributed import current_rank
+from gradscope.capture.recorder import Recorder
 
 
 @contextmanager
@@ -33,7 +34,7 @@ def record(
 
     clip_norm = checked_clip_norm(clip_norm)  # before the run directory is made
     meta = None
-    if _current_rank() == 0:
+    if current_rank() == 0:
         path = rundir.prepare_run_dir(run_dir, force=force)
         meta = rundir.new_meta(sys.argv, target="python-api", torch_version=torch.__version__)
         meta["launcher_pid"] = os.getpid()

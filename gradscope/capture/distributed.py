@@ -41,6 +41,7 @@ Two concerns, both only reached when torch.distributed is in use:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -234,6 +235,45 @@ def fill_layers(positions: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     missing = positions.isnan()
     picked = vector[positions.nan_to_num(0.0).long()]
     return torch.where(missing, positions, picked)
+
+
+# ---------------------------------------------------------------------- this process
+
+
+def group_exists() -> bool:
+    """Whether this process is in a default process group now."""
+    try:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
+    except Exception:
+        return False
+
+
+def current_rank() -> int:
+    """The group's rank, else torchrun's RANK, else 0."""
+    if group_exists():
+        try:
+            return torch.distributed.get_rank()  # loaded: group_exists() imported it
+        except Exception:
+            pass
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def world_size() -> int:
+    """The group's size, else torchrun's WORLD_SIZE, else 1."""
+    if group_exists():
+        try:
+            return torch.distributed.get_world_size()  # loaded: group_exists() imported it
+        except Exception:
+            pass
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 # ---------------------------------------------------------------------- late ranks

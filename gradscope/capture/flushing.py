@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from gradscope import __version__, rundir
-from gradscope.capture import announce, rows as lean_rows
+from gradscope.capture import announce, distributed, rows as lean_rows
 from gradscope.capture.names import parameter_names
 from gradscope.capture.stopper import is_bad
 from gradscope.capture.writer import ProcessWriter
@@ -157,7 +157,7 @@ def write_process(rec: Any) -> None:
         "format_version": rundir.FORMAT_VERSION,
         "gradscope_version": __version__,
         "rank": rec._writer.rank,
-        "world_size": world_size(),
+        "world_size": distributed.world_size(),
         "pid": rec._pid,
         "host": rundir.host_name(),
         "python": sys.version.split()[0],
@@ -198,20 +198,6 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu":
         return t
     return t.to("cpu", non_blocking=True)
-
-
-def world_size() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-    except Exception:
-        pass
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def iso(t: float) -> str:

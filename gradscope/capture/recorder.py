@@ -226,13 +226,13 @@ class Recorder:
         # Take the rank while the process group exists: the files are named at the first flush,
         # which can come after the script destroyed its group (a short mp.spawn rank, whose
         # environment has no RANK to fall back on, would otherwise be named rank 0).
-        if self._rank is None and _group_exists():
-            self._rank = _current_rank()
+        if self._rank is None and distributed.group_exists():
+            self._rank = distributed.current_rank()
 
     @property
     def rank(self) -> int:
         if self._rank is None:
-            self._rank = _current_rank()
+            self._rank = distributed.current_rank()
         return self._rank
 
     def _mine(self) -> bool:
@@ -690,24 +690,3 @@ def _existing_optimizers() -> list:
     return [o for o in gc.get_objects() if issubclass(type(o), torch.optim.Optimizer)]
 
 
-def _group_exists() -> bool:
-    try:
-        import torch.distributed as dist
-
-        return dist.is_available() and dist.is_initialized()
-    except Exception:
-        return False
-
-
-def _current_rank() -> int:
-    if _group_exists():
-        try:
-            import torch.distributed as dist
-
-            return dist.get_rank()
-        except Exception:
-            pass
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
