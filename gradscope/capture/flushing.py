@@ -5,7 +5,6 @@ Functions of the recorder (its first argument); the Recorder keeps them as metho
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
