@@ -181,14 +181,19 @@ def _script_clip(steps) -> float | None:
 
 def tune(target: Target, out: Path, *, steps: int | None = None, budget: float = DEFAULT_BUDGET,
          jobs: int = 1, candidates: list[float] | None = None, include_as_is: bool = True,
-         on_event: Callable[[str], None] | None = None, figure: bool = True) -> TuneResult:
-    """Record a pilot, probe the candidates under the budget, choose. See the module docstring."""
+         on_event: Callable[[str], None] | None = None, figure: bool = True,
+         runner_factory: Callable[..., Runner] | None = None) -> TuneResult:
+    """Record a pilot, probe the candidates under the budget, choose. See the module docstring.
+
+    ``runner_factory`` (default :class:`Runner`) is called as ``runner_factory(target, out, jobs,
+    on_event=...)`` and gives what runs the probes: anything with Runner's ``run``, ``runs`` and
+    ``layer_stride`` (benchmarks/advice/simulate.py serves probes from cached trainings)."""
     if budget <= 0 or not math.isfinite(budget):
         raise GradscopeError(f"--budget must be a positive number of whole runs, got {budget:g}")
     if steps is not None and steps < 1:
         raise GradscopeError(f"--steps must be >= 1, got {steps}")
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(target, out, jobs, on_event=on_event)
+    runner = (runner_factory or Runner)(target, out, jobs, on_event=on_event)
     say = on_event or (lambda msg: None)
     n_cand = (len(candidates) if candidates else len(decide.GRID_FACTORS)) + int(include_as_is)
 
