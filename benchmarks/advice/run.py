@@ -3,6 +3,7 @@ probes) train as well as the best fixed threshold in hindsight?
 
     python benchmarks/advice/run.py                       # every table (resumable: see --out)
     python benchmarks/advice/run.py --tasks cnn --seeds 0 # one task, one seed
+    python benchmarks/advice/run.py --grid-only           # only the grids and baselines (no advice)
 
 For each task family (tasks.py) and seed:
 1. a grid of fixed thresholds (and none), placed around the family's norm scale, gives the family's
@@ -350,6 +351,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-tasks", default=None, help="run `gradscope tune` on these tasks only (default: all)")
     ap.add_argument("--tune-jobs", type=int, default=1, help="`gradscope tune --jobs`: its probes in parallel")
     ap.add_argument("--no-nudged", action="store_true", help="leave the grid-best x1.1 and /1.1 column out")
+    ap.add_argument("--grid-only", action="store_true",
+                    help="only the untrained, grid and baseline trainings: no pilot, recommend or tune (a new "
+                         "family's grid, checked before anything about the advice on it is known); "
+                         "results.json and table.md are left as they are")
     a = ap.parse_args(argv)
     os.nice(10)  # a benchmark on a shared machine: the others' work goes first
     tasks = [t for t in a.tasks.split(",") if t]
@@ -367,14 +372,15 @@ def main(argv=None) -> int:
     root = Path(a.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with_tune = not a.no_tune and tune_available(root)
+    with_tune = not a.no_tune and not a.grid_only and tune_available(root)
 
     jobs = [(root, t, s, m) for t in tasks for s in seeds
             for m in dict.fromkeys(["untrained", "autoclip", "zclip", "1"] + grid_methods(t))]
     picked: dict[str, dict] = {"recommend": {}}
     tune_tasks = [t for t in (a.tune_tasks.split(",") if a.tune_tasks else tasks) if t in tasks]
     with ThreadPoolExecutor(1) as ex, ThreadPoolExecutor(1) as tex, Pool(max(1, a.jobs)) as pool:
-        side = [("recommend", ex.submit(_recommend_job, (root, t, s))) for t in tasks for s in seeds]
+        side = [] if a.grid_only else [("recommend", ex.submit(_recommend_job, (root, t, s)))
+                                       for t in tasks for s in seeds]
         if with_tune:  # in a queue of its own: a tune is many short runs, the longest job here
             picked["tune"] = {}
             side += [("tune", tex.submit(_tune_job, (root, t, s, a.tune_jobs))) for t in tune_tasks for s in seeds]
@@ -404,8 +410,11 @@ def main(argv=None) -> int:
     summary = summarize(sets, grid, init, picked, BASELINES)
     table = render(summary, BASELINES)
     print(table)
-    print(f"\n({len(jobs) + len(extra) + len(runs)} trainings, {len(tasks) * len(seeds)} pilots"
+    pilots = 0 if a.grid_only else len(tasks) * len(seeds)
+    print(f"\n({len(jobs) + len(extra) + len(runs)} trainings, {pilots} pilots"
           f"{', tune' if with_tune else ''}; {time.time() - t0:.0f} s this time, cached results reused)")
+    if a.grid_only:
+        return 0
     (root / "results.json").write_text(json.dumps({
         "summary": summary,
         "heldout_families": sorted(HELDOUT_FAMILIES),
