@@ -125,3 +125,48 @@ def test_recommend_else_tune_takes_tune_exactly_where_recommend_is_not_confident
     tune = {("t", 0): {"final": 0.5}, ("t", 1): {"final": 0.7}, ("t", 2): {"final": 0.1}}
     both = advice.recommend_else_tune(rec, tune)
     assert {k: v["final"] for k, v in both.items()} == {("t", 0): 1.0, ("t", 1): 0.7, ("t", 2): 2.0}
+
+
+class _InlinePool:
+    """multiprocessing.Pool's part that run.main uses, in this process (so the fake train holds)."""
+
+    def __init__(self, n):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, jobs):
+        return map(fn, jobs)
+
+
+def test_grid_only_trains_the_grid_and_baselines_and_asks_for_no_advice(tmp_path, monkeypatch, capsys):
+    trained = []
+
+    def fake_train(task, seed, clipper, stop_at=None):
+        trained.append((task, seed, stop_at, type(clipper).__name__))
+        return 2.0 if stop_at == 0 else 1.0 + (0.9 if clipper is None else clipper_loss(clipper))
+
+    def clipper_loss(c):
+        return abs(getattr(c, "tau", 0.5) - 0.5)  # the fake task is best at tau 0.5
+
+    def no_advice(*a, **k):
+        raise AssertionError("--grid-only asked for advice")
+
+    monkeypatch.setattr(advice, "train", fake_train)
+    monkeypatch.setattr(advice, "Pool", _InlinePool)
+    monkeypatch.setattr(advice.os, "nice", lambda n: 0)  # the test process keeps its priority
+    for name in ("_recommend_job", "_tune_job", "tune_available", "_gradscope"):
+        monkeypatch.setattr(advice, name, no_advice)
+    assert advice.main(["--tasks", TASK, "--seeds", "0", "--grid-only", "--no-nudged", "--jobs", "1",
+                        "--out", str(tmp_path)]) == 0
+    methods = ["untrained", "autoclip", "zclip", "1"] + advice.grid_methods(TASK)
+    assert sorted(set(methods)) == sorted({f.stem for f in (tmp_path / "cache" / TASK / "s0").glob("*.json")})
+    assert len(trained) == len(set(methods))  # each training once, the untrained one with stop_at=0
+    assert [t for t in trained if t[2] == 0] == [(TASK, 0, 0, "NoneType")]
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "table.md").exists()
+    out = capsys.readouterr().out
+    assert f"| {TASK} | 0.5 | - |" in out and "0 pilots" in out  # the fake grid's best, and no advice
