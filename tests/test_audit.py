@@ -316,10 +316,11 @@ def test_an_audit_that_failed_says_so_instead_of_looking_clean(tmp_path, monkeyp
     check and recommend then say that findings may be missing, rather than report a clean run."""
     from gradscope.capture import audit as capture_audit
 
-    def broken(self, o):
+    def broken(self, opt):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(capture_audit.ClipAudit, "_accumulated", broken)
+    # Called at the first zero_grad (the optimizer's audit state does not exist yet), inside a guard.
+    monkeypatch.setattr(capture_audit.ClipAudit, "_owners_of_groups", broken)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

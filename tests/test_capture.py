@@ -359,3 +359,41 @@ def test_lean_path_writes_the_same_bytes_as_the_full_path(tmp_path, accum, strid
         assert [cut(l) for l in lean] == [cut(l) for l in full], name  # all but the wall-clock time
     ref = gradscope.load_run(tmp_path / "lean").steps
     assert len(ref) == 25 and ref["grad_norm"].notna().all() and ref["loss"].notna().all()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_records_nothing(tmp_path):
+    """A forked child (a DataLoader worker under the fork start method) inherits the hooks and the
+    recorder; its steps must not reach the parent's run (the recorder is switched off in the child
+    by os.register_at_fork, not by a getpid() per call)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+
+    def step():
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    with gradscope.record(tmp_path / "r") as rec:
+        for _ in range(3):
+            step()
+        pending = rec._pending
+        pid = os.fork()
+        if pid == 0:  # the child: steps of its own, then leave without atexit handlers
+            code = 0
+            try:
+                for _ in range(5):
+                    step()
+                code = 0 if not rec._on and rec._pending == pending else 3
+            except Exception:
+                code = 4
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        for _ in range(2):
+            step()
+    assert os.waitstatus_to_exitcode(status) == 0
+    steps = gradscope.load_run(tmp_path / "r").steps
+    assert steps["step"].tolist() == [0, 1, 2, 3, 4]

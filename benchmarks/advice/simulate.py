@@ -1,6 +1,6 @@
 """`gradscope tune` on the advice benchmark, replayed offline: tune's decision rules judged in seconds.
 
-    python benchmarks/advice/simulate.py                          # every benchmark task, seeds 0,1
+    python benchmarks/advice/simulate.py                          # every design family, seeds 0,1
     python benchmarks/advice/simulate.py --tasks cnn,logreg --seeds 0 --jobs 2
 
 A tune probe is `gradscope run --clip-norm TAU --max-steps N` of a seeded script, so its steps
@@ -183,7 +183,9 @@ def _fmt(tau) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default=",".join(bench.DEFAULT_TASKS))
+    ap.add_argument("--tasks", default=",".join(t for t in bench.DEFAULT_TASKS if t not in HELDOUT_FAMILIES),
+                    help="default: the design families only; name a held-out family to include it "
+                         "(only once the rules are final: seeing it spends the hold-out)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--jobs", type=int, default=2, help="processes filling the cache (one task and seed each)")
     ap.add_argument("--budget", type=float, default=None, help="tune's --budget (default: tune's own)")

@@ -113,7 +113,11 @@ class ClipAudit:
                 if not audit._active():
                     return orig(opt, *args, **kwargs)
                 audit.optimizer_zero(opt)
-                return audit._zeroing(orig, opt, *args, **kwargs)
+                outer, audit._in_zero_grad = audit._in_zero_grad, True  # as _zeroing, once per step
+                try:
+                    return orig(opt, *args, **kwargs)
+                finally:
+                    audit._in_zero_grad = outer
 
             return zero_grad
 
@@ -200,16 +204,26 @@ class ClipAudit:
                     out.append(o)
         return out
 
-    @_guard
+    # The per-step events (backward, step, zero_grad) come first in a cheap form that only moves
+    # counters; the guarded methods behind them do the work when there is any (a live clip call).
+
     def backward_begin(self) -> None:
-        self._backward = self._next()
+        self._seq += 1
+        self._backward = self._seq
+        if self._live:
+            self._watch_live()
+
+    def backward_end(self) -> None:
+        if self._live:
+            self._check_live()
+
+    @_guard
+    def _watch_live(self) -> None:
         for c in self._live:
             c.watch = [(p, weakref.ref(g), g._version) for p in c.params if (g := p.grad) is not None]
 
     @_guard
-    def backward_end(self) -> None:
-        if not self._live:
-            return
+    def _check_live(self) -> None:
         for c in self._live:
             for p, ref, version in c.watch or ():
                 g = p.grad
@@ -230,9 +244,20 @@ class ClipAudit:
         for o in self._owners_of_groups(optimizer):
             o.unscaled = seq
 
-    @_guard
     def optimizer_zero(self, opt: Any) -> None:
-        seq = self._next()
+        self._seq += 1
+        groups = opt.__dict__.get("param_groups")
+        if groups and len(groups) == 1:  # the usual optimizer: one group, one owner already known
+            params = groups[0].get("params") if isinstance(groups[0], dict) else None
+            st = self._owner(id(params[0])) if params else None
+            o = self._opts.get(st.id) if st is not None else None
+            if o is not None and o.st is st:
+                o.zero = self._seq
+                return
+        self._zero_groups(opt, self._seq)
+
+    @_guard
+    def _zero_groups(self, opt: Any, seq: int) -> None:
         for o in self._owners_of_groups(opt):
             o.zero = seq
 
@@ -299,15 +324,33 @@ class ClipAudit:
                 o.clips.append(kept)
             o.covered |= ids
 
-    @_guard
     def step_begin(self, st: Any) -> None:
-        o = self._opt(st)
-        if o is not None:
-            o.begin = self._next()
+        o = self._opts.get(st.id)
+        if o is None or o.st is not st:
+            o = self._guarded_opt(st)
+            if o is None:
+                return
+        self._seq += 1
+        o.begin = self._seq
 
-    @_guard
     def step_end(self, st: Any, via_scaler: bool | None = None) -> None:
         """The step of `st` is over (its update applied, or skipped by a GradScaler)."""
+        o = self._opts.get(st.id)
+        if o is not None and o.st is st and not o.clips and o.zero > o.end:
+            # The common step: no clip call to judge, and zeroed since the last step (so not
+            # accumulated): what the full method below concludes, without its loops.
+            self._seq += 1
+            o.snapshot = None
+            o.end, o.last_step = self._seq, st.steps - 1
+            return
+        self._step_end(st, via_scaler)
+
+    @_guard
+    def _guarded_opt(self, st: Any) -> _Opt | None:
+        return self._opt(st)
+
+    @_guard
+    def _step_end(self, st: Any, via_scaler: bool | None) -> None:
         o = self._opt(st)
         if o is None:
             return

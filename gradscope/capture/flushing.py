@@ -117,13 +117,14 @@ def write(rec: Any, batch: Batch) -> None:
     if first:
         rec._writer = ProcessWriter(rec.run_dir, rec.rank)
     st = batch.st
+    # Any non-finite grad_norm or loss in the batch? One check on the host copy, not one per row.
+    check = rec._first_bad is None and not bool(torch.isfinite(batch.values[:, :2]).all())
     values = batch.values.tolist()
     lrs = iter(batch.lrs.tolist()) if batch.lrs is not None else iter(())
     # One %-format per line (the bytes of rundir.fmt_float32 / fmt_float64: "%.9g" and repr
     # spell nan and inf the same way): formatting is most of a flush's cost.
     line = str(st.id) + ",%d,%.9g,%.9g,%r,%d,%r,%d,%r,%r,%.6f\n"
     lean = str(st.id) + ",%d,%.9g,%.9g,nan,0,nan,0,nan,%r,%.6f\n"  # a lean row's constant columns
-    check = rec._first_bad is None and not all(math.isfinite(gn + loss) for gn, loss, *_ in values)
     lines = []
     for r, (gn, loss, clipped, skipped, scale) in zip(batch.rows, values):
         lr = next(lrs) if isinstance(r.lr, torch.Tensor) else float(r.lr)

@@ -28,16 +28,18 @@ def install(rec: Any) -> None:
     for owner, name, make in rec._audit.patches():  # zero_grad, zero_, GradScaler.unscale_
         _patch(rec, owner, name, make)
 
+    audit = rec._audit
+
     def make_backward(orig):
         def backward(tensors, *args, **kwargs):
-            if rec._in_backward or not rec._mine():
+            if rec._in_backward or not rec._on:
                 return orig(tensors, *args, **kwargs)
             rec._note_backward(tensors)
-            rec._audit.backward_begin()
+            audit.backward_begin()
             rec._in_backward = True  # checkpointing re-enters backward: not a loss
             try:
                 result = orig(tensors, *args, **kwargs)
-                rec._audit.backward_end()
+                audit.backward_end()
                 return result
             finally:
                 rec._in_backward = False
@@ -102,6 +104,7 @@ def install(rec: Any) -> None:
         def scale(scaler, outputs):
             out = orig(scaler, outputs)
             if rec._mine() and out is not outputs:
+                rec._scaled = True  # from now on, backward looks for the unscaled loss
                 rec._audit.scaled()
             if rec._mine() and isinstance(outputs, torch.Tensor) and out is not outputs:
                 try:

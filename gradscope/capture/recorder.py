@@ -54,6 +54,16 @@ def active_recorder() -> "Recorder | None":
     return _ACTIVE
 
 
+def _forked_child() -> None:
+    """In a forked child (a DataLoader worker), which inherits the hooks: record nothing."""
+    if _ACTIVE is not None:
+        _ACTIVE._on = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked_child)
+
+
 @dataclass
 class _Clip:
     """One clipping call since the last step: its threshold and, when known, its total norm."""
@@ -65,7 +75,7 @@ class _Clip:
     first: Any = None  # weak reference to one of its gradients: dead = no step can apply them any more
 
 
-@dataclass
+@dataclass(slots=True)
 class _Row:
     step: int
     clip_max_norm: float
@@ -130,6 +140,8 @@ class Recorder:
         self._stopper = NanStop() if stop_on_nan else None  # --stop-on-nan: looks at every step (stopper.py)
         self._nantrace = NanTrace() if trace_nan else None  # --trace-nan: module hooks (nantrace.py)
         self._pid = os.getpid()
+        self._on = False  # recording here and now: set by start, cleared by stop and in forked children
+        self._scaled = False  # a GradScaler.scale output was seen: losses may carry their unscaled value
         self._lock = threading.RLock()
         self._patches: list[tuple[Any, str, Any, Any]] = []
         self._handles: list[Any] = []
@@ -170,6 +182,7 @@ class Recorder:
         if _ACTIVE is not None and not _ACTIVE._closed:
             raise RuntimeError("gradscope: a recorder is already active in this process")
         _ACTIVE = self
+        self._on = True
         self._install()
         if self._nantrace is not None:
             self._nantrace.start()
@@ -199,6 +212,7 @@ class Recorder:
                 self._write_process()
             finally:
                 self._closed = True
+                self._on = False
                 self._uninstall()
                 if self._writer is not None:
                     self._writer.close()
@@ -236,8 +250,9 @@ class Recorder:
         return self._rank
 
     def _mine(self) -> bool:
-        # Forked children (DataLoader workers) inherit the hooks; only the owner records.
-        return not self._closed and os.getpid() == self._pid
+        # Forked children (DataLoader workers) inherit the hooks; only the owner records. A flag,
+        # not a getpid() per call: _forked_child clears it in the child (os.register_at_fork).
+        return self._on
 
     # ------------------------------------------------------------------ hooks
 
@@ -287,7 +302,8 @@ class Recorder:
         t = tensors[0] if isinstance(tensors, (list, tuple)) and len(tensors) == 1 else tensors
         if not isinstance(t, torch.Tensor) or t.numel() != 1:
             return  # a vector backward with explicit gradients has no scalar loss
-        value = getattr(t, _UNSCALED_ATTR, None)
+        # GradScaler.scale's output carries the unscaled loss (a missing attribute is a slow lookup)
+        value = getattr(t, _UNSCALED_ATTR, None) if self._scaled else None
         value = (value if value is not None else t).detach()
         self._losses.append(value if value.dim() == 0 else value.reshape(()))  # a [1]-shaped loss too
         if self._nantrace is not None:
@@ -368,15 +384,16 @@ class Recorder:
         self._clip_calls[name] = self._clip_calls.get(name, 0) + 1
 
     def _on_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple | None:
-        if not self._mine():
+        if not self._on:
             return None
         st = self._register(opt)
         self._audit.step_begin(st)
-        # A closure runs backward (and Lightning's clipping) inside step(): take the row when
-        # its first evaluation returns (capture/closure.py).
-        wrapped = closure.wrap_closure(args, kwargs, lambda: self._take_row(opt, st))
-        if wrapped is not None:
-            return wrapped
+        if len(args) > 1 or kwargs:  # args[0] is the optimizer; step(closure) or step(closure=...)
+            # A closure runs backward (and Lightning's clipping) inside step(): take the row when
+            # its first evaluation returns (capture/closure.py).
+            wrapped = closure.wrap_closure(args, kwargs, lambda: self._take_row(opt, st))
+            if wrapped is not None:
+                return wrapped
         self._take_row(opt, st)
         return None
 
@@ -426,9 +443,9 @@ class Recorder:
     def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         last = self._last_state
         st = last if last is not None and last.ref is not None and last.ref() is opt else self._opts.get(opt)
-        if st is None or not self._mine():
+        if st is None or not self._on:
             return
-        called = closure.closure_called(args, kwargs)
+        called = closure.closure_called(args, kwargs) if len(args) > 1 or kwargs else None
         if called is False:  # step() never evaluated its closure: the gradients are as they were
             self._take_row(opt, st)
         self._audit.step_end(st)
@@ -573,9 +590,14 @@ class Recorder:
             taken = lean_rows.take(grads, self._losses[start:] if start > 0 else self._losses)
             if taken is None:
                 return False
-            st.loss_from = self._loss_base + len(self._losses)
-            if self._losses:
-                self._trim_losses()
+            losses = self._losses
+            st.loss_from = self._loss_base + len(losses)
+            if losses:
+                if len(self._states) == 1:  # one optimizer: its step consumed them all (_trim_losses)
+                    self._loss_base += len(losses)
+                    losses.clear()
+                else:
+                    self._trim_losses()
             lr = param_groups[0].get("lr", _NAN)
             if isinstance(lr, torch.Tensor):
                 lr = lr.detach().clone()

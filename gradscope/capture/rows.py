@@ -97,10 +97,8 @@ def _key(r: Any) -> tuple[int, int]:
 
 
 def _groups(rows: list) -> list:
-    keys: dict = {}
-    for r in rows:
-        keys.setdefault(_key(r), None)
-    return list(keys)
+    """The distinct _key of the rows, in order of first appearance."""
+    return list(dict.fromkeys([(r.n_norms, r.taken.shape[0] - r.n_norms) for r in rows]))
 
 
 def _lean_values(rows: list, key: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
