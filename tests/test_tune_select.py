@@ -47,8 +47,15 @@ def test_plan_reaches_the_whole_training_when_it_can_and_refuses_a_tiny_budget()
     assert t.plan(300, 3, 8, pilot_steps=300).rungs[-1].steps < 300  # one run went to the pilot
     with pytest.raises(ValueError, match="too small"):
         t.plan(300, 1.0, 8, pilot_steps=300)
-    with pytest.raises(ValueError, match=r"at least 2\.00 needed"):  # pilot 5 + 7*5 + 4*10 + 2*20 = 120 of 60
-        t.plan(60, 1.5, 8)
+    with pytest.raises(ValueError, match=r"at least 1\.00 needed"):  # pilot 5 + 7*5 + 2*10 = 60 of 60
+        t.plan(60, 0.5, 8)
+
+
+def test_plan_is_two_rungs_the_first_as_long_as_the_budget_allows():
+    p = t.plan(300, 3, 8)
+    assert [(r.steps, r.keep) for r in p.rungs] == [(37, 8), (300, 2)]  # pilot 37 + 7*37 + 2*300 = 896
+    assert p.planned_steps == 896 <= 3 * 300
+    assert t.plan(300, 3, 8, as_is_in_pilot=False).rungs[0].steps == 33  # 33 + 8*33 + 600 = 897
 
 
 def test_stretch_spends_a_saving_on_longer_horizons():
@@ -118,10 +125,26 @@ def test_as_is_wins_a_tie_only_at_the_whole_training():
     assert t.choose([_summary(1.0, 2.0), _summary(t.AS_IS, 1.0)], full_horizon=False).clip_norm == t.AS_IS
 
 
-def test_survivors_keep_the_choice_and_the_next_larger_threshold():
+def test_survivors_keep_the_choice_and_its_better_neighbour_on_the_ladder():
     rows = [_summary(0.25, 0.50), _summary(0.5, 0.90), _summary(1.0, 1.0), _summary(2.0, 1.1), _summary(4.0, 3.0)]
-    assert t.survivors(rows, 2) == [0.25, 0.5]
-    assert t.survivors(rows, 3) == [0.25, 0.5, 1.0]
+    assert t.survivors(rows, 2) == [0.25, 0.5]  # the smallest won: its only neighbour
+    assert t.survivors(rows, 3) == [0.25, 0.5, 1.0]  # then the best losses
+    # the choice in the middle of the ladder: the neighbour with the lower loss, on either side
+    below = [_summary(0.25, 1.2), _summary(0.5, 0.7), _summary(1.0, 0.5), _summary(2.0, 0.8), _summary(4.0, 3.0)]
+    assert t.survivors(below, 2) == [1.0, 0.5]
+    above = [_summary(0.25, 1.2), _summary(0.5, 0.9), _summary(1.0, 0.5), _summary(2.0, 0.8), _summary(4.0, 3.0)]
+    assert t.survivors(above, 2) == [1.0, 2.0]
+    assert t.survivors(above, 3) == [1.0, 2.0, 0.5]
+
+
+def test_many_ties_before_the_whole_training_go_to_the_middle_one():
+    # four candidates within the noise of each other (se 0.01): a short probe cannot tell them apart
+    tied = [_summary(0.25, 1.00), _summary(0.5, 1.01), _summary(1.0, 1.005), _summary(2.0, 1.01), _summary(4.0, 2.0)]
+    early = t.choose(tied, full_horizon=False)
+    assert early.clip_norm == 1.0 and set(early.ties) == {0.25, 0.5, 1.0, 2.0} and "middle" in early.reason
+    assert t.choose(tied, full_horizon=True).clip_norm == 2.0  # at the whole training: the largest
+    two = [_summary(0.5, 1.00), _summary(1.0, 1.01), _summary(2.0, 1.5)]
+    assert t.choose(two, full_horizon=False).clip_norm == 1.0  # two ties: the larger, as before
 
 
 def test_fallback_picks_below_the_smallest_diverged():

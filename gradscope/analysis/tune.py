@@ -5,15 +5,17 @@ Steps tables in (the columns of a gradscope run), dataclasses out. The orchestra
 
 - :func:`candidates_from_pilot`: thresholds around the scale of the pilot's norms (of its first
   norm when the pilot blew up).
-- :func:`plan`: successive halving that fits the budget: many short probes, half of them
-  continued to a horizon ``growth`` times longer, the last two to the longest horizon the
-  budget allows (the whole training when it can).
+- :func:`plan`: two rungs that fit the budget: every candidate probed as long as the budget
+  allows, then two finalists to the whole training (the longest horizon the budget allows
+  when it cannot reach that).
 - :func:`summarize`: a probe's loss over its last stretch (level and spread), clip fraction,
   mean update multiplier, divergence.
 - :func:`choose`: among probes of one horizon, the best loss; candidates within the loss's
-  noise of it are ties and the largest threshold among them wins (short probes favour small
-  thresholds: a small threshold is a learning-rate cut, which helps early and hurts later).
-  A diverged candidate is never chosen.
+  noise of it are ties. At the whole training the largest tied threshold wins (clipping less
+  is the smaller change); before it, the largest of two ties, or the middle of three or more
+  (a probe that cannot tell them apart favours neither end). A diverged candidate is never
+  chosen.
+- :func:`survivors`: the first rung's choice and its better neighbour on the ladder go on.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ AS_IS = math.inf  # the candidate "the script as it is" (no --clip-norm): ranks 
 # Candidate thresholds: the pilot's typical norm times these factors (a factor-2 ladder).
 GRID_FACTORS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0)
 TIE_Z = 2.0  # two losses closer than TIE_Z combined standard errors are a tie
+MIDDLE_TIES = 2  # before the whole training, more ties than this: the middle one is taken, not the largest
 MIN_WINDOW = 5
 
 
@@ -127,10 +130,14 @@ def candidates_from_pilot(steps, horizon: int | None = None, factors=GRID_FACTOR
 
 
 def _counts(n: int) -> list[int]:
-    counts = [n]
-    while counts[-1] > 2:
-        counts.append(max(2, math.ceil(counts[-1] / 2)))
-    return counts
+    """Every candidate at the first rung, then two finalists (one rung when there are only two).
+
+    Two rungs, not a halving ladder: a first rung a few steps long says nothing where every
+    candidate still sits at its starting loss (a CNN at chance for its first dozens of steps),
+    so the budget goes to one long first rung; and the finalists are the rung's choice and its
+    better neighbour on the ladder, so the whole-training comparison can correct the first
+    rung's short-horizon bias in either direction."""
+    return [n, 2] if n > 2 else [n]
 
 
 def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int | None = None,
@@ -142,8 +149,9 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
     ``as_is_in_pilot``: the script as it is, which is what the pilot runs, is one of the
     ``n_candidates``; the pilot is then its first-rung probe for free. The worst case is
     planned (a surviving as-is candidate is probed again later), so what a tune spends is at
-    most ``planned_steps``. The last rung (two candidates) is the whole training when growth
-    between rungs of at most ``max_growth`` fits the budget; otherwise it is the longest
+    most ``planned_steps``. The last rung (two candidates) is the whole training when that fits
+    the budget with a first rung of at least ``min_steps`` (with more rungs: growth between rungs
+    of at most ``max_growth``); otherwise it is the longest
     that fits with growth 3 (or 2). Raises ValueError when not even the shortest probes fit.
     """
     T = int(total_steps)
@@ -166,13 +174,19 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
         return total
 
     chosen = None
-    for growth in range(2, max_growth + 1):  # the whole training last, with the gentlest growth
-        ns = lengths(T, growth)
-        if ns[0] < lo:
-            break
-        if cost(ns) <= allowed:
-            chosen = ns
-            break
+    if m == 1:  # two rungs: the finalists run the whole training, the first rung as long as that allows
+        for first in range(T // 2, lo - 1, -1):
+            if cost([first, T]) <= allowed:
+                chosen = [first, T]
+                break
+    else:
+        for growth in range(2, max_growth + 1):  # the whole training last, with the gentlest growth
+            ns = lengths(T, growth)
+            if ns[0] < lo:
+                break
+            if cost(ns) <= allowed:
+                chosen = ns
+                break
     final = T
     while chosen is None and final >= lo:  # a shorter last rung, growth 3 (2 for short trainings)
         for growth in (3, 2):
@@ -333,13 +347,22 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
         return s.clip_norm
 
     chosen = max(ties, key=size)
+    finite = sorted((s for s in ties if math.isfinite(s.clip_norm)), key=lambda s: s.clip_norm)
+    middle = not full_horizon and len(ties) > MIDDLE_TIES and bool(finite)
+    if middle:
+        # A short probe that cannot tell three or more candidates apart favours neither end: the
+        # middle of them goes on (the largest would bet on short-horizon bias running one way).
+        chosen = finite[len(finite) // 2]
     others = [s for s in ok if s is not chosen]
     runner = min(others, key=lambda s: s.loss) if others else None
     margin = None
     if runner is not None:
         noise = math.sqrt(chosen.loss_se ** 2 + runner.loss_se ** 2)
         margin = (runner.loss - chosen.loss) / noise if noise > 0 else (math.inf if runner.loss > chosen.loss else 0.0)
-    if len(ties) > 1:
+    if middle:
+        reason = (f"{len(ties)} candidates within the loss's noise of the best at {horizon} steps; the middle "
+                  "threshold among them is taken (a probe this short cannot tell them apart)")
+    elif len(ties) > 1:
         reason = (f"{len(ties)} candidates within the loss's noise of the best; the largest threshold "
                   "among them is taken (short probes favour small thresholds)")
     else:
@@ -349,16 +372,22 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
 
 
 def survivors(summaries: list[ProbeSummary], keep: int, *, full_horizon: bool = False) -> list[float]:
-    """The ``keep`` candidates continued to the next rung: the choice of this rung, the next
-    larger threshold that did not diverge (against short-horizon bias), then the best losses."""
+    """The ``keep`` candidates continued to the next rung: the choice of this rung, then its
+    neighbours on the ladder of candidates that did not diverge, the one with the lower loss
+    first (short-horizon bias can run either way: a small threshold is a learning-rate cut that
+    helps early and hurts later, and a large one can look worse early and end better), then the
+    best losses."""
     ok = sorted([s for s in summaries if not s.diverged and math.isfinite(s.loss)], key=lambda s: s.loss)
     if not ok:
         return []
     pick = choose(summaries, full_horizon=full_horizon).clip_norm
     out = [pick]
-    larger = sorted(s.clip_norm for s in ok if s.clip_norm > pick)
-    if larger and len(out) < keep:
-        out.append(larger[0])
+    ladder = sorted(s.clip_norm for s in ok)
+    i = ladder.index(pick)
+    loss = {s.clip_norm: s.loss for s in ok}
+    for t in sorted((ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)), key=lambda t: loss[t]):
+        if len(out) < keep:
+            out.append(t)
     for s in ok:
         if len(out) >= keep:
             break
