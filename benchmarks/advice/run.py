@@ -167,6 +167,20 @@ def _analysis_fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
+def _tune_fingerprint() -> str:
+    """A digest of tune's code (its orchestration and its decisions): a cached tune result is
+    reused only while both are unchanged."""
+    import hashlib
+
+    import gradscope.analysis.tune
+    import gradscope.tune
+
+    h = hashlib.sha256()
+    for mod in (gradscope.tune, gradscope.analysis.tune):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _first_norm(run_dir: Path) -> float | None:
     """The pilot's first gradient norm, read straight from the steps file (the task's norm scale)."""
     try:
@@ -190,7 +204,8 @@ def tune_available(root: Path) -> bool:
 def _tune_job(job):
     """`gradscope tune` at its default budget; its directory is kept, so a rerun resumes it."""
     root, task, seed, jobs = job
-    hit = cached(root, task, seed, "tune")
+    key = f"tune-{_tune_fingerprint()}"  # the result of this very tune code on this task and seed
+    hit = cached(root, task, seed, key)
     if hit is not None:
         return task, seed, hit
     out = root / "tune" / f"{task}-s{seed}"
@@ -202,7 +217,7 @@ def _tune_job(job):
     doc = json.loads(p.stdout)
     hit = {"tau": doc["recommended_clip_norm"], "choice": doc.get("choice"), "budget_spent": doc.get("budget_spent"),
            "seconds": round(time.time() - t0, 1)}
-    store(root, task, seed, "tune", hit)
+    store(root, task, seed, key, hit)
     return task, seed, hit
 
 

@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         for t, row in rows.items():
             for s in seeds:
                 r = sims[(t, s)]
-                real = bench.cached(bench_root, t, s, "tune") if default_budget else None
+                real = bench.cached(bench_root, t, s, f"tune-{bench._tune_fingerprint()}") if default_budget else None
                 shown = "-"
                 if real is not None and "tau" in real:
                     compared += 1
