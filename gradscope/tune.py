@@ -1,4 +1,4 @@
-"""`gradscope tune`: find the clip norm by measuring: a pilot, then short probes under successive halving.
+"""`gradscope tune`: find the clip norm by measuring: a pilot, then probes in two rungs.
 
 A layer above launch.py: every pilot and probe is an ordinary ``gradscope run`` started as a
 subprocess (``--clip-norm TAU --max-steps N``) into its own run directory under OUT, read
@@ -253,7 +253,7 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         + ", ".join(c.label for c in cands.values()) + "; rungs "
         + ", ".join(f"{r.keep} x {r.steps}" for r in the_plan.rungs))
 
-    # 2. Successive halving.
+    # 2. The rungs (analysis/tune.py plan: every candidate, then two finalists).
     alive = list(cands)
     rungs = []
     choice = None

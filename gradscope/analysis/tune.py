@@ -142,7 +142,7 @@ def _counts(n: int) -> list[int]:
 
 def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int | None = None,
          as_is_in_pilot: bool = True, min_steps: int | None = None, max_growth: int = 8) -> Plan:
-    """The rungs of successive halving that fit ``budget`` whole runs of ``total_steps`` (T).
+    """The rungs that fit ``budget`` whole runs of ``total_steps`` (T).
 
     The pilot counts against the budget: ``pilot_steps`` None means the pilot is as long as the
     first rung (T was given), otherwise it ran that many steps (T when T was learned from it).

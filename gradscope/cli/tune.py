@@ -67,7 +67,10 @@ def tune_command(
         raise GradscopeError(f"--out '{out}' is a file; choose a directory")
 
     def event(msg: str) -> None:
-        print(f"gradscope tune: {msg}", file=sys.stderr, flush=True)
+        # One write per line: with --jobs the probes' threads report at once, and print() writes
+        # the text and its newline separately.
+        sys.stderr.write(f"gradscope tune: {msg}\n")
+        sys.stderr.flush()
 
     result = tune(target, out, steps=steps, budget=budget, jobs=jobs, candidates=taus, on_event=event)
     if as_json:
