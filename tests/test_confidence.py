@@ -129,3 +129,21 @@ def test_the_report_prints_the_tune_command_instead_of_a_confident_number(tmp_pa
 ])
 def test_tune_command_reproduces_the_recorded_target(meta, expected):
     assert tune_command(meta) == expected
+
+
+def test_a_stable_pilot_whose_loss_never_fell_is_not_confident(tmp_path):
+    """Norms that sit at a level say nothing when the run is not learning (a CNN stuck at chance):
+    the mean of the last tenth of the losses must be below the first tenth's by flat_loss_z
+    standard errors, recomputed here from the losses themselves."""
+    g, falling = _stable(200)
+    rng = np.random.default_rng(1)
+    flat = 2.3 + rng.normal(0, 0.01, 200)  # chance loss, noise only
+    stuck = to_json(analyze(_table_run(tmp_path / "flat", g, flat, **SCRIPT_META)))
+    assert stuck["situation"] == "stable"
+    w = 20  # a tenth of 200
+    se = np.sqrt(flat[:w].var(ddof=1) / w + flat[-w:].var(ddof=1) / w)
+    assert flat[:w].mean() - flat[-w:].mean() <= CFG.flat_loss_z * se  # by hand: it did not fall
+    assert stuck["confident"] is False and stuck["tune_command"].startswith("gradscope tune ")
+    assert any("did not fall" in r and f"{flat[-w:].mean():.4g}" in r for r in stuck["confidence_reasons"])
+    learning = to_json(analyze(_table_run(tmp_path / "falling", g, falling, **SCRIPT_META)))
+    assert learning["situation"] == "stable" and learning["confident"] is True

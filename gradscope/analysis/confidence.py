@@ -9,6 +9,12 @@ Measured in benchmarks/advice/ (see the README's "The advice benchmark"), one pi
   unclipped updates are too large, not by how much: runs whose pilots look alike want
   thresholds 0.45x and 1.1x their first gradient norm.
 - too short a run: fewer than `min_steady_steps` steady-state steps to place a threshold in.
+- a run whose loss never fell, where the norms alone look fine (not a normalising situation):
+  the mean of its last tenth of losses is not below the mean of its first tenth by
+  `flat_loss_z` standard errors. Its norms can look perfectly `stable` (a CNN
+  stuck at chance loss), but they are the norms of a run that is not learning, and say nothing
+  about the threshold that lets it learn (on the benchmark's `cnn` such pilots led to thresholds
+  11-20x the best).
 
 Then the recommendation stays (it is the best guess), marked not confident, with the reasons
 and the command that measures instead: `gradscope tune` on the same script.
@@ -55,12 +61,31 @@ def assess_confidence(situation: str, g: np.ndarray, loss: np.ndarray, divergenc
         elif grow is not None and grow >= cfg.early_rise:
             reasons.append(f"the pilot's gradient norm reached {grow:.3g}x its first value within "
                            f"{cfg.early_steps} steps: it shows that unclipped updates are too large, not by how much")
+    flat = _loss_did_not_fall(loss, cfg.flat_loss_z) if situation not in NORMALISING else None
+    if flat:  # (a run that blew up or climbed is judged by how soon it did, above)
+        reasons.append(flat)
     if steady_steps < cfg.min_steady_steps:
         reasons.append(f"only {steady_steps} steady-state steps (at least {cfg.min_steady_steps} are needed to "
                        "place a threshold among them)")
     if not reasons:
         return Confidence(True)
     return Confidence(False, reasons, command)
+
+
+def _loss_did_not_fall(loss: np.ndarray, z: float) -> str | None:
+    """The reason, when the finite losses' last tenth (at least 5) is not below their first tenth
+    by ``z`` standard errors of the difference; None when it fell, or too few losses to say."""
+    v = loss[np.isfinite(loss)]
+    w = max(5, len(v) // 10)
+    if len(v) < 2 * w:
+        return None
+    first, last = v[:w], v[-w:]
+    se = float(np.sqrt(first.var(ddof=1) / w + last.var(ddof=1) / w))
+    if float(first.mean() - last.mean()) > z * se:
+        return None
+    return (f"the pilot's loss did not fall (mean {last.mean():.4g} over its last {w} steps, "
+            f"{first.mean():.4g} over its first {w}): the norms of a run that is not learning say "
+            "nothing about the threshold that lets it learn")
 
 
 def tune_command(meta: dict) -> str | None:

@@ -82,6 +82,7 @@ class ConfidenceConfig:
     early_steps: int = 2          # a normalising run that blew up within this many steps...
     early_rise: float = 3.0       # ...to this many times its first loss (or norm): not confident
     min_steady_steps: int = 50    # fewer steady-state steps: not confident
+    flat_loss_z: float = 2.0      # the loss's last tenth not below its first by this many standard errors: not confident
 
 
 @dataclass(frozen=True)
