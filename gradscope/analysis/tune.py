@@ -141,7 +141,7 @@ def _counts(n: int) -> list[int]:
 
 
 def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int | None = None,
-         as_is_in_pilot: bool = True, min_steps: int | None = None, max_growth: int = 8) -> Plan:
+         as_is_in_pilot: bool = True, min_steps: int | None = None) -> Plan:
     """The rungs that fit ``budget`` whole runs of ``total_steps`` (T).
 
     The pilot counts against the budget: ``pilot_steps`` None means the pilot is as long as the
@@ -149,10 +149,11 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
     ``as_is_in_pilot``: the script as it is, which is what the pilot runs, is one of the
     ``n_candidates``; the pilot is then its first-rung probe for free. The worst case is
     planned (a surviving as-is candidate is probed again later), so what a tune spends is at
-    most ``planned_steps``. The last rung (two candidates) is the whole training when that fits
-    the budget with a first rung of at least ``min_steps`` (with more rungs: growth between rungs
-    of at most ``max_growth``); otherwise it is the longest
-    that fits with growth 3 (or 2). Raises ValueError when not even the shortest probes fit.
+    most ``planned_steps``. The last rung (the two finalists, or the only rung of one or two
+    candidates) is the whole training when that fits the budget with a first rung of at least
+    ``min_steps``, the first rung then as long as the budget allows; otherwise the last rung is
+    the longest that fits with the first a third (or half) of it. Raises ValueError when not even
+    the shortest probes fit.
     """
     T = int(total_steps)
     if T < 1 or n_candidates < 1:
@@ -173,20 +174,9 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
             total += (c - int(free)) * n
         return total
 
-    chosen = None
-    if m == 1:  # two rungs: the finalists run the whole training, the first rung as long as that allows
-        for first in range(T // 2, lo - 1, -1):
-            if cost([first, T]) <= allowed:
-                chosen = [first, T]
-                break
-    else:
-        for growth in range(2, max_growth + 1):  # the whole training last, with the gentlest growth
-            ns = lengths(T, growth)
-            if ns[0] < lo:
-                break
-            if cost(ns) <= allowed:
-                chosen = ns
-                break
+    # The whole training last; with two rungs, the first as long as the budget then allows.
+    whole = [[T]] if m == 0 else ([first, T] for first in range(T // 2, lo - 1, -1))
+    chosen = next((ns for ns in whole if cost(ns) <= allowed), None)
     final = T
     while chosen is None and final >= lo:  # a shorter last rung, growth 3 (2 for short trainings)
         for growth in (3, 2):

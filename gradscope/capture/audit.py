@@ -113,11 +113,7 @@ class ClipAudit:
                 if not audit._active():
                     return orig(opt, *args, **kwargs)
                 audit.optimizer_zero(opt)
-                outer, audit._in_zero_grad = audit._in_zero_grad, True  # as _zeroing, once per step
-                try:
-                    return orig(opt, *args, **kwargs)
-                finally:
-                    audit._in_zero_grad = outer
+                return audit._zeroing(orig, opt, *args, **kwargs)
 
             return zero_grad
 

@@ -590,14 +590,9 @@ class Recorder:
             taken = lean_rows.take(grads, self._losses[start:] if start > 0 else self._losses)
             if taken is None:
                 return False
-            losses = self._losses
-            st.loss_from = self._loss_base + len(losses)
-            if losses:
-                if len(self._states) == 1:  # one optimizer: its step consumed them all (_trim_losses)
-                    self._loss_base += len(losses)
-                    losses.clear()
-                else:
-                    self._trim_losses()
+            st.loss_from = self._loss_base + len(self._losses)
+            if self._losses:
+                self._trim_losses()
             lr = param_groups[0].get("lr", _NAN)
             if isinstance(lr, torch.Tensor):
                 lr = lr.detach().clone()

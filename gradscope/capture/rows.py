@@ -98,7 +98,7 @@ def _key(r: Any) -> tuple[int, int]:
 
 def _groups(rows: list) -> list:
     """The distinct _key of the rows, in order of first appearance."""
-    return list(dict.fromkeys([(r.n_norms, r.taken.shape[0] - r.n_norms) for r in rows]))
+    return list(dict.fromkeys(map(_key, rows)))
 
 
 def _lean_values(rows: list, key: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
