@@ -357,6 +357,19 @@ def render(summary, methods) -> str:
     return "\n".join(lines)
 
 
+def family_sets(tasks: list[str], seeds: list[int]) -> dict:
+    """The tables' sets: {"design families": (tasks, seeds), "held-out families": (...)}, each
+    only when it has a task (the held-out families are reported apart)."""
+    sets = {}
+    design = [t for t in tasks if t not in HELDOUT_FAMILIES]
+    heldout = [t for t in tasks if t in HELDOUT_FAMILIES]
+    if design:
+        sets["design families"] = (design, seeds)
+    if heldout:
+        sets["held-out families"] = (heldout, seeds)
+    return sets
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
@@ -379,13 +392,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     seeds = [int(s) for s in a.seeds.split(",") if s]
-    sets = {}
-    design = [t for t in tasks if t not in HELDOUT_FAMILIES]
-    heldout = [t for t in tasks if t in HELDOUT_FAMILIES]
-    if design:
-        sets["design families"] = (design, seeds)
-    if heldout:
-        sets["held-out families"] = (heldout, seeds)
+    sets = family_sets(tasks, seeds)
     root = Path(a.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -213,13 +213,7 @@ def main(argv=None) -> int:
         grid = {(t, s, m): v for t, s, m, v in pool.imap_unordered(bench._train_job, grid_jobs)}
     init = {(t, s): grid.pop((t, s, "untrained")) for t, s in pairs}
 
-    sets = {}
-    design = [t for t in tasks if t not in HELDOUT_FAMILIES]
-    heldout = [t for t in tasks if t in HELDOUT_FAMILIES]
-    if design:
-        sets["design families"] = (design, seeds)
-    if heldout:
-        sets["held-out families"] = (heldout, seeds)
+    sets = bench.family_sets(tasks, seeds)
     picked = {"tune": {(t, s): {"tau": r["tau"], "final": r["final"], "budget_spent": r["budget_spent"]}
                        for (t, s), r in sims.items()}}
     summary = bench.summarize(sets, grid, init, picked, [])
