@@ -18,7 +18,8 @@ The table gives mean final held-out loss / grid-best's per task (inf when a seed
 non-finite, or worse than the untrained model). Families in tasks.HELDOUT_FAMILIES were declared
 held out before any of their recommend or tune results were seen: they are reported apart.
 (cnn and sum_mlp, the first held-out pair, are design families now: tune's blew-up candidate
-placement, 25ec2ea, was changed after their tune figures had been seen.)
+placement, 25ec2ea, was changed after their tune figures had been seen; char_rnn, conv1d and
+mf_rec, the second held-out set, likewise, once their recommend and tune figures had been seen.)
 
 Every training's result is cached on disk (OUT/cache/<task>/s<seed>/<method>.json) as soon as it
 ends, and pilots and tune directories are kept, so an interrupted run resumes where it stopped.
