@@ -1,4 +1,5 @@
-"""`gradscope tune`: find the clip norm by measuring: a pilot, then probes in two rungs.
+"""`gradscope tune`: find the clip norm by measuring: a pilot, then probes in two rungs (every
+candidate, then three finalists).
 
 A layer above launch.py: every pilot and probe is an ordinary ``gradscope run`` started as a
 subprocess (``--clip-norm TAU --max-steps N``) into its own run directory under OUT, read
@@ -253,7 +254,7 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         + ", ".join(c.label for c in cands.values()) + "; rungs "
         + ", ".join(f"{r.keep} x {r.steps}" for r in the_plan.rungs))
 
-    # 2. The rungs (analysis/tune.py plan: every candidate, then two finalists).
+    # 2. The rungs (analysis/tune.py plan: every candidate, then three finalists).
     alive = list(cands)
     rungs = []
     choice = None
@@ -340,8 +341,9 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             f"any clipping (first at step {first}), so the script's randomness is not seeded; seed it "
             "(torch.manual_seed, and the data order) and tune again")
     if choice is not None and choice.clip_norm is not None and choice.horizon < T:
-        result.notes.append(f"the finalists were compared at {choice.horizon} of {T} steps (the budget did not "
-                            "reach the whole training); ties went to the larger threshold")
+        result.notes.append(f"the finalists were compared at {choice.horizon} of {T} steps: the budget does not "
+                            f"reach the whole training (--budget {math.ceil(the_plan.whole_budget * 100) / 100:.2f} "
+                            "would); a tie of two went to the larger threshold, of three to the middle one")
     if figure:
         from gradscope.report.tune import save_figure
 

@@ -36,26 +36,34 @@ def test_plan_fits_the_budget_and_halves(T, B, K, pilot):
     by_hand = pl + sum((r.keep - (k == 0 and r.steps <= pl)) * r.steps for k, r in enumerate(p.rungs))
     assert by_hand == p.planned_steps
     keeps = [r.keep for r in p.rungs]
-    assert keeps[0] == K and keeps[-1] == min(K, 2)
+    assert keeps[0] == K and keeps[-1] == min(K, 3)
     assert all(a > b for a, b in zip(keeps, keeps[1:]))
     lengths = [r.steps for r in p.rungs]
     assert lengths == sorted(lengths) and lengths[-1] <= T
 
 
 def test_plan_reaches_the_whole_training_when_it_can_and_refuses_a_tiny_budget():
-    assert t.plan(300, 3, 8).rungs[-1].steps == 300  # T given: 3 runs reach T for the finalists
-    assert t.plan(300, 3, 8, pilot_steps=300).rungs[-1].steps < 300  # one run went to the pilot
+    p = t.plan(300, 3, 8)
+    assert p.rungs[-1].steps < 300  # three finalists of 300 steps need more than 3 runs
+    # whole_budget: pilot 25 + 7*25 + 3*300 = 1100 steps = 3.67 runs; that budget reaches T, a step less does not
+    assert p.whole_budget == pytest.approx(1100 / 300)
+    assert t.plan(300, 1100 / 300, 8).rungs[-1].steps == 300
+    assert t.plan(300, 1099 / 300, 8).rungs[-1].steps < 300
+    assert t.plan(300, 3, 8, pilot_steps=300).whole_budget == pytest.approx((300 + 175 + 900) / 300)
     with pytest.raises(ValueError, match="too small"):
         t.plan(300, 1.0, 8, pilot_steps=300)
-    with pytest.raises(ValueError, match=r"at least 1\.00 needed"):  # pilot 5 + 7*5 + 2*10 = 60 of 60
+    with pytest.raises(ValueError, match=r"at least 1\.17 needed"):  # pilot 5 + 7*5 + 3*10 = 70 of 60
         t.plan(60, 0.5, 8)
 
 
-def test_plan_is_two_rungs_the_first_as_long_as_the_budget_allows():
+def test_plan_is_every_candidate_for_t_12_then_three_finalists_as_long_as_the_rest_allows():
     p = t.plan(300, 3, 8)
-    assert [(r.steps, r.keep) for r in p.rungs] == [(37, 8), (300, 2)]  # pilot 37 + 7*37 + 2*300 = 896
-    assert p.planned_steps == 896 <= 3 * 300
-    assert t.plan(300, 3, 8, as_is_in_pilot=False).rungs[0].steps == 33  # 33 + 8*33 + 600 = 897
+    assert [(r.steps, r.keep) for r in p.rungs] == [(25, 8), (233, 3)]  # pilot 25 + 7*25 + 3*233 = 899
+    assert p.planned_steps == 899 <= 3 * 300
+    no_free = t.plan(300, 3, 8, as_is_in_pilot=False)  # 25 + 8*25 + 3*225 = 900
+    assert [(r.steps, r.keep) for r in no_free.rungs] == [(25, 8), (225, 3)]
+    # a budget that reaches the whole training: the first rung as long as the rest allows (37 + 7*37 + 900 = 1196)
+    assert [(r.steps, r.keep) for r in t.plan(300, 4, 8).rungs] == [(37, 8), (300, 3)]
 
 
 def test_stretch_spends_a_saving_on_longer_horizons():

@@ -5,9 +5,8 @@ Steps tables in (the columns of a gradscope run), dataclasses out. The orchestra
 
 - :func:`candidates_from_pilot`: thresholds around the scale of the pilot's norms (of its first
   norm when the pilot blew up).
-- :func:`plan`: two rungs that fit the budget: every candidate probed as long as the budget
-  allows, then two finalists to the whole training (the longest horizon the budget allows
-  when it cannot reach that).
+- :func:`plan`: two rungs that fit the budget: every candidate probed for T/12, then three
+  finalists as long as the rest of the budget allows (the whole training when it reaches that).
 - :func:`summarize`: a probe's loss over its last stretch (level and spread), clip fraction,
   mean update multiplier, divergence.
 - :func:`choose`: among probes of one horizon, the best loss; candidates within the loss's
@@ -15,7 +14,7 @@ Steps tables in (the columns of a gradscope run), dataclasses out. The orchestra
   is the smaller change); before it, the largest of two ties, or the middle of three or more
   (a probe that cannot tell them apart favours neither end). A diverged candidate is never
   chosen.
-- :func:`survivors`: the first rung's choice and its better neighbour on the ladder go on.
+- :func:`survivors`: the first rung's choice and its neighbours on the ladder go on.
 """
 from __future__ import annotations
 
@@ -32,6 +31,8 @@ AS_IS = math.inf  # the candidate "the script as it is" (no --clip-norm): ranks 
 # Candidate thresholds: the pilot's typical norm times these factors (a factor-2 ladder).
 GRID_FACTORS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0)
 TIE_Z = 2.0  # two losses closer than TIE_Z combined standard errors are a tie
+FINALISTS = 3  # candidates continued past the first rung: its choice and the two ladder neighbours
+FIRST_RUNG = 1 / 12  # the first rung's length, as a share of T, when the finalists cannot run the whole training
 MIDDLE_TIES = 2  # before the whole training, more ties than this: the middle one is taken, not the largest
 MIN_WINDOW = 5
 
@@ -49,6 +50,7 @@ class Plan:
     budget: float  # B, in whole runs of T steps
     pilot_steps: int  # steps of the pilot (T when it ran to its end)
     planned_steps: int  # pilot + every probe of the plan, worst case (what budget_spent can reach)
+    whole_budget: float  # the budget whose last rung would run the whole training (first rung T/12)
 
 
 @dataclass
@@ -130,14 +132,17 @@ def candidates_from_pilot(steps, horizon: int | None = None, factors=GRID_FACTOR
 
 
 def _counts(n: int) -> list[int]:
-    """Every candidate at the first rung, then two finalists (one rung when there are only two).
+    """Every candidate at the first rung, then three finalists (one rung when there are only three).
 
     Two rungs, not a halving ladder: a first rung a few steps long says nothing where every
-    candidate still sits at its starting loss (a CNN at chance for its first dozens of steps),
-    so the budget goes to one long first rung; and the finalists are the rung's choice and its
-    better neighbour on the ladder, so the whole-training comparison can correct the first
-    rung's short-horizon bias in either direction."""
-    return [n, 2] if n > 2 else [n]
+    candidate still sits at its starting loss (a CNN at chance for its first dozens of steps).
+    Three finalists, the first rung's choice and both its neighbours on the ladder: a short
+    probe's bias runs either way (a small threshold is a learning-rate cut that helps early and
+    hurts later; a large one can look better early and end worse), so the finalists test one
+    ladder step in each direction. Three finalists at about 0.8 T ended better than two at the
+    whole training (the choice and its better neighbour) in the simulator (README, "How tune's
+    current rules were chosen")."""
+    return [n, FINALISTS] if n > FINALISTS else [n]
 
 
 def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int | None = None,
@@ -149,11 +154,12 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
     ``as_is_in_pilot``: the script as it is, which is what the pilot runs, is one of the
     ``n_candidates``; the pilot is then its first-rung probe for free. The worst case is
     planned (a surviving as-is candidate is probed again later), so what a tune spends is at
-    most ``planned_steps``. The last rung (the two finalists, or the only rung of one or two
+    most ``planned_steps``. The last rung (the finalists, or the only rung of up to three
     candidates) is the whole training when that fits the budget with a first rung of at least
-    ``min_steps``, the first rung then as long as the budget allows; otherwise the last rung is
-    the longest that fits with the first a third (or half) of it. Raises ValueError when not even
-    the shortest probes fit.
+    T/12 (and ``min_steps``), the first rung then as long as the budget allows, up to T/2;
+    otherwise the first rung is T/12 and the last as long as the rest allows, when that is at
+    least three times the first; otherwise the last rung is the longest that fits with the first
+    a third (or half) of it. Raises ValueError when not even the shortest probes fit.
     """
     T = int(total_steps)
     if T < 1 or n_candidates < 1:
@@ -175,8 +181,13 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
         return total
 
     # The whole training last; with two rungs, the first as long as the budget then allows.
-    whole = [[T]] if m == 0 else ([first, T] for first in range(T // 2, lo - 1, -1))
+    first = max(lo, round(T * FIRST_RUNG))
+    whole = [[T]] if m == 0 else ([n, T] for n in range(T // 2, first - 1, -1))
     chosen = next((ns for ns in whole if cost(ns) <= allowed), None)
+    if chosen is None and m == 1:  # the first rung at T/12, the finalists as long as the rest allows
+        final = min(T, int((allowed - cost([first, 0])) // counts[1]))
+        if final >= 3 * first:
+            chosen = [first, final]
     final = T
     while chosen is None and final >= lo:  # a shorter last rung, growth 3 (2 for short trainings)
         for growth in (3, 2):
@@ -190,7 +201,8 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
         raise ValueError(f"a budget of {budget:g} whole runs is too small for {n_candidates} candidates "
                          f"over {T} steps (at least {need:.2f} needed)")
     return Plan(rungs=[Rung(n, c) for n, c in zip(chosen, counts)], total_steps=T, budget=budget,
-                pilot_steps=chosen[0] if pilot_steps is None else pilot_steps, planned_steps=cost(chosen))
+                pilot_steps=chosen[0] if pilot_steps is None else pilot_steps, planned_steps=cost(chosen),
+                whole_budget=cost([T] if m == 0 else [first, T]) / T)
 
 
 def stretch(lengths: list[int], counts: list[int], remaining: float, total_steps: int) -> list[int]:
@@ -356,7 +368,8 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
         reason = (f"{len(ties)} candidates within the loss's noise of the best; the largest threshold "
                   "among them is taken (short probes favour small thresholds)")
     else:
-        reason = "lowest loss, clear of the others by more than the loss's noise" if runner is not None else "only candidate"
+        reason = ("lowest loss, clear of the others by more than the loss's noise" if runner is not None else
+                  "the only one that did not diverge" if len(summaries) > 1 else "only candidate")
     return Choice(chosen.clip_norm, horizon, best.loss, [s.clip_norm for s in ties],
                   runner.clip_norm if runner else None, margin, reason)
 

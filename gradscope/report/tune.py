@@ -19,6 +19,7 @@ JSON schema "gradscope.tune/1" (NaN/inf never appear, null does)
                             minus the chosen one's, in combined standard errors (null: no runner-up)
     ties                    thresholds within the loss's noise of the best at the final horizon
     horizon                 steps the finalists were compared at
+    reason                  why the chosen one won, in words (the report's "why" line; null: no choice)
     rungs                   [{steps, candidates, kept}]
     seeded                  false when a probe differed from the pilot before anything was clipped
     snippets                as in `recommend` (null without a threshold)
@@ -85,6 +86,7 @@ def to_json(result) -> dict:
         "margin": _num(ch.margin) if ch else None,
         "ties": [_tau(t) for t in ch.ties] if ch else [],
         "horizon": ch.horizon if ch else None,
+        "reason": ch.reason if ch else None,
         "rungs": [{"steps": r["steps"], "candidates": [_tau(t) for t in r["candidates"]],
                    "kept": [_tau(t) for t in r["kept"]]} for r in result.rungs],
         "seeded": not result.unseeded_at,
