@@ -341,8 +341,9 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             f"any clipping (first at step {first}), so the script's randomness is not seeded; seed it "
             "(torch.manual_seed, and the data order) and tune again")
     if choice is not None and choice.clip_norm is not None and choice.horizon < T:
-        result.notes.append(f"the finalists were compared at {choice.horizon} of {T} steps, not the whole training "
-                            f"(--budget {math.ceil(the_plan.whole_budget * 100) / 100:.2f} would reach it)")
+        reach = math.ceil(the_plan.whole_budget * 100) / 100
+        result.notes.append(f"the finalists were compared at {choice.horizon} of {T} steps, not the whole training"
+                            + (f" (--budget {reach:.2f} would reach it)" if reach > budget else ""))
     if figure:
         from gradscope.report.tune import save_figure
 

@@ -55,6 +55,9 @@ def test_json_contract(tuned):
         assert j["runner_up_label"] is None and "did not diverge" in j["reason"]
     assert j["snippets"]["pytorch"].endswith(f"max_norm={j['recommended_clip_norm']:g})")
     assert j["total_steps"] == T and j["seeded"] is True
+    # 4 candidates, T = 60: the finalists reach T from pilot 5 + 3*5 + 3*60 = 200 steps, 3.34 runs (ceiled)
+    assert j["horizon"] < T and f"compared at {j['horizon']} of {T} steps" in " ".join(j["notes"])
+    assert "(--budget 3.34 would reach it)" in " ".join(j["notes"])
     assert (out / "tune.png").stat().st_size > 10_000 and (out / "tune.json").is_file()
 
 
