@@ -340,9 +340,10 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             f"the probes are not comparable: {len(result.unseeded_at)} of them differ from the pilot before "
             f"any clipping (first at step {first}), so the script's randomness is not seeded; seed it "
             "(torch.manual_seed, and the data order) and tune again")
-    if choice is not None and choice.clip_norm is not None and choice.horizon < T:
+    final_horizon = rungs[-1]["steps"] if rungs else T
+    if choice is not None and choice.clip_norm is not None and final_horizon < T:
         reach = math.ceil(the_plan.whole_budget * 100) / 100
-        result.notes.append(f"the finalists were compared at {choice.horizon} of {T} steps, not the whole training"
+        result.notes.append(f"the finalists were compared at {final_horizon} of {T} steps, not the whole training"
                             + (f" (--budget {reach:.2f} would reach it)" if reach > budget else ""))
     if figure:
         from gradscope.report.tune import save_figure

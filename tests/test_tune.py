@@ -87,6 +87,29 @@ def test_the_diverging_candidate_is_never_chosen(tuned):
     assert s["loss"].notna().all() and (s["loss"] < 1e6).all()
 
 
+def test_when_every_finalist_diverges_the_best_below_them_is_taken_and_said_so(tmp_path):
+    """T learned from the pilot (120 steps), budget 4: the three finalists are the largest thresholds,
+    fastest at the first rung, and all blow up after the learning-rate jump; the choice falls back to
+    the best first-rung candidate below the smallest of them, and the report says at which horizon
+    it was judged (no note that the finalists fell short of T: they ran it)."""
+    res = gs("tune", "--budget", "4", "--out", tmp_path / "t", "--json", TASK, "--steps", "120", cwd=tmp_path,
+             timeout=600)
+    assert res.returncode == 0, res.stderr
+    j = json.loads(res.stdout)
+    first, last = j["rungs"]
+    assert last["steps"] == j["total_steps"] == 120 and last["kept"] == []
+    finalists = [c for c in j["candidates"] if c["steps"] == 120]
+    assert len(finalists) == 3 and all(c["diverged"] for c in finalists)
+    smallest = min(c["clip_norm"] for c in finalists if c["clip_norm"] is not None)
+    below = [c for c in j["candidates"] if c["clip_norm"] is not None and c["clip_norm"] < smallest]
+    best_below = min(below, key=lambda c: c["loss"])  # all judged at the first rung
+    assert j["recommended_clip_norm"] == best_below["clip_norm"] and not best_below["diverged"]
+    assert j["reason"].startswith("every finalist diverged by 120 steps")
+    assert f"at {first['steps']} steps" in j["reason"]
+    assert not any("finalists were compared" in n for n in j["notes"])
+    assert j["budget_spent"] <= 4
+
+
 def test_every_probe_is_an_ordinary_run(tuned):
     out, j, _ = tuned
     probe = j["candidates"][0]["probes"][0]["run_dir"]
