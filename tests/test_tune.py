@@ -73,7 +73,8 @@ def test_budget_is_respected(tuned):
 
 def test_the_diverging_candidate_is_never_chosen(tuned):
     """Unclipped, the script is the fastest early (best loss at the first rung) and blows up after
-    the learning-rate jump at 0.6 T: the tune must see that at the full horizon and not take it."""
+    the learning-rate jump at 0.6 T: the tune must see that at the finalists' horizon (past the jump) and not
+    take it."""
     out, j, _ = tuned
     as_is = j["candidates"][-1]
     assert as_is["diverged"] and as_is["steps"] == j["horizon"] > 0.6 * T  # a finalist, probed past the jump
