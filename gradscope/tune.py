@@ -340,7 +340,7 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             f"the probes are not comparable: {len(result.unseeded_at)} of them differ from the pilot before "
             f"any clipping (first at step {first}), so the script's randomness is not seeded; seed it "
             "(torch.manual_seed, and the data order) and tune again")
-    final_horizon = rungs[-1]["steps"] if rungs else T
+    final_horizon = horizon  # the last planned rung's (a fallback after it adds rungs of its own)
     if choice is not None and choice.clip_norm is not None and final_horizon < T:
         reach = math.ceil(the_plan.whole_budget * 100) / 100
         result.notes.append(f"the finalists were compared at {final_horizon} of {T} steps, not the whole training"
@@ -357,31 +357,33 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
 
 def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source):
     """Every candidate of a rung diverged: fall back to the best one below them from an earlier
-    rung, checked at this rung's horizon while the budget allows."""
+    rung, checked at this rung's horizon, or as long as the budget left allows when that is
+    shorter (but longer than it was probed)."""
+    earlier = [r["summaries"] for r in rungs[:-1]]
     diverged = {t for r in rungs for s in r["summaries"] for t in [s.clip_norm] if s.diverged}
     while True:
-        back = decide.fallback([r["summaries"] for r in rungs[:-1]], diverged)
+        back = decide.fallback(earlier, diverged)
         if back is None:
             return choice
         t = back.clip_norm
         spent = sum(p.steps_run for p in runner.runs.values())
-        if spent + horizon > budget * T:
+        steps = min(horizon, int(budget * T) - spent)
+        if steps <= back.horizon:
             back.reason = (f"every finalist diverged by {horizon} steps; {cands[t].label} is the best below them "
                            f"at {back.horizon} steps (no budget left to probe it longer)")
             return back
-        n = None if horizon >= T and T_source == "pilot" else horizon
-        say(f"every finalist diverged: probing {cands[t].label} at {horizon} steps")
+        n = None if steps >= T and T_source == "pilot" else steps
+        say(f"every finalist diverged: probing {cands[t].label} at {steps} steps")
         pr = runner.run([(t, n, probe_dir(out, t, n))])[0]
         cands[t].probes.append(pr)
-        s = (decide.summarize(pr.steps, t, horizon) if pr.status in FINISHED else
+        s = (decide.summarize(pr.steps, t, steps) if pr.status in FINISHED else
              decide.ProbeSummary(t, pr.steps_run, 0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan,
                                  True, f"ended '{pr.status}'"))
-        rungs[-1]["summaries"].append(s)
-        rungs[-1]["candidates"].append(t)
+        rungs.append({"steps": steps, "candidates": [t], "kept": [] if s.diverged else [t], "summaries": [s]})
         if not s.diverged:
-            rungs[-1]["kept"] = [t]
-            got = decide.choose([s], full_horizon=horizon >= T)
-            got.reason = f"every finalist diverged by {horizon} steps; {cands[t].label}, the best below them, did not"
+            got = decide.choose([s], full_horizon=steps >= T)
+            got.reason = (f"every finalist diverged by {horizon} steps; {cands[t].label}, the best below them, did "
+                          "not" + ("" if steps == horizon else f" in the {steps} steps the budget left"))
             return got
         diverged.add(t)
 

@@ -20,7 +20,8 @@ JSON schema "gradscope.tune/1" (NaN/inf never appear, null does)
     ties                    thresholds within the loss's noise of the best at the final horizon
     horizon                 steps the finalists were compared at
     reason                  why the chosen one won, in words (the report's "why" line; null: no choice)
-    rungs                   [{steps, candidates, kept}]
+    rungs                   [{steps, candidates, kept}]: the planned rungs, then (when every finalist
+                            diverged) one per fallback candidate probed
     seeded                  false when a probe differed from the pilot before anything was clipped
     snippets                as in `recommend` (null without a threshold)
     pilot, figure, notes
