@@ -6,7 +6,7 @@ pulls in neither pandas nor rich.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from gradscope._version import __version__
 __all__ = ["record", "load_run", "Run", "GradscopeError", "__version__"]
 
 

@@ -159,7 +159,7 @@ def new_meta(command: list[str], target: str, torch_version: str | None = None) 
     import sys
     import time
 
-    from gradscope import __version__
+    from gradscope._version import __version__
 
     if torch_version is None:
         try:

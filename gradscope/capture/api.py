@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from gradscope import rundir
-from gradscope.capture.boot import checked_clip_norm
+from gradscope.capture.options import checked_clip_norm
 from gradscope.capture.distributed import current_rank
 from gradscope.capture.recorder import Recorder
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
-import math
 import os
 import sys
-from typing import Any
 
-from gradscope.errors import GradscopeError
 
 ENV_RUN_DIR = "GRADSCOPE_RUN_DIR"
 ENV_LAYER_STRIDE = "GRADSCOPE_LAYER_STRIDE"
@@ -26,15 +23,6 @@ ENV_TRACE_NAN = "GRADSCOPE_TRACE_NAN"
 ENV_MAX_STEPS = "GRADSCOPE_MAX_STEPS"
 
 
-def checked_clip_norm(value: Any) -> float | None:
-    """`--clip-norm` / record(clip_norm=): None, or a positive, finite float (0 would zero every
-    gradient, inf would clip nothing)."""
-    if value is None:
-        return None
-    v = float(value)
-    if not 0 < v < math.inf:
-        raise GradscopeError(f"--clip-norm must be a positive, finite number, got {v:g}")
-    return v
 
 
 def _start() -> None:
@@ -59,6 +47,18 @@ def _start_quietly() -> None:
         print(f"gradscope: recording disabled in this process: {type(e).__name__}: {e}", file=sys.stderr)
 
 
+def _start_for_rank() -> None:
+    """A process joined a process group: record it unless it already records itself."""
+    from gradscope.capture import recorder
+
+    rec = recorder.active_recorder()
+    if rec is not None and rec._mine():
+        return
+    if rec is not None:
+        recorder.forget_inherited()  # a forked child's copy of its parent's recorder: inert here
+    _start_quietly()
+
+
 def _on_torch() -> None:
     """torch is imported: record this process, and any child of it that becomes a rank.
 
@@ -72,7 +72,7 @@ def _on_torch() -> None:
     try:
         from gradscope.capture.distributed import start_on_process_group
 
-        start_on_process_group(_start_quietly)
+        start_on_process_group(_start_for_rank)
     except Exception as e:
         print(f"gradscope: ranks started by this process will not be recorded: {type(e).__name__}: {e}",
               file=sys.stderr)

@@ -280,7 +280,7 @@ def world_size() -> int:
 
 
 def start_on_process_group(start: Callable[[], Any]) -> None:
-    """Call ``start`` in a process that joins a process group without a recorder of its own.
+    """Call ``start`` when this process joins a process group (boot: if it has no recorder of its own).
 
     Hooks ``distributed_c10d._update_default_pg``, which ``init_process_group``
     (and ``init_device_mesh`` through it) calls once the default group exists,
@@ -298,14 +298,7 @@ def start_on_process_group(start: Callable[[], Any]) -> None:
         original(pg)
         if pg is None:
             return
-        from gradscope.capture import recorder
-
-        rec = recorder.active_recorder()
-        if rec is not None and rec._mine():
-            return
-        if rec is not None:
-            recorder._ACTIVE = None  # a forked child's copy of its parent's recorder: inert here
-        start()
+        start()  # boot decides whether this process needs a recorder of its own
 
     _update_default_pg._gradscope = True  # type: ignore[attr-defined]
     c10d._update_default_pg = _update_default_pg

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from gradscope import __version__, rundir
+from gradscope import rundir
+from gradscope._version import __version__
 from gradscope.capture import announce, distributed, rows as lean_rows
 from gradscope.capture.names import parameter_names
 from gradscope.capture.stopper import is_bad

@@ -38,7 +38,7 @@ import torch
 
 from gradscope.capture import closure, distributed, flushing, patches, rows as lean_rows
 from gradscope.capture.audit import ClipAudit
-from gradscope.capture.boot import checked_clip_norm
+from gradscope.capture.options import checked_clip_norm
 from gradscope.capture.step_limit import StepLimit
 from gradscope.capture.norms import per_tensor_norms, stack_norms, total_norm_like_torch
 from gradscope.capture.nantrace import NanTrace
@@ -52,6 +52,12 @@ _NAN = float("nan")
 
 def active_recorder() -> "Recorder | None":
     return _ACTIVE
+
+
+def forget_inherited() -> None:
+    """Forget a recorder this process inherited from its parent (a forked rank): it stays inert."""
+    global _ACTIVE
+    _ACTIVE = None
 
 
 def _forked_child() -> None:

@@ -15,7 +15,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from gradscope import __version__
+        from gradscope._version import __version__
 
         print(f"gradscope {__version__}")
         raise typer.Exit()

@@ -56,7 +56,7 @@ def run_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No lines of gradscope's own: neither 'recording' at the start nor the summary at the end."),
 ) -> int:
     from gradscope import launch, rundir
-    from gradscope.capture.boot import checked_clip_norm
+    from gradscope.capture.options import checked_clip_norm
 
     args = list(ctx.args)
     if module is not None:
