@@ -14,8 +14,9 @@ FORMAT VERSION 2 (written by this gradscope; version 1 is still read, see below)
                               format_version, gradscope_version, target, command, cwd,
                               host, launcher_pid, python, torch, started, ended, status
                               (STATUSES), exit_code, signal, clip_norm_override,
-                              max_steps. Importers add structured flags (IMPORT_FLAGS),
-                              e.g. "nan_losses_dropped": true, "norm_scope".
+                              max_steps. Importers' in-memory meta adds structured flags
+                              (IMPORT_FLAGS: nan_losses_dropped, norms_untrusted,
+                              sharded_training) beside their notes.
       process-r{R}.json       one per recording process (rank R), built by process_info():
                               format, format_version, gradscope_version, rank, world_size,
                               pid, host, python, torch, devices, started, ended, status,
@@ -118,12 +119,12 @@ STATUSES = ("running", "completed", "stopped", "failed", "interrupted", "killed"
 META_KEYS = ("format", "format_version", "gradscope_version", "target", "command", "cwd", "host", "launcher_pid",
              "python", "torch", "clip_norm_override", "max_steps", "started", "ended", "status", "exit_code",
              "signal")
-# Structured flags an importer may set in its Run's meta (analysis decides from them; only
-# report/ turns them into words): "nan_losses_dropped" (bool) the trainer dropped NaN/inf losses
-# before logging; "norm_scope" ("global" | "rank-local" | "untrusted") what its grad_norm is.
-NAN_LOSSES_DROPPED = "nan_losses_dropped"
-NORM_SCOPE = "norm_scope"
-IMPORT_FLAGS = (NAN_LOSSES_DROPPED, NORM_SCOPE)
+# Structured flags an importer sets in its Run's meta (true when set; analysis decides from
+# them, never from the words of meta["notes"], which are for people):
+NAN_LOSSES_DROPPED = "nan_losses_dropped"  # the trainer dropped NaN/inf losses before logging them
+NORMS_UNTRUSTED = "norms_untrusted"        # the logged norms look per-rank/per-shard or unset
+SHARDED_TRAINING = "sharded_training"      # the trainer ran DeepSpeed/FSDP: its norm may be rank-local
+IMPORT_FLAGS = (NAN_LOSSES_DROPPED, NORMS_UNTRUSTED, SHARDED_TRAINING)
 
 # process-r{R}.json entries written by capture modules of their own.
 CLIP_AUDIT_KEY = "clip_audit"   # capture/audit.py -> analysis/audit.py
@@ -661,7 +662,9 @@ def looks_like_run(path: str | os.PathLike) -> bool:
 
 
 def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
-    """Read a gradscope run directory (every rank merged, or one rank)."""
+    """Read a gradscope run directory (every rank merged, or one rank). The layer store of
+    format version 2 is opened, not read: Run.layer_norms reads its rows when asked."""
+    import numpy as np
     import pandas as pd
 
     p = Path(path)
@@ -750,9 +753,10 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
         if df.empty:
             continue
         validate.check_layers_file(f, df)
-        df.insert(0, "optimizer", o)
-        df.insert(0, "rank", r)
-        layer_frames.append(df)
+        # One concat, not insert() into a 300-column frame: that fragments it (PerformanceWarning)
+        head = pd.DataFrame({"rank": np.full(len(df), r, dtype=np.int64),
+                             "optimizer": np.full(len(df), o, dtype=np.int64)}, index=df.index)
+        layer_frames.append(pd.concat([head, df], axis=1))
     store = StoreLayerNorms.open(p, rank)  # format version 2: nothing is read until asked
     if layer_frames:
         layers = pd.concat(layer_frames, ignore_index=True)

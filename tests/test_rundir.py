@@ -164,3 +164,22 @@ def test_a_loop_of_autograd_grad_is_neither_stopped_nor_misjudged(tmp_path):
     assert not run.steps[rundir.LOSS_RECORDED].any() and np.isfinite(run.steps["grad_norm"]).all()
     c = gradscope("check", out, timeout=300)
     assert c.returncode == 0 and "PASS non-finite" in c.stdout, c.stdout + c.stderr
+
+
+def test_a_300_tensor_version_1_run_loads_without_a_performance_warning(tmp_path):
+    """Issue 26 item 7: inserting columns one by one into a 300-column frame printed pandas
+    PerformanceWarning lines on stderr."""
+    import warnings
+
+    shutil.copytree(SAMPLES / "healthy_transformer", tmp_path / "run")
+    names = [f"blocks.{i}.weight" for i in range(300)]
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.lognormal(size=(40, 300)), columns=names)
+    table.insert(0, "step", range(40))
+    (tmp_path / "run" / "layers-r0-o0.csv").write_text(table.to_csv(index=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = rundir.load_run(tmp_path / "run")
+        analyze(run)
+    assert list(run.layers.columns) == ["rank", "optimizer", "step", *names]
+    np.testing.assert_allclose(run.layers[names].to_numpy(), table[names].to_numpy())

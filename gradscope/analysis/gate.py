@@ -561,18 +561,21 @@ def _check_skipped(limit: float, steps) -> CheckResult:
 
 
 def _visibility_notes(run) -> Iterable[str]:
-    """What a foreign log cannot show the non-finite check."""
+    """What a foreign log cannot show the non-finite check, decided from the importer's structured
+    flags (rundir.IMPORT_FLAGS), never from the words of its notes."""
+    from gradscope import rundir
+
     meta = run.meta or {}
-    notes = [str(n) for n in meta.get("notes", []) or []]
-    for n in notes:
-        low = n.lower()
-        if "nan_inf_filter" in low or ("nan" in low and "drop" in low and "loss" in low):
-            yield (
-                "this log cannot show NaN/inf losses: the trainer dropped them before logging "
-                "(Hugging Face logging_nan_inf_filter=True); only the gradient norms were checked"
-            )
-        elif "cannot be trusted" in low or "per-rank" in low:
-            yield n
+    if meta.get(rundir.NAN_LOSSES_DROPPED):
+        yield (
+            "this log cannot show NaN/inf losses: the trainer dropped them before logging "
+            "(Hugging Face logging_nan_inf_filter=True); only the gradient norms were checked"
+        )
+    if meta.get(rundir.NORMS_UNTRUSTED):
+        yield ("this log's gradient norms look per-rank/per-shard or unset (all NaN, all 0, or one step logged "
+               "with different values): they cannot be trusted as the global norm")
+    elif meta.get(rundir.SHARDED_TRAINING):
+        yield "trained with DeepSpeed/FSDP: check grad_norm is the global norm, not a per-rank/per-shard one"
     if meta.get("sampled"):
         k = meta.get("logging_steps")
         yield (
