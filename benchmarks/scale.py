@@ -165,7 +165,7 @@ def overhead(blocks: int = 7, block: int = 40) -> float:
             off = time.perf_counter() - t
             with gradscope.record(Path(tmp) / f"r{i}") as rec:
                 step()
-                rec.flush()
+                rec._flush()  # priming: the one-time parameter naming is not charged to the block
                 t = time.perf_counter()
                 for _ in range(block):
                     step()

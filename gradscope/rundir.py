@@ -51,6 +51,9 @@ FORMAT VERSION 2 (written by this gradscope; version 1 is still read, see below)
     read lazily (LayerNorms): `check` and `watch` never read them, `recommend` reads the rows
     of the steps it lists, `plot` streams them once into a heatmap as wide as the figure.
 
+A BAD STEP (is_bad_step; analysis/bad_steps.py applies it to a table): its loss was recorded
+and is inf/NaN, or its gradient norm is inf/NaN and no loss scaler skipped the update.
+
 FORMAT VERSION 1 (read): the same except that the per-parameter norms are a CSV,
 layers-r{R}-o{O}.csv (`step` then one column per parameter name), and a step with no loss
 recorded has loss "nan" (read as NaN: "no loss recorded" where the series records none).

@@ -127,6 +127,12 @@ def test_the_bad_step_rule_is_one_rule_in_capture_and_in_analysis():
     none = v1.assign(loss=nan)
     assert bad_steps(none).any.tolist() == [rundir.is_bad_step(g, nan, s, False) for g, _, s, _ in rows]
     assert bad_steps(v1).any.tolist() == [rundir.is_bad_step(g, loss, s, True) for g, loss, s, _ in rows]
+    # the live view (watch) applies it to one series' arrays
+    from gradscope.analysis.bad_steps import one_series
+
+    arrays = (table["grad_norm"], table["loss"], table["skipped"])
+    assert one_series(*arrays, table[rundir.LOSS_RECORDED]).any.tolist() == scalar
+    assert one_series(*arrays).any.tolist() == bad_steps(v1).any.tolist()
 
 
 def test_layer_heatmap_streamed_equals_the_whole_table_binning(tmp_path):

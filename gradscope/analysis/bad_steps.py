@@ -62,8 +62,20 @@ def bad_steps(steps, source: str = "gradscope") -> BadSteps:
             if np.isnan(grad[sel]).all():
                 # A trainer that logs NaN for every step (DeepSpeed ZeRO / FSDP) has no norm to judge.
                 bad_grad &= ~sel
-    bad_loss = loss_recorded(steps, source) & ~np.isfinite(loss)
-    return BadSteps(loss=bad_loss, gradient=bad_grad & ~skipped, absorbed=bad_grad & skipped)
+    return _masks(bad_grad, loss, skipped, loss_recorded(steps, source))
+
+
+def one_series(grad, loss, skipped, recorded=None) -> BadSteps:
+    """The rule over one series' arrays (the live view's incremental table); `recorded`: where a
+    loss was recorded, or None to read NaN by the per-series rule (this series records losses?)."""
+    grad, loss = np.asarray(grad, dtype=float), np.asarray(loss, dtype=float)
+    if recorded is None:
+        recorded = np.full(len(loss), bool((~np.isnan(loss)).any()))
+    return _masks(~np.isfinite(grad), loss, np.asarray(skipped, dtype=bool), np.asarray(recorded, dtype=bool))
+
+
+def _masks(bad_grad, loss, skipped, recorded) -> BadSteps:
+    return BadSteps(loss=recorded & ~np.isfinite(loss), gradient=bad_grad & ~skipped, absorbed=bad_grad & skipped)
 
 
 def _series_keys(steps) -> np.ndarray:
