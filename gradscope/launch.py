@@ -165,9 +165,7 @@ def run_recorded(
     (negative: killed by that signal). announce: print when recording starts, and let the
     recorder say when the first step is recorded (capture/announce.py)."""
     argv = target.argv()
-    meta = rundir.new_meta(argv, target=target.kind)
-    meta["clip_norm_override"] = clip_norm
-    meta["max_steps"] = max_steps
+    meta = rundir.new_meta(argv, target=target.kind, clip_norm_override=clip_norm, max_steps=max_steps)
     try:
         rundir.write_json_atomic(run_dir / rundir.META_FILE, meta)
     except OSError as e:

@@ -1,27 +1,66 @@
-"""The run directory: the one contract between capture and analysis.
+"""The run directory: the one contract between capture and analysis. This module owns it.
 
-Layout (format version 1), every file appendable or replaced atomically, so a
-run killed at any moment still loads:
+Everything about the format lives here: file names, the steps file's columns and the text
+of its lines, the process file's and meta.json's keys, the clip audit's finding kinds, the
+rule for a bad step, and the readers. Capture supplies values; importers build the same
+in-memory `Run`. The top half is standard library only (capture imports it inside the
+training process); reading uses numpy/pandas, imported lazily.
+
+FORMAT VERSION 2 (written by this gradscope; version 1 is still read, see below):
 
     RUN/
-      meta.json              run-level facts, written by `gradscope run` or `record()`:
-                             command, cwd, versions, start/end, status, exit_code
-      process-r{R}.json      one per recording process (rank R): pid, device,
-                             optimizers, clip calls seen, layer names, flush settings;
-                             with --trace-nan also "nan_trace": {enabled, steps_traced,
-                             origin: null or {step, optimizer, phase ("input"|"forward"|
-                             "loss"|"backward"), module (str|null), detail, what, why}}
-                             "clip_audit": {"findings": [{kind, optimizer, first_step,
-                             count, ...details}], "error": str|null}, the clip audit's
-                             record (capture/audit.py; read by analysis/audit.py)
-      steps-r{R}.csv         one row per optimizer step of rank R (STEP_COLUMNS)
-      layers-r{R}-o{O}.csv   per-parameter gradient norms of optimizer O on rank R:
-                             `step` then one column per parameter name
+      meta.json               run-level facts, written by `gradscope run` or `record()`
+                              (new_meta / finish_meta; keys META_KEYS): format,
+                              format_version, gradscope_version, target, command, cwd,
+                              host, launcher_pid, python, torch, started, ended, status
+                              (STATUSES), exit_code, signal, clip_norm_override,
+                              max_steps. Importers' in-memory meta adds structured flags
+                              (IMPORT_FLAGS: nan_losses_dropped, norms_untrusted,
+                              sharded_training) beside their notes.
+      process-r{R}.json       one per recording process (rank R), built by process_info():
+                              format, format_version, gradscope_version, rank, world_size,
+                              pid, host, python, torch, devices, started, ended, status,
+                              layer_stride, flush_steps, flush_seconds, optimizers [{id,
+                              class, kind, parameters, tensors, steps, momentum,
+                              layers_file}], clip_calls, clip_thresholds,
+                              clip_norm_override, script_max_norms_overridden,
+                              "clip_audit": {"findings": [{kind (AUDIT_KINDS), optimizer,
+                              first_step, count, ...details}], "error": str|null},
+                              with --trace-nan "nan_trace" (NAN_TRACE_KEY): {enabled,
+                              steps_traced, origin: null or {step, optimizer, phase
+                              ("input"|"forward"|"loss"|"backward"), module, detail, what,
+                              why}}. Keys this list does not name pass through unchanged.
+      steps-r{R}.csv          one line per optimizer step of rank R, columns STEP_COLUMNS,
+                              each line formatted by step_line(): integers as %d, norms and
+                              losses as %.9g (round-trips float32), other floats as repr,
+                              time as %.6f; nan/inf spelled "nan"/"inf"/"-inf". A step with
+                              no loss recorded (no backward() gradscope saw, e.g. gradients
+                              from torch.autograd.grad) has an EMPTY loss field (NO_LOSS);
+                              "nan" is a loss that was NaN.
+      layers-r{R}-o{O}.json   the layer store's index for optimizer O of rank R (written once,
+                              before any row): {"names": [...], "dtype": "float32",
+                              "byteorder": "little"|"big", "norms": file, "steps": file}
+      layers-r{R}-o{O}.f32    per-parameter gradient norms: append-only rows of
+                              len(names) float32 values (no header)
+      layers-r{R}-o{O}.i64    the step of each of those rows: append-only int64 values
 
-CSV files are written in whole lines, one block per flush; a reader drops a
-trailing partial line (a process killed mid-write) instead of misreading it.
-Writing needs only the standard library (it runs inside the training process);
-reading uses pandas, imported lazily.
+    Every file is append-only in whole lines/rows or replaced atomically, so a run killed at
+    any moment still loads: a reader drops a trailing partial CSV line or partial binary row
+    (a file size that is not a whole number of rows), and uses as many layer rows as both
+    the .i64 and the .f32 file hold whole (the steps file is written first). Layer rows are
+    read lazily (LayerNorms): `check` and `watch` never read them, `recommend` reads the rows
+    of the steps it lists, `plot` streams them once into a heatmap as wide as the figure.
+
+A BAD STEP (is_bad_step; analysis/bad_steps.py applies it to a table): its loss was recorded
+and is inf/NaN, or its gradient norm is inf/NaN and no loss scaler skipped the update.
+
+FORMAT VERSION 1 (read): the same except that the per-parameter norms are a CSV,
+layers-r{R}-o{O}.csv (`step` then one column per parameter name), and a step with no loss
+recorded has loss "nan" (read as NaN: "no loss recorded" where the series records none).
+
+Changing the format: bump FORMAT_VERSION, describe the change here, keep reading every
+older version (tests/test_rundir.py reads one run written in each), and make readers
+refuse a newer version with one line (load_run does).
 """
 from __future__ import annotations
 
@@ -29,15 +68,15 @@ import json
 import math
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from gradscope import validate
 from gradscope.errors import GradscopeError
 
 FORMAT_NAME = "gradscope-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 
 META_FILE = "meta.json"
 
@@ -46,7 +85,7 @@ STEP_COLUMNS = [
     "optimizer",      # stable id per optimizer, creation order 0, 1, ...
     "step",           # 0-based count of that optimizer's steps
     "grad_norm",      # pre-clip global L2 norm of the gradients the step applies
-    "loss",           # sum of the values passed to backward() since the previous step
+    "loss",           # sum of the values passed to backward() since the previous step (empty: none)
     "clip_max_norm",  # max_norm the script passed to its clip call (nan: no clip)
     "clipped",        # grad_norm > clip_max_norm (0/1)
     "clip_value",     # clip_value of clip_grad_value_ (nan: none)
@@ -55,16 +94,46 @@ STEP_COLUMNS = [
     "lr",             # learning rate of the first parameter group
     "time",           # wall-clock time of the step (unix seconds)
 ]
+# How each column is spelled in a line (%-format). "%.9g" round-trips any float32 and "%r"
+# any float64; both spell nan and inf as "nan", "inf", "-inf".
+STEP_FORMATS = {
+    "optimizer": "%d", "step": "%d", "grad_norm": "%.9g", "loss": "%.9g", "clip_max_norm": "%r",
+    "clipped": "%d", "clip_value": "%r", "skipped": "%d", "loss_scale": "%r", "lr": "%r", "time": "%.6f",
+}
+NO_LOSS = ""  # the loss field of a step with no loss recorded (version 2; version 1 wrote "nan")
+# A row of a step with no clip call and no loss scaler: the constant fields, as step_line() takes them.
+NO_CLIP_NO_SCALER = {"clip_max_norm": "nan", "clipped": "0", "clip_value": "nan", "skipped": "0", "loss_scale": "nan"}
 # Columns that load_run adds: the rank the row came from.
 TABLE_COLUMNS = ["rank", *STEP_COLUMNS]
 BOOL_COLUMNS = ("clipped", "skipped")
 # Parse types for steps-r{R}.csv: no inference, and 0/1 flags read straight as bool.
 _STEP_DTYPES = {"optimizer": "int64", "step": "int64", "clipped": "bool", "skipped": "bool"}
 INT_COLUMNS = ("rank", "optimizer", "step")
+# An optional column of the in-memory steps table: False where the step had no loss recorded.
+# Present when the source says so exactly (format version 2); absent, NaN losses are judged by
+# the per-series rule in analysis/bad_steps.py.
+LOSS_RECORDED = "loss_recorded"
 
 # Status values written to meta.json "status".
 # "stopped": `gradscope run --max-steps` ended the training after that many steps (exit 0).
 STATUSES = ("running", "completed", "stopped", "failed", "interrupted", "killed")
+
+# meta.json keys (new_meta writes them all; finish_meta sets the last four).
+META_KEYS = ("format", "format_version", "gradscope_version", "target", "command", "cwd", "host", "launcher_pid",
+             "python", "torch", "clip_norm_override", "max_steps", "started", "ended", "status", "exit_code",
+             "signal")
+# Structured flags an importer sets in its Run's meta (true when set; analysis decides from
+# them, never from the words of meta["notes"], which are for people):
+NAN_LOSSES_DROPPED = "nan_losses_dropped"  # the trainer dropped NaN/inf losses before logging them
+NORMS_UNTRUSTED = "norms_untrusted"        # the logged norms look per-rank/per-shard or unset
+SHARDED_TRAINING = "sharded_training"      # the trainer ran DeepSpeed/FSDP: its norm may be rank-local
+IMPORT_FLAGS = (NAN_LOSSES_DROPPED, NORMS_UNTRUSTED, SHARDED_TRAINING)
+
+# process-r{R}.json entries written by capture modules of their own.
+CLIP_AUDIT_KEY = "clip_audit"   # capture/audit.py -> analysis/audit.py
+NAN_TRACE_KEY = "nan_trace"     # capture/nantrace.py -> analysis/origin.py
+# Kinds of clip-audit findings (process file "clip_audit" -> "findings" -> "kind"), in report order.
+AUDIT_KINDS = ("clip-before-unscale", "clip-after-step", "clip-per-microbatch", "clip-partial", "no-zero-grad")
 
 
 def steps_file(rank: int) -> str:
@@ -72,6 +141,20 @@ def steps_file(rank: int) -> str:
 
 
 def layers_file(rank: int, optimizer: int) -> str:
+    """The layer store's index (format version 2); its rows are in layer_norms_file / layer_steps_file."""
+    return f"layers-r{rank}-o{optimizer}.json"
+
+
+def layer_norms_file(rank: int, optimizer: int) -> str:
+    return f"layers-r{rank}-o{optimizer}.f32"
+
+
+def layer_steps_file(rank: int, optimizer: int) -> str:
+    return f"layers-r{rank}-o{optimizer}.i64"
+
+
+def layers_csv_file(rank: int, optimizer: int) -> str:
+    """Format version 1's per-layer CSV (read only)."""
     return f"layers-r{rank}-o{optimizer}.csv"
 
 
@@ -85,8 +168,59 @@ def is_run_file(name: str) -> bool:
         return True
     stem, dot, ext = name.rpartition(".")
     return (ext == "csv" and (stem.startswith("steps-r") or stem.startswith("layers-r"))) or (
-        ext == "json" and stem.startswith("process-r")
-    ) or name.endswith(".tmp")
+        ext == "json" and (stem.startswith("process-r") or stem.startswith("layers-r"))
+    ) or (ext in ("f32", "i64") and stem.startswith("layers-r")) or name.endswith(".tmp")
+
+
+# ---------------------------------------------------------------- the rules (stdlib only)
+
+
+def is_bad_step(grad_norm: float, loss: float, skipped: float, loss_recorded: bool = True) -> bool:
+    """THE bad-step rule, for one row's host values: its loss was recorded and is inf/NaN, or its
+    gradient norm is inf/NaN and no loss scaler absorbed it (a GradScaler-skipped step's inf is
+    the scaler working). analysis/bad_steps.py applies the same rule to a whole table."""
+    return bad_quantity(grad_norm, loss, skipped, loss_recorded) is not None
+
+
+def bad_quantity(grad_norm: float, loss: float, skipped: float, loss_recorded: bool = True) -> str | None:
+    """What made a step bad by is_bad_step ("loss", "gradient norm"), or None."""
+    if loss_recorded and not math.isfinite(loss):
+        return "loss"
+    if not math.isfinite(grad_norm) and not skipped:
+        return "gradient norm"
+    return None
+
+
+def step_line(fixed: dict[str, str] | None = None) -> str:
+    """The %-format of one steps-file line: STEP_COLUMNS in order, each by STEP_FORMATS, except
+    the columns in `fixed`, written as the text given (a constant of the row kind, such as the
+    optimizer id, NO_LOSS or NO_CLIP_NO_SCALER). The values to fill in follow STEP_COLUMNS order."""
+    fixed = fixed or {}
+    return ",".join(fixed[c].replace("%", "%%") if c in fixed else STEP_FORMATS[c] for c in STEP_COLUMNS) + "\n"
+
+
+def steps_header() -> str:
+    return ",".join(STEP_COLUMNS) + "\n"
+
+
+def process_info(**values: Any) -> dict:
+    """process-r{R}.json as capture writes it: the format's own keys first, then the values
+    given (the keys listed in this module's docstring; any others pass through unchanged)."""
+    info: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+    if "gradscope_version" not in values:
+        from gradscope import __version__
+
+        info["gradscope_version"] = __version__
+    info.update(values)
+    return info
+
+
+def layer_index(names: list[str], rank: int, optimizer: int) -> dict:
+    """The layer store's index file (layers_file) for one optimizer of one rank."""
+    import sys
+
+    return {"names": list(names), "dtype": "float32", "byteorder": sys.byteorder,
+            "norms": layer_norms_file(rank, optimizer), "steps": layer_steps_file(rank, optimizer)}
 
 
 # ---------------------------------------------------------------- writing (stdlib only)
@@ -100,27 +234,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, f, indent=2, sort_keys=False, default=str, allow_nan=True)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def fmt_float32(x: float) -> str:
-    """Nine significant digits round-trip any float32 exactly."""
-    if x != x:
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return "%.9g" % x
-
-
-def fmt_float64(x: float) -> str:
-    if x != x:
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return repr(float(x))
-
-
-def csv_lines(rows: Iterable[Iterable[str]]) -> str:
-    return "".join(",".join(r) + "\n" for r in rows)
 
 
 def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> Path:
@@ -153,8 +266,9 @@ def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> Path:
     return p
 
 
-def new_meta(command: list[str], target: str, torch_version: str | None = None) -> dict:
-    """meta.json as written when a recording starts (status 'running')."""
+def new_meta(command: list[str], target: str, torch_version: str | None = None, *,
+             clip_norm_override: float | None = None, max_steps: int | None = None) -> dict:
+    """meta.json as written when a recording starts (status 'running'); keys META_KEYS."""
     import platform
     import sys
     import time
@@ -179,6 +293,8 @@ def new_meta(command: list[str], target: str, torch_version: str | None = None) 
         "launcher_pid": os.getpid(),
         "python": platform.python_version(),
         "torch": torch_version,
+        "clip_norm_override": clip_norm_override,
+        "max_steps": max_steps,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "ended": None,
         "status": "running",
@@ -210,52 +326,281 @@ def host_name() -> str:
 # ---------------------------------------------------------------- reading (pandas)
 
 
-@dataclass
 class Run:
     """A run in memory: what every analysis reads, whatever wrote it.
 
     steps:  one row per optimizer step (TABLE_COLUMNS; foreign logs leave unknown
-            columns as NaN/False).
-    layers: per-parameter gradient norms, wide: rank, optimizer, step, then one
-            column per parameter name (empty when none were recorded).
+            columns as NaN/False; LOSS_RECORDED where the source says exactly).
+    layer_norms: per-parameter gradient norms, read on demand (LayerNorms).
+    layers: the same as one wide DataFrame (rank, optimizer, step, then one column per
+            parameter name; empty when none were recorded). Built on first use: on a long
+            run prefer layer_norms, which reads only the rows asked for.
     meta:   meta.json plus "processes" (one dict per recording process); always has
             "status" and "exit_code".
     source: "gradscope" or the importer's format name.
     """
 
-    path: Path
-    steps: Any
-    layers: Any
-    meta: dict = field(default_factory=dict)
-    source: str = "gradscope"
+    def __init__(self, path: Any, steps: Any, layers: Any = None, meta: dict | None = None,
+                 source: str = "gradscope", layer_norms: "LayerNorms | None" = None) -> None:
+        self.path = Path(path)
+        self.steps = steps
+        self.meta = meta if meta is not None else {}
+        self.source = source
+        self._layers = layers
+        self._layer_norms = layer_norms
+
+    @property
+    def layers(self):
+        if self._layers is None:
+            self._layers = self._layer_norms.frame() if self._layer_norms is not None else empty_layers()
+        return self._layers
+
+    @layers.setter
+    def layers(self, value) -> None:
+        self._layers, self._layer_norms = value, None
+
+    @property
+    def layer_norms(self) -> "LayerNorms":
+        if self._layer_norms is None:
+            self._layer_norms = FrameLayerNorms(self.layers)
+        return self._layer_norms
+
+    def __repr__(self) -> str:
+        return f"Run(path={str(self.path)!r}, steps={len(self.steps)} rows, source={self.source!r})"
 
     def rank(self, rank: int) -> "Run":
         """The same run restricted to one rank."""
         steps = self.steps[self.steps["rank"] == rank].reset_index(drop=True)
+        if self._layers is None and isinstance(self._layer_norms, StoreLayerNorms):
+            return Run(self.path, steps, None, self.meta, self.source, self._layer_norms.only_rank(rank))
         layers = self.layers
         if len(layers):
             layers = layers[layers["rank"] == rank].reset_index(drop=True)
         return Run(self.path, steps, layers, self.meta, self.source)
 
 
-def _read_csv(path: Path, dtype: dict | None = None):
+def empty_layers():
+    import pandas as pd
+
+    return pd.DataFrame({"rank": [], "optimizer": [], "step": []}, dtype="int64")
+
+
+class LayerNorms:
+    """Per-parameter gradient norms, by series (rank, optimizer), read only as asked.
+
+    Rows of a series are in step order. Values come back as float64 arrays [rows, names].
+    """
+
+    def series(self) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def names(self, rank: int, optimizer: int) -> list[str]:
+        raise NotImplementedError
+
+    def steps(self, rank: int, optimizer: int):
+        """The step of every row of the series (int64 array)."""
+        raise NotImplementedError
+
+    def rows(self, rank: int, optimizer: int, index, native: bool = False):
+        """The rows at these positions (an int array or a slice) as float64 [k, names]
+        (native: in the dtype stored, float32 for the layer store, to save a conversion)."""
+        raise NotImplementedError
+
+    def frame(self):
+        """Everything as one wide DataFrame (rank, optimizer, step, names...)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return sum(len(self.steps(r, o)) for r, o in self.series())
+
+    def at_steps(self, rank: int, optimizer: int, want):
+        """(steps, values) of the rows whose step is in `want`, in row order."""
+        import numpy as np
+
+        steps = self.steps(rank, optimizer)
+        idx = np.flatnonzero(np.isin(steps, np.asarray(list(want), dtype=np.int64)))
+        return steps[idx], self.rows(rank, optimizer, idx)
+
+    def chunks(self, rank: int, optimizer: int, start: int = 0, rows: int = 8192, native: bool = False):
+        """(first row index, values) blocks from row `start` on: a whole series in bounded memory."""
+        n = len(self.steps(rank, optimizer))
+        for i in range(start, n, rows):
+            yield i, self.rows(rank, optimizer, slice(i, min(n, i + rows)), native)
+
+
+class FrameLayerNorms(LayerNorms):
+    """LayerNorms over a wide DataFrame (format version 1, importers, tests)."""
+
+    def __init__(self, df) -> None:
+        self.df = df
+        self._by: dict = {}
+        if df is not None and len(df):
+            keys = df[["rank", "optimizer"]].drop_duplicates()
+            for r, o in keys.itertuples(index=False):
+                sel = df[(df["rank"] == r) & (df["optimizer"] == o)]
+                sel = sel.sort_values("step", kind="stable")
+                names = [c for c in sel.columns if c not in ("rank", "optimizer", "step")]
+                self._by[(int(r), int(o))] = (sel, names)
+
+    def series(self):
+        return list(self._by)
+
+    def names(self, rank, optimizer):
+        return self._by[(rank, optimizer)][1] if (rank, optimizer) in self._by else []
+
+    def steps(self, rank, optimizer):
+        import numpy as np
+
+        if (rank, optimizer) not in self._by:
+            return np.zeros(0, dtype=np.int64)
+        return self._by[(rank, optimizer)][0]["step"].to_numpy(dtype=np.int64)
+
+    def rows(self, rank, optimizer, index, native=False):
+        import numpy as np
+
+        if (rank, optimizer) not in self._by:
+            return np.zeros((0, 0))
+        sel, names = self._by[(rank, optimizer)]
+        return sel[names].to_numpy(dtype=float)[index]
+
+    def frame(self):
+        return self.df if self.df is not None else empty_layers()
+
+
+class StoreLayerNorms(LayerNorms):
+    """LayerNorms over format version 2's binary layer store, memory-mapped: a row is read
+    when asked for, and only the steps arrays (8 bytes a row) are read whole."""
+
+    def __init__(self, path: Path, entries: dict) -> None:
+        self.path = path
+        self._entries = entries  # (rank, optimizer) -> (names, norms path, steps path, dtype, rows)
+        self._steps: dict = {}
+
+    @classmethod
+    def open(cls, path: Path, rank: int | None = None) -> "StoreLayerNorms":
+        entries = {}
+        for f in sorted(path.glob("layers-r*-o*.json"), key=lambda f: (_rank_of(f.name), f.name)):
+            r = _rank_of(f.name)
+            if rank is not None and r != rank:
+                continue
+            o = int(f.name[: -len(".json")].rsplit("-o", 1)[1])
+            try:
+                index = read_json(f)
+                names = [str(n) for n in index["names"]]
+                dtype = ("<" if index.get("byteorder", "little") == "little" else ">") + "f4"
+                norms, steps = path / str(index["norms"]), path / str(index["steps"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise GradscopeError(f"cannot read the layer index '{f}': {e}", exit_code=2) from None
+            if not names or not norms.is_file() or not steps.is_file():
+                continue
+            row = 4 * len(names)
+            rows = min(norms.stat().st_size // row, steps.stat().st_size // 8)  # whole rows of both
+            entries[(r, o)] = (names, norms, steps, dtype, rows)
+        return cls(path, entries)
+
+    def only_rank(self, rank: int) -> "StoreLayerNorms":
+        return StoreLayerNorms(self.path, {k: v for k, v in self._entries.items() if k[0] == rank})
+
+    def __bool__(self) -> bool:
+        return any(e[4] for e in self._entries.values())
+
+    def series(self):
+        return [k for k, e in self._entries.items() if e[4]]
+
+    def names(self, rank, optimizer):
+        e = self._entries.get((rank, optimizer))
+        return list(e[0]) if e else []
+
+    def steps(self, rank, optimizer):
+        import numpy as np
+
+        key = (rank, optimizer)
+        if key not in self._steps:
+            e = self._entries.get(key)
+            if not e or not e[4]:
+                self._steps[key] = np.zeros(0, dtype=np.int64)
+            else:
+                with open(e[2], "rb") as f:
+                    self._steps[key] = np.fromfile(f, dtype=e[3][0] + "i8", count=e[4]).astype(np.int64)
+        return self._steps[key]
+
+    def rows(self, rank, optimizer, index, native=False):
+        import numpy as np
+
+        e = self._entries.get((rank, optimizer))
+        if not e or not e[4]:
+            return np.zeros((0, len(e[0]) if e else 0))
+        names, norms, _, dtype, n = e
+        width = len(names)
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(n)
+            count = max(0, stop - start)
+            with open(norms, "rb") as f:  # plain reads: the pages do not stay in this process
+                f.seek(start * 4 * width)
+                block = np.fromfile(f, dtype=dtype, count=count * width)
+            block = block.reshape(count, width)
+            return block if native else block.astype(np.float64)
+        idx = np.asarray(index, dtype=np.int64)
+        out = np.empty((len(idx), width), dtype=np.float64)
+        with open(norms, "rb") as f:
+            for j, i in enumerate(idx):
+                f.seek(int(i) * 4 * width)
+                out[j] = np.fromfile(f, dtype=dtype, count=width)
+        return out
+
+    def frame(self):
+        import numpy as np
+        import pandas as pd
+
+        frames = []
+        for r, o in self.series():
+            names = self.names(r, o)
+            steps = self.steps(r, o)
+            df = pd.DataFrame(self.rows(r, o, slice(None)), columns=names)
+            head = pd.DataFrame({"rank": np.full(len(steps), r, dtype=np.int64),
+                                 "optimizer": np.full(len(steps), o, dtype=np.int64), "step": steps})
+            frames.append(pd.concat([head, df], axis=1))
+        if not frames:
+            return empty_layers()
+        return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def _whole_lines_only(path: Path):
+    """The file's bytes up to its last newline when it ends in a partial line, else None."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return b""
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return None
+    data = path.read_bytes()
+    return data[: data.rfind(b"\n") + 1]
+
+
+def _read_csv(path: Path, dtype: dict | None = None, **kwargs: Any):
     """Parse a CSV this format wrote; a partial last line (a killed writer) is dropped."""
     import io
 
     import pandas as pd
 
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        if size == 0:
-            return pd.DataFrame()
-        f.seek(size - 1)
-        whole = f.read(1) == b"\n"
-    if whole:  # the usual case: let pandas read the file itself, no copy
-        return pd.read_csv(path, dtype=dtype)
-    data = path.read_bytes()
-    data = data[: data.rfind(b"\n") + 1]
-    return pd.read_csv(io.BytesIO(data), dtype=dtype) if data.strip() else pd.DataFrame()
+    data = _whole_lines_only(path)
+    if data is None:  # the usual case: let pandas read the file itself, no copy
+        return pd.read_csv(path, dtype=dtype, **kwargs)
+    return pd.read_csv(io.BytesIO(data), dtype=dtype, **kwargs) if data.strip() else pd.DataFrame()
+
+
+def _loss_recorded(path: Path):
+    """Format version 2: False where the loss field is empty (NO_LOSS), True where it holds a value."""
+    import io
+
+    import pandas as pd
+
+    data = _whole_lines_only(path)
+    src = path if data is None else io.BytesIO(data)
+    raw = pd.read_csv(src, usecols=["loss"], dtype=str, keep_default_na=False, na_filter=False)["loss"]
+    return (raw.str.strip() != NO_LOSS).to_numpy()
 
 
 def _rank_of(name: str) -> int:
@@ -320,7 +665,9 @@ def looks_like_run(path: str | os.PathLike) -> bool:
 
 
 def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
-    """Read a gradscope run directory (every rank merged, or one rank)."""
+    """Read a gradscope run directory (every rank merged, or one rank). The layer store of
+    format version 2 is opened, not read: Run.layer_norms reads its rows when asked."""
+    import numpy as np
     import pandas as pd
 
     p = Path(path)
@@ -339,7 +686,7 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
             meta = read_json(p / META_FILE)
         except (OSError, ValueError) as e:
             raise GradscopeError(f"cannot read '{p / META_FILE}': {e}") from None
-        version = meta.get("format_version", FORMAT_VERSION)
+        version = meta.get("format_version", 1)
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise GradscopeError(
                 f"run '{p}' uses run-format version {version}; this gradscope reads up to "
@@ -382,15 +729,21 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
         for proc in processes:
             if proc.get("rank", 0) == r:
                 validate.check_process_counts(f, proc, df)
+        if _file_version(meta, processes, r) >= 2 and "loss" in df:
+            # Version 2 tells "no loss recorded" (an empty field) from a NaN loss exactly.
+            nan = df["loss"].isna().to_numpy()
+            df[LOSS_RECORDED] = _loss_recorded(f) if nan.any() else True
         df.insert(0, "rank", r)
         frames.append(df)
     if not frames:
         steps = empty_steps()
     else:
         steps = normalize_steps(frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True))
+        if LOSS_RECORDED in steps and steps[LOSS_RECORDED].isna().any():  # a rank of version 1 among them
+            steps[LOSS_RECORDED] = steps[LOSS_RECORDED].fillna(True).astype(bool)
 
     layer_frames = []
-    for f in sorted(p.glob("layers-r*-o*.csv")):
+    for f in sorted(p.glob("layers-r*-o*.csv")):  # format version 1
         r = _rank_of(f.name)
         if rank is not None and r != rank:
             continue
@@ -403,12 +756,22 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
         if df.empty:
             continue
         validate.check_layers_file(f, df)
-        df.insert(0, "optimizer", o)
-        df.insert(0, "rank", r)
-        layer_frames.append(df)
+        # One concat, not insert() into a 300-column frame: that fragments it (PerformanceWarning)
+        head = pd.DataFrame({"rank": np.full(len(df), r, dtype=np.int64),
+                             "optimizer": np.full(len(df), o, dtype=np.int64)}, index=df.index)
+        layer_frames.append(pd.concat([head, df], axis=1))
+    store = StoreLayerNorms.open(p, rank)  # format version 2: nothing is read until asked
     if layer_frames:
         layers = pd.concat(layer_frames, ignore_index=True)
-    else:
-        layers = pd.DataFrame({"rank": [], "optimizer": [], "step": []}, dtype="int64")
+        return Run(path=p, steps=steps, layers=layers, meta=meta, source="gradscope")
+    return Run(path=p, steps=steps, layers=None if store else empty_layers(), meta=meta, source="gradscope",
+               layer_norms=store if store else None)
 
-    return Run(path=p, steps=steps, layers=layers, meta=meta, source="gradscope")
+
+def _file_version(meta: dict, processes: list, rank: int) -> int:
+    """The format version rank `rank`'s files were written in (its process file, else meta.json)."""
+    for proc in processes:
+        if proc.get("rank", 0) == rank and isinstance(proc.get("format_version"), int):
+            return proc["format_version"]
+    v = meta.get("format_version", 1)
+    return v if isinstance(v, int) else 1

@@ -22,6 +22,7 @@ from gradscope.errors import GradscopeError
 INT_FIELDS = ("optimizer", "step")
 FLAG_FIELDS = ("clipped", "skipped")
 NONNEGATIVE_FIELDS = ("grad_norm",)  # a norm; loss and lr may be anything
+EMPTY_ALLOWED = ("loss",)  # rundir.NO_LOSS: the step had no loss recorded
 _FLAGS = {"0", "1", "true", "false", "True", "False"}
 
 
@@ -64,6 +65,8 @@ def scan_steps_csv(path: str | Path) -> tuple[int, str] | None:
                        "two writes ran together (the file is damaged)")
         for i, name in numeric:
             v = fields[i].strip()
+            if v == "" and name in EMPTY_ALLOWED:
+                continue  # format version 2: no loss recorded
             x = _number(v)
             if x is None:
                 return n, f"{name} is {v!r}, not a number"

@@ -67,7 +67,12 @@ def _steps(run, case: str, rank: int):
 
 
 def _layers(run_dir: Path, case: str, rank: int) -> pd.DataFrame:
-    return pd.read_csv(run_dir / f"layers-r{rank}-o{CASES.index(case)}.csv")
+    """One optimizer's per-layer table of one rank (`step` then one column per parameter)."""
+    store = gradscope.load_run(run_dir).layer_norms
+    key = (rank, CASES.index(case))
+    df = pd.DataFrame(store.rows(*key, slice(None)), columns=store.names(*key))
+    df.insert(0, "step", store.steps(*key))
+    return df
 
 
 @pytest.mark.slow

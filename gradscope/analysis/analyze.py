@@ -193,7 +193,7 @@ def _analyze_series(
     raised = _update_growth(verdict, rec, cfg)
     if raised:
         caveats.append(raised)
-    attach_layers(spikes, run.layers, rank, opt, cfg.spikes.top_layers)
+    attach_layers(spikes, run.layer_norms, rank, opt, cfg.spikes.top_layers)
     conf = assess_confidence(sit.name, g, s.loss[valid], nonfinite.divergence_step, int(step[0]), len(g_s),
                              cfg.confidence, tune_command(run.meta))
     skipped = int(s.skipped.sum())

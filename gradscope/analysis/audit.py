@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("clip-before-unscale", "clip-after-step", "clip-per-microbatch", "clip-partial", "no-zero-grad")
-AUDIT_KEY = "clip_audit"  # the key of process-r{R}.json that holds the record
+from gradscope import rundir
+
+KINDS = rundir.AUDIT_KINDS  # defined once, by the format's owner
+AUDIT_KEY = rundir.CLIP_AUDIT_KEY  # the key of process-r{R}.json that holds the record
 MODULES_NAMED = 3
 
 

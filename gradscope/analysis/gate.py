@@ -34,6 +34,7 @@ _POLICY_KEYS = {
     "divergence_steps": "divergence_steps",
 }
 MAX_LAYERS_LISTED = 5
+GROWTH_ROWS = 4096  # finite layer rows before a bad step that a growth is judged against
 
 PASS, FAIL, SKIP = "pass", "fail", "skipped"
 
@@ -256,31 +257,11 @@ def _optimizer_class(meta: dict, opt_id: int) -> str | None:
 
 
 def _bad_masks(steps, source: str):
-    """(bad loss, bad gradient, absorbed) boolean arrays over the steps table."""
-    import numpy as np
+    """(bad loss, bad gradient, absorbed) boolean arrays over the steps table (analysis/bad_steps.py)."""
+    from gradscope.analysis.bad_steps import bad_steps
 
-    loss = steps["loss"].to_numpy(dtype=float)
-    grad = steps["grad_norm"].to_numpy(dtype=float)
-    skipped = steps["skipped"].to_numpy(dtype=bool)
-    bad_loss = np.isinf(loss)
-    bad_grad = ~np.isfinite(grad)
-    keys = steps["rank"].to_numpy() * 1_000_003 + steps["optimizer"].to_numpy()
-    for key in np.unique(keys):
-        sel = keys == key
-        # NaN in the loss column also means "no loss recorded" (a series without a
-        # backward() gradscope saw, a log without the key): it counts as a NaN loss only
-        # where the series does record losses, and, for foreign logs, where the
-        # gradient agrees that something went wrong.
-        if np.isfinite(loss[sel]).any() or np.isinf(loss[sel]).any():
-            nan_loss = sel & np.isnan(loss)
-            if source != "gradscope":
-                nan_loss &= bad_grad
-            bad_loss |= nan_loss
-        if source != "gradscope" and np.isnan(grad[sel]).all():
-            # A trainer that logs NaN for every step (DeepSpeed ZeRO / FSDP) has no norm to judge.
-            bad_grad &= ~sel
-    absorbed = bad_grad & skipped
-    return bad_loss, bad_grad & ~skipped, absorbed
+    b = bad_steps(steps, source)
+    return b.loss, b.gradient, b.absorbed
 
 
 def find_non_finite(run) -> NonFinite | None:
@@ -334,37 +315,59 @@ def _attach_origin(nf: NonFinite, run) -> None:
 
 
 def _attach_layers(nf: NonFinite, run, steps, bad) -> None:
-    """Layers non-finite at the first bad step, else at the earliest recorded step where any was."""
+    """Layers non-finite at the first bad step, else at the earliest recorded step where any was.
+
+    Reads the layer rows from the bad step on, a block at a time, until a non-finite one, and
+    the few finite rows before it: on a long run the rest of the layer store is never read."""
     import numpy as np
 
-    layers = run.layers
-    if layers is None or len(layers) == 0:
+    store = run.layer_norms
+    key = (nf.rank, nf.optimizer)
+    if key not in store.series():
         return
-    sel = layers[(layers["rank"] == nf.rank) & (layers["optimizer"] == nf.optimizer)]
-    names = [c for c in sel.columns if c not in ("rank", "optimizer", "step")]
-    if sel.empty or not names:
+    names = store.names(*key)
+    if not names:
         return
     # Steps a scaler skipped have inf layers by design: they are not where it went wrong.
     mine = (steps["rank"].to_numpy() == nf.rank) & (steps["optimizer"].to_numpy() == nf.optimizer)
     absorbed = mine & steps["skipped"].to_numpy(dtype=bool) & ~bad
-    skipped_steps = set(steps["step"].to_numpy()[absorbed].tolist())
-    sel = sel[~sel["step"].isin(skipped_steps)]
-    all_values = sel[names].to_numpy(dtype=float)
-    all_at = sel["step"].to_numpy()
-    later = all_at >= nf.step
-    values, at = all_values[later], all_at[later]
-    any_bad = ~np.isfinite(values).all(axis=1)
-    if not any_bad.any():
+    all_at = store.steps(*key)
+    usable = ~np.isin(all_at, steps["step"].to_numpy()[absorbed])
+    start = int(np.searchsorted(all_at, nf.step)) if (np.diff(all_at) >= 0).all() else 0
+    j = row = None
+    for first, values in store.chunks(*key, start=start):
+        at = all_at[first:first + len(values)]
+        any_bad = ~np.isfinite(values).all(axis=1) & usable[first:first + len(values)] & (at >= nf.step)
+        if not any_bad.any():
+            continue
+        exact = np.flatnonzero(any_bad & (at == nf.step))
+        k = int(exact[0]) if len(exact) else int(np.flatnonzero(any_bad)[np.argmin(at[any_bad])])
+        if j is None or at[k] < all_at[j]:
+            j, row = first + k, values[k]
+        if len(exact):
+            break
+    if j is None:
         return
-    exact = np.flatnonzero(any_bad & (at == nf.step))
-    j = int(exact[0]) if len(exact) else int(np.flatnonzero(any_bad)[np.argmin(at[any_bad])])
-    row = values[j]
     inf_first = [n for n, v in zip(names, row) if np.isinf(v)] + [n for n, v in zip(names, row) if np.isnan(v)]
     nf.layers = inf_first
     nf.layers_total = len(names)
-    nf.layers_step = int(at[j])
-    ok = (all_at < nf.layers_step) & np.isfinite(all_values).all(axis=1)
-    before, before_at = all_values[ok], all_at[ok]
+    nf.layers_step = int(all_at[j])
+    _attach_growth(nf, store, key, names, all_at, usable)
+
+
+def _attach_growth(nf: NonFinite, store, key, names, all_at, usable) -> None:
+    """The layers whose norm grew most into the last finite row before the bad one, against their
+    median over the finite rows before that (the last GROWTH_ROWS of them: a bounded read)."""
+    import numpy as np
+
+    cand = np.flatnonzero((all_at < nf.layers_step) & usable)
+    before, before_at = np.zeros((0, len(names))), np.zeros(0, dtype=np.int64)
+    while len(cand) and len(before) < GROWTH_ROWS:  # read from the end, a block at a time
+        take, cand = cand[-GROWTH_ROWS:], cand[:-GROWTH_ROWS]
+        vals = store.rows(*key, take)
+        ok = np.isfinite(vals).all(axis=1)
+        before, before_at = np.concatenate([vals[ok], before]), np.concatenate([all_at[take][ok], before_at])
+    before, before_at = before[-GROWTH_ROWS:], before_at[-GROWTH_ROWS:]
     if len(before) >= 2:
         last = before[-1]
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -558,18 +561,21 @@ def _check_skipped(limit: float, steps) -> CheckResult:
 
 
 def _visibility_notes(run) -> Iterable[str]:
-    """What a foreign log cannot show the non-finite check."""
+    """What a foreign log cannot show the non-finite check, decided from the importer's structured
+    flags (rundir.IMPORT_FLAGS), never from the words of its notes."""
+    from gradscope import rundir
+
     meta = run.meta or {}
-    notes = [str(n) for n in meta.get("notes", []) or []]
-    for n in notes:
-        low = n.lower()
-        if "nan_inf_filter" in low or ("nan" in low and "drop" in low and "loss" in low):
-            yield (
-                "this log cannot show NaN/inf losses: the trainer dropped them before logging "
-                "(Hugging Face logging_nan_inf_filter=True); only the gradient norms were checked"
-            )
-        elif "cannot be trusted" in low or "per-rank" in low:
-            yield n
+    if meta.get(rundir.NAN_LOSSES_DROPPED):
+        yield (
+            "this log cannot show NaN/inf losses: the trainer dropped them before logging "
+            "(Hugging Face logging_nan_inf_filter=True); only the gradient norms were checked"
+        )
+    if meta.get(rundir.NORMS_UNTRUSTED):
+        yield ("this log's gradient norms look per-rank/per-shard or unset (all NaN, all 0, or one step logged "
+               "with different values): they cannot be trusted as the global norm")
+    elif meta.get(rundir.SHARDED_TRAINING):
+        yield "trained with DeepSpeed/FSDP: check grad_norm is the global norm, not a per-rank/per-shard one"
     if meta.get("sampled"):
         k = meta.get("logging_steps")
         yield (

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradscope.analysis import bad_steps
 from gradscope.analysis.config import AnalysisConfig
 from gradscope.analysis.robust import MAD_TO_SIGMA
 
@@ -138,11 +139,10 @@ def summarize(opt: int, step: np.ndarray, g: np.ndarray, loss: np.ndarray, clip:
     tau = clip_override if clip_override is not None else _mode(clip[tail])
     frac = float(np.mean(gt[use] > tau)) if tau is not None and use.any() else None
 
-    # The gate's rule: a non-finite loss, or a non-finite norm the scaler did not skip.
-    records_loss = bool(np.isfinite(loss).any() or np.isinf(loss).any())
-    bad_loss = np.isinf(loss) | (np.isnan(loss) if records_loss else False)
-    bad_grad = ~np.isfinite(g) & ~skipped
-    bad = bad_loss | bad_grad
+    # The one bad-step rule (analysis/bad_steps.py), as the gate applies it.
+    b = bad_steps.one_series(g, loss, skipped)
+    bad_loss, bad_grad = b.loss, b.gradient
+    bad = b.any
     first_bad = None
     if bad.any():
         i = int(np.argmax(bad))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from gradscope import rundir
+
 PHASES = ("input", "forward", "backward", "loss")
 
 
@@ -43,13 +45,14 @@ def _processes(run, rank: int | None) -> list[dict]:
 
 def traced(run, rank: int | None = None) -> bool:
     """True when the run (that rank) was recorded with --trace-nan."""
-    return any(isinstance(p.get("nan_trace"), dict) and p["nan_trace"].get("enabled") for p in _processes(run, rank))
+    key = rundir.NAN_TRACE_KEY
+    return any(isinstance(p.get(key), dict) and p[key].get("enabled") for p in _processes(run, rank))
 
 
 def nan_origin(run, rank: int | None = None) -> Origin | None:
     """The recorded origin (of that rank, else the lowest rank that has one), or None."""
     for p in sorted(_processes(run, rank), key=lambda p: p.get("rank", 0)):
-        trace = p.get("nan_trace")
+        trace = p.get(rundir.NAN_TRACE_KEY)
         o = trace.get("origin") if isinstance(trace, dict) else None
         if not isinstance(o, dict) or o.get("phase") not in PHASES:
             continue

@@ -56,21 +56,27 @@ def lead_in(x: np.ndarray, level: np.ndarray, mad: np.ndarray, window: int, min_
 
 
 def attach_layers(spikes: Spikes, layers, rank: int | None, optimizer: int, top: int) -> None:
-    """Give each listed spike its top layers by share of the squared norm (when run.layers has that step)."""
-    if not spikes.listed or top <= 0 or layers is None or len(layers) == 0:
+    """Give each listed spike its top layers by share of the squared norm (when the run's layer
+    norms have that step). `layers`: a rundir.LayerNorms (only the spikes' rows are read) or a
+    wide DataFrame."""
+    from gradscope.rundir import FrameLayerNorms, LayerNorms
+
+    if not spikes.listed or top <= 0 or layers is None:
         return
-    names = [c for c in layers.columns if c not in ("rank", "optimizer", "step")]
+    if not isinstance(layers, LayerNorms):
+        if len(layers) == 0:
+            return
+        layers = FrameLayerNorms(layers)
+    series = [k for k in layers.series() if k[1] == optimizer and (rank is None or k[0] == rank)]
+    if not series:
+        return
+    names = layers.names(*series[0])
     if not names:
         return
-    want = [s.step for s in spikes.listed]
-    sel = layers["step"].isin(want) & (layers["optimizer"] == optimizer)
-    if rank is not None and "rank" in layers.columns:
-        sel &= layers["rank"] == rank
-    rows = layers.loc[sel]
-    if rows.empty:
+    at, vals = layers.at_steps(*series[0], [s.step for s in spikes.listed])
+    if len(at) == 0:
         return
-    by_step = {int(st): i for i, st in enumerate(rows["step"].to_numpy())}
-    vals = rows[names].to_numpy(dtype=float)
+    by_step = {int(st): i for i, st in enumerate(at)}
     for sp in spikes.listed:
         i = by_step.get(sp.step)
         if i is None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradscope.analysis.bad_steps import bad_steps
 from gradscope.analysis.config import SituationConfig
 from gradscope.analysis.robust import round_sig
 
@@ -103,14 +104,10 @@ def blew_up(steps, cfg: SituationConfig = SituationConfig()) -> bool:
     or whose norms ran away: the median of its last tenth (at least 3 steps) reached
     ``cfg.runaway_ratio`` times the median of its first ``cfg.early_steps`` finite norms (the
     rule `recommend` calls a blow-up)."""
+    if bad_steps(steps).any.any():  # the one bad-step rule (a script that reports no loss is judged by its norms)
+        return True
     skipped = steps["skipped"].to_numpy(dtype=bool)
     g = steps["grad_norm"].to_numpy(dtype=float)[~skipped]
-    loss = steps["loss"].to_numpy(dtype=float)[~skipped]
-    recorded = np.isfinite(loss)
-    # a NaN loss counts once losses were recorded (before that the script may not report one)
-    nan_loss = recorded.any() and np.isnan(loss[int(np.argmax(recorded)):]).any()
-    if (~np.isfinite(g)).any() or np.isinf(loss).any() or nan_loss:
-        return True
     g = g[g > 0]
     if len(g) < 2:
         return False
@@ -284,7 +281,7 @@ def summarize(steps, clip_norm: float, horizon: int | None = None) -> ProbeSumma
         mean_multiplier = float(np.mean(mult))
     else:
         clip_fraction, mean_multiplier = (0.0, 1.0) if fin.any() else (math.nan, math.nan)
-    bad = (~np.isfinite(loss) | ~np.isfinite(g)) & ~skipped
+    bad = bad_steps(s).any
     reason = None
     if bad.any():
         reason = f"non-finite, step {int(s['step'].to_numpy()[bad][0])}"

@@ -36,9 +36,8 @@ def record(
     meta = None
     if current_rank() == 0:
         path = rundir.prepare_run_dir(run_dir, force=force)
-        meta = rundir.new_meta(sys.argv, target="python-api", torch_version=torch.__version__)
-        meta["launcher_pid"] = os.getpid()
-        meta["clip_norm_override"] = clip_norm
+        meta = rundir.new_meta(sys.argv, target="python-api", torch_version=torch.__version__,
+                               clip_norm_override=clip_norm)
         rundir.write_json_atomic(path / rundir.META_FILE, meta)
     else:  # another rank of a distributed run: rank 0 owns the directory and meta.json
         path = Path(run_dir)

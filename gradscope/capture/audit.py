@@ -28,7 +28,9 @@ from typing import Any, Callable
 
 import torch
 
-KINDS = ("clip-before-unscale", "clip-after-step", "clip-per-microbatch", "clip-partial", "no-zero-grad")
+from gradscope import rundir
+
+KINDS = rundir.AUDIT_KINDS  # defined once, by the format's owner
 MAX_CLIPS = 64  # clip calls kept per optimizer step (a loop that clips without stepping must not grow)
 MAX_ZERO_PTRS = 4096
 MODULES_LISTED = 20  # left-out modules kept in the record (largest first)

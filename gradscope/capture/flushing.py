@@ -1,10 +1,10 @@
-"""Flushing and writing: the rows' device-to-host copies, the steps/layers CSVs and process-r*.json.
+"""Flushing and writing: the rows' device-to-host copies, then their lines, layer rows and process-r*.json
+(spelled by rundir.py, the format's owner).
 
 Functions of the recorder (its first argument); the Recorder keeps them as methods of the same names.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +16,6 @@ from gradscope import rundir
 from gradscope._version import __version__
 from gradscope.capture import announce, distributed, rows as lean_rows
 from gradscope.capture.names import parameter_names
-from gradscope.capture.stopper import is_bad
 from gradscope.capture.writer import ProcessWriter
 
 
@@ -122,21 +121,23 @@ def write(rec: Any, batch: Batch) -> None:
     check = rec._first_bad is None and not bool(torch.isfinite(batch.values[:, :2]).all())
     values = batch.values.tolist()
     lrs = iter(batch.lrs.tolist()) if batch.lrs is not None else iter(())
-    # One %-format per line (the bytes of rundir.fmt_float32 / fmt_float64: "%.9g" and repr
-    # spell nan and inf the same way): formatting is most of a flush's cost.
-    line = str(st.id) + ",%d,%.9g,%.9g,%r,%d,%r,%d,%r,%r,%.6f\n"
-    lean = str(st.id) + ",%d,%.9g,%.9g,nan,0,nan,0,nan,%r,%.6f\n"  # a lean row's constant columns
     lines = []
+    fmt = _line_formats(st)
     for r, (gn, loss, clipped, skipped, scale) in zip(batch.rows, values):
         lr = next(lrs) if isinstance(r.lr, torch.Tensor) else float(r.lr)
-        if check and rec._first_bad is None and is_bad(gn, loss, skipped):
-            what = "loss" if not math.isfinite(loss) else "gradient norm"
-            rec._first_bad = f"non-finite {what} at step {r.step} of optimizer {st.id}"
-        if r.values is None:  # lean (rows.py): no clip, no scaler
-            lines.append(lean % (r.step, gn, loss, lr, r.time))
+        if check and rec._first_bad is None:
+            what = rundir.bad_quantity(gn, loss, skipped, r.loss_recorded)
+            if what is not None:
+                rec._first_bad = f"non-finite {what} at step {r.step} of optimizer {st.id}"
+        # One %-format per line (rundir.step_line): formatting is most of a flush's cost.
+        lean, recorded = r.values is None, r.loss_recorded
+        if lean:  # lean (rows.py): no clip, no scaler
+            line = fmt[0] % (r.step, gn, loss, lr, r.time) if recorded else fmt[1] % (r.step, gn, lr, r.time)
+        elif recorded:
+            line = fmt[2] % (r.step, gn, loss, r.clip_max_norm, clipped, r.clip_value, skipped, scale, lr, r.time)
         else:
-            lines.append(line % (r.step, gn, loss, r.clip_max_norm, clipped, r.clip_value, skipped, scale, lr,
-                                 r.time))
+            line = fmt[3] % (r.step, gn, r.clip_max_norm, clipped, r.clip_value, skipped, scale, lr, r.time)
+        lines.append(line)
     rec._writer.write_steps_text("".join(lines))
     if rec._nantrace is not None:
         rec._nantrace.note_rows(st.id, batch.rows, values)
@@ -145,32 +146,46 @@ def write(rec: Any, batch: Batch) -> None:
     if batch.layers is not None:
         if st.names is None:
             st.names = parameter_names(st.params)
-        layer_line = "%d" + ",%.9g" * len(st.names) + "\n"
-        text = "".join(layer_line % (step, *row) for step, row in zip(batch.layer_steps, batch.layers.tolist()))
-        rec._writer.write_layers_text(st.id, st.names, text)
+        rec._writer.write_layer_rows(st.id, st.names, batch.layer_steps, batch.layers)
+
+
+_FORMATS: dict[int, tuple[str, str, str, str]] = {}
+
+
+def _line_formats(st: Any) -> tuple[str, str, str, str]:
+    """An optimizer's four line formats: lean / lean without loss / full / full without loss."""
+    fmt = _FORMATS.get(st.id)
+    if fmt is None:
+        opt = {"optimizer": str(st.id)}
+        no_loss = {"loss": rundir.NO_LOSS}
+        fmt = _FORMATS[st.id] = (
+            rundir.step_line({**opt, **rundir.NO_CLIP_NO_SCALER}),
+            rundir.step_line({**opt, **rundir.NO_CLIP_NO_SCALER, **no_loss}),
+            rundir.step_line(opt),
+            rundir.step_line({**opt, **no_loss}),
+        )
+    return fmt
 
 
 def write_process(rec: Any) -> None:
     if rec._writer is None:
         return
-    info = {
-        "format": rundir.FORMAT_NAME,
-        "format_version": rundir.FORMAT_VERSION,
-        "gradscope_version": __version__,
-        "rank": rec._writer.rank,
-        "world_size": distributed.world_size(),
-        "pid": rec._pid,
-        "host": rundir.host_name(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "devices": sorted(rec._devices),
-        "started": iso(rec._started_at),
-        "ended": iso(time.time()) if rec._closed or rec._status != "running" else None,
-        "status": rec._status,
-        "layer_stride": rec.layer_stride,
-        "flush_steps": rec.flush_steps,
-        "flush_seconds": rec.flush_seconds,
-        "optimizers": [
+    info = rundir.process_info(
+        gradscope_version=__version__,
+        rank=rec._writer.rank,
+        world_size=distributed.world_size(),
+        pid=rec._pid,
+        host=rundir.host_name(),
+        python=sys.version.split()[0],
+        torch=torch.__version__,
+        devices=sorted(rec._devices),
+        started=iso(rec._started_at),
+        ended=iso(time.time()) if rec._closed or rec._status != "running" else None,
+        status=rec._status,
+        layer_stride=rec.layer_stride,
+        flush_steps=rec.flush_steps,
+        flush_seconds=rec.flush_seconds,
+        optimizers=[
             {
                 "id": st.id,
                 "class": st.cls,
@@ -183,14 +198,14 @@ def write_process(rec: Any) -> None:
             }
             for st in rec._states
         ],
-        "clip_calls": dict(rec._clip_calls),
-        "clip_thresholds": {k: v for k, v in rec._thresholds.items() if v},
-        "clip_norm_override": rec.clip_norm,
-        "script_max_norms_overridden": list(rec._script_max_norms),
-        "clip_audit": rec._audit.record(lambda st: st.names or parameter_names(st.params)),
-    }
+        clip_calls=dict(rec._clip_calls),
+        clip_thresholds={k: v for k, v in rec._thresholds.items() if v},
+        clip_norm_override=rec.clip_norm,
+        script_max_norms_overridden=list(rec._script_max_norms),
+    )
+    info[rundir.CLIP_AUDIT_KEY] = rec._audit.record(lambda st: st.names or parameter_names(st.params))
     if rec._nantrace is not None:
-        info["nan_trace"] = rec._nantrace.info()
+        info[rundir.NAN_TRACE_KEY] = rec._nantrace.info()
     rec._writer.write_process(info)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from gradscope.capture.names import strip_wrappers
-from gradscope.capture.stopper import is_bad
+from gradscope import rundir
 
 IN, FWD, LOSS, GOUT, BWD, PARAM = range(6)
 _SHIFT = 1 << 32
@@ -375,7 +375,7 @@ class NanTrace:
             self._status.clear()
         for r, (gn, loss, _, skipped, _) in zip(rows, values):
             self._status[(optimizer, r.step)] = (
-                "bad" if is_bad(gn, loss, skipped) else "skipped" if skipped else "ok")
+                "bad" if rundir.is_bad_step(gn, loss, skipped, r.loss_recorded) else "skipped" if skipped else "ok")
 
     def resolve(self) -> bool:
         """Judge the steps whose flags and rows have both arrived; True when the origin was just found."""

@@ -93,6 +93,7 @@ class _Row:
     norms: Any = None  # distributed.GlobalNorms still being reduced across ranks (gloo): see _resolve
     taken: torch.Tensor | None = None  # lean rows (rows.py): per-tensor norms then losses; values at flush
     n_norms: int = 0  # lean rows: how many of `taken` are norms
+    loss_recorded: bool = True  # False: no backward() since the previous step (the loss field stays empty)
 
 
 @dataclass
@@ -559,7 +560,8 @@ class Recorder:
             lr = param_groups[0].get("lr", float("nan")) if param_groups else float("nan")
             if isinstance(lr, torch.Tensor):
                 lr = lr.detach().clone()
-            row = _Row(st.steps, clip_max_norm, clip_value, lr, time.time(), values, layers, dist_norms)
+            row = _Row(st.steps, clip_max_norm, clip_value, lr, time.time(), values, layers, dist_norms,
+                       loss_recorded=bool(losses))
             st.rows.append(row)
             if self._nantrace is not None:
                 self._nantrace.close_step(st.id, st.steps, params, vector if dist_norms is None else None)
@@ -593,7 +595,9 @@ class Recorder:
             start = st.loss_from - self._loss_base
             # No gradient requires grad (plain_grads) and the losses are detached: nothing here
             # can record a graph, so no no_grad context is needed.
-            taken = lean_rows.take(grads, self._losses[start:] if start > 0 else self._losses)
+            losses = self._losses[start:] if start > 0 else self._losses
+            recorded = bool(losses)  # before _trim_losses, which may clear this very list
+            taken = lean_rows.take(grads, losses)
             if taken is None:
                 return False
             st.loss_from = self._loss_base + len(self._losses)
@@ -605,7 +609,7 @@ class Recorder:
             # layers True: the per-layer norms, filled in at flush (rows.values_of)
             want_layers = True if self.layer_stride and st.steps % self.layer_stride == 0 else None
             st.rows.append(_Row(st.steps, _NAN, _NAN, lr, time.time(), None, want_layers,
-                                taken=taken, n_norms=len(grads)))
+                                taken=taken, n_norms=len(grads), loss_recorded=recorded))
             st.steps += 1
             self._pending += 1
         return True

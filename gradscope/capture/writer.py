@@ -1,24 +1,45 @@
-"""Writes one process's share of a run directory (steps, layers, process metadata).
+"""Writes one process's share of a run directory (steps, the layer store, process metadata).
 
-Files are created on the first flush, so processes that never step an optimizer
-(DataLoader workers, the torchrun agent) leave nothing behind. Each flush is one
-write() of whole lines followed by flush(): a process killed at any moment loses
-at most the block being written, and readers drop a partial last line.
+What the files hold and how their lines and rows are spelled is rundir.py's (the format's
+owner); this module only puts the bytes there. Files are created on the first flush, so
+processes that never step an optimizer (DataLoader workers, the torchrun agent) leave
+nothing behind. Each flush is one write() of whole lines or rows followed by flush(): a
+process killed at any moment loses at most the block being written, and readers drop a
+partial last line or row.
 """
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
+
+import torch
 
 from gradscope import rundir
+
+
+def float32_bytes(t: torch.Tensor) -> bytes:
+    """A CPU float32 tensor's values as little/native-endian bytes (numpy when torch has it)."""
+    t = t.detach().contiguous()
+    try:
+        return t.numpy().tobytes()
+    except (RuntimeError, TypeError):  # torch built without numpy
+        from array import array
+
+        return array("f", t.reshape(-1).tolist()).tobytes()
+
+
+def int64_bytes(values: Sequence[int]) -> bytes:
+    from array import array
+
+    return array("q", values).tobytes()
 
 
 class ProcessWriter:
     def __init__(self, run_dir: str, rank: int) -> None:
         self.run_dir = run_dir
         self.rank = rank
-        self._steps = None
-        self._layers: dict[int, object] = {}
+        self._steps: Any = None
+        self._layers: dict[int, tuple[Any, Any]] = {}  # optimizer -> (steps file, norms file)
 
     def _claim_rank(self) -> None:
         # Two processes of one run with the same rank (a script that launches another
@@ -36,32 +57,33 @@ class ProcessWriter:
                 rank = rank + 1000 if rank < 1000 else rank + 1
         self.rank = rank
         self._steps = os.fdopen(fd, "w", encoding="utf-8", newline="")
-        self._steps.write(",".join(rundir.STEP_COLUMNS) + "\n")
-
-    def write_steps(self, rows: Sequence[Sequence[str]]) -> None:
-        self.write_steps_text(rundir.csv_lines(rows))
+        self._steps.write(rundir.steps_header())
 
     def write_steps_text(self, text: str) -> None:
-        """Whole CSV lines, each ending in a newline."""
+        """Whole lines, each ending in a newline (rundir.step_line)."""
         if self._steps is None:
             self._claim_rank()
         self._steps.write(text)
         self._steps.flush()
 
-    def write_layers(self, optimizer: int, names: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        self.write_layers_text(optimizer, names, rundir.csv_lines(rows))
-
-    def write_layers_text(self, optimizer: int, names: Sequence[str], text: str) -> None:
-        f = self._layers.get(optimizer)
-        if f is None:
+    def write_layer_rows(self, optimizer: int, names: Sequence[str], steps: Sequence[int], norms: torch.Tensor) -> None:
+        """Append rows of per-parameter norms (a [len(steps), len(names)] float32 CPU tensor) to
+        the layer store: the steps first, then the norms, so a reader that takes the rows both
+        files hold whole never pairs a row with the wrong step."""
+        files = self._layers.get(optimizer)
+        if files is None:
             if self._steps is None:
                 self._claim_rank()
-            path = os.path.join(self.run_dir, rundir.layers_file(self.rank, optimizer))
-            f = open(path, "w", encoding="utf-8", newline="")
-            f.write(",".join(["step", *names]) + "\n")
-            self._layers[optimizer] = f
-        f.write(text)
-        f.flush()
+            index = rundir.layer_index(list(names), self.rank, optimizer)
+            rundir.write_json_atomic(os.path.join(self.run_dir, rundir.layers_file(self.rank, optimizer)), index)
+            files = (open(os.path.join(self.run_dir, index["steps"]), "wb"),
+                     open(os.path.join(self.run_dir, index["norms"]), "wb"))
+            self._layers[optimizer] = files
+        steps_f, norms_f = files
+        steps_f.write(int64_bytes(steps))
+        steps_f.flush()
+        norms_f.write(float32_bytes(norms.to(torch.float32)))
+        norms_f.flush()
 
     def write_process(self, info: dict) -> None:
         if self._steps is None:
@@ -73,7 +95,7 @@ class ProcessWriter:
         return self._steps is not None
 
     def close(self) -> None:
-        for f in [self._steps, *self._layers.values()]:
+        for f in [self._steps, *(f for pair in self._layers.values() for f in pair)]:
             if f is not None:
                 try:
                     f.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+
 import pickletools
 import re
 import zipfile
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from gradscope.errors import GradscopeError
+from gradscope.rundir import NORMS_UNTRUSTED
 
 # Names trainers give the pre-clip global gradient norm, best first. Compared after
 # lower-casing; "run - " prefixes of W&B CSV exports are stripped first.
@@ -456,11 +458,13 @@ def build_run(
     from gradscope.validate import check_logged_norms
 
     check_logged_norms(path, rows)  # text or a negative norm: exit 2 naming the line, not a "non-finite" step
+    untrusted = False  # structured flag (rundir.NORMS_UNTRUSTED); the notes are for people
     if dedupe:
         rows, repeats, conflicts = dedupe_by_step(rows)
         if repeats:
             notes.append(f"{repeats} repeated log entries (same step, same grad_norm) were counted once")
         if conflicts:
+            untrusted = True
             notes.append(
                 f"{conflicts} steps were logged more than once with different grad_norm values: "
                 "norms look per-rank/per-shard (DeepSpeed ZeRO/FSDP) or a resumed run appended to the "
@@ -470,7 +474,9 @@ def build_run(
     gn = [to_float(r.get("grad_norm")) for r in rows]
     if not any(not math.isnan(g) or r.get("grad_norm") is not None for g, r in zip(gn, rows)):
         raise fail(f"no gradient norms in '{path}' ({fmt} format, {len(rows)} steps)")
-    notes.extend(norm_health_notes(gn))
+    health = norm_health_notes(gn)
+    untrusted = untrusted or bool(health)
+    notes.extend(health)
 
     df = pd.DataFrame(
         {
@@ -501,6 +507,8 @@ def build_run(
         "notes": notes,
         "source_path": str(path),
     }
+    if untrusted:
+        meta[NORMS_UNTRUSTED] = True
     if extra_meta:
         meta.update(extra_meta)
     if layers is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gradscope.rundir import NAN_LOSSES_DROPPED
 from gradscope.importers._common import (
     CLIP_KEYS,
     HF_ARGS_FILES,
@@ -136,7 +137,8 @@ def load_jsonl(path: Path, column: str | None = None, parsed=None):
             "and grad_norm is the norm of the last step before each entry"
         )
     default = trainer_default("Hugging Face TrainingArguments", "args file") if hf_console else None
-    return _finish(path, "jsonl", rows, gcol, notes, counter=counter, default=default)
+    flags = {NAN_LOSSES_DROPPED: True} if hf_console else {}
+    return _finish(path, "jsonl", rows, gcol, notes, counter=counter, default=default, flags=flags)
 
 
 def _counter_note(k: int | None) -> str:
@@ -152,14 +154,15 @@ def _counter_note(k: int | None) -> str:
 
 
 def _finish(path: Path, fmt: str, rows: list[dict], gcol: str, notes: list[str], counter: bool = False,
-            default: tuple[float, str] | None = None):
+            default: tuple[float, str] | None = None, flags: dict | None = None):
     notes.insert(0, f"grad norm read from column '{gcol}'")
     clip_norm, named = _clip(path, notes)
     k = spacing(sorted({r["step"] for r in rows}))
     s = sampled_note(k)
     if s and not counter:
         notes.append(s)
-    extra = {"sampled": False, "step_counter": "printed"} if counter else None
+    extra = {"sampled": False, "step_counter": "printed"} if counter else {}
+    extra.update(flags or {})
     return build_run(path, fmt, rows, notes=notes, clip_norm=clip_norm, extra_meta=extra,
                      default_clip_norm=None if named else default)
 

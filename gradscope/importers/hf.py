@@ -18,6 +18,7 @@ import math
 import re
 from pathlib import Path
 
+from gradscope.rundir import NAN_LOSSES_DROPPED, SHARDED_TRAINING
 from gradscope.importers._common import (
     HF_ARGS_FILES,
     build_run,
@@ -131,9 +132,12 @@ def load(path: Path, column: str | None = None):
         )
 
     clip_norm, args = hf_clip_norm(path, notes)
+    flags = {}
     if args.get("logging_nan_inf_filter", True) is not False:
         notes.append(NAN_FILTER_NOTE)
+        flags[NAN_LOSSES_DROPPED] = True
     if args.get("deepspeed") or args.get("fsdp"):
+        flags[SHARDED_TRAINING] = True
         notes.append(
             "trained with DeepSpeed/FSDP: check grad_norm is the global norm, not a per-rank/per-shard one"
         )
@@ -161,7 +165,7 @@ def load(path: Path, column: str | None = None):
         notes.append(f"this is a mid-run checkpoint: global_step {gstep} of max_steps {max_steps}")
         status = "unknown"
     m = re.fullmatch(r"checkpoint-(\d+)", path.parent.name)
-    extra = {"global_step": gstep, "max_steps": max_steps, "eval_rows_skipped": skipped}
+    extra = {"global_step": gstep, "max_steps": max_steps, "eval_rows_skipped": skipped, **flags}
     if m:
         extra["checkpoint"] = path.parent.name
     default = None if "max_grad_norm" in args else trainer_default(

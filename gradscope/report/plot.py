@@ -146,6 +146,67 @@ def heatmap_matrix(
     return mx.T, np.arange(cols) * k, only_skipped
 
 
+@dataclass
+class Heatmap:
+    """The layer heatmap of one series, already binned to the figure's columns (heatmap_matrix's
+    columns, computed by streaming the rows once: see layer_heatmap)."""
+
+    names: list[str]
+    mat: np.ndarray  # log10 (layers x columns); NaN: a non-finite value; -inf: below scale
+    edges: np.ndarray  # column edges in steps (len columns + 1)
+    only_skipped: np.ndarray  # column holds only steps the loss scaler skipped
+    peak: np.ndarray  # each layer's largest finite binned norm (raw), to pick the rows shown
+
+
+def layer_heatmap(store, key: tuple[int, int], skipped_steps: np.ndarray | None,
+                  max_cols: int = HEATMAP_COLUMNS) -> Heatmap | None:
+    """heatmap_matrix of a series' layer rows, read a block of whole bins at a time: the bins'
+    max of the raw float values (log10 is monotone, so it is taken of the max, per bin), in
+    bounded memory whatever the run's length."""
+    names = store.names(*key)
+    steps = store.steps(*key)
+    n = len(steps)
+    if n == 0 or not names:
+        return None
+    if (np.diff(steps) < 0).any():  # rows not in step order (a foreign table): draw them sorted
+        order = np.argsort(steps, kind="stable")
+        values = store.rows(*key, order)
+        steps = steps[order]
+        skip = np.isin(steps, skipped_steps) if skipped_steps is not None else None
+        mat, starts, only = heatmap_matrix(values, max_cols, skip)
+        peak = np.nanmax(np.where(np.isfinite(values), values, np.nan), axis=0)
+        return Heatmap(names, mat, np.append(steps[starts], steps[-1] + 1).astype(float) - 0.5, only, peak)
+    k = max(1, -(-n // max_cols))
+    cols = -(-n // k)
+    skip_all = np.isin(steps, skipped_steps) if skipped_steps is not None and len(skipped_steps) else None
+    mx = np.empty((cols, len(names)), dtype=np.float64)
+    only = np.zeros(cols, dtype=bool)
+    per = max(1, 16384 // k) * k  # rows per read: whole bins
+    for first, values in store.chunks(*key, rows=per, native=True):
+        m = len(values)
+        if skip_all is not None:
+            skip = skip_all[first:first + m]
+            if skip.any():
+                values = values.copy()
+                values[skip] = 0.0  # left out of the max (0 reads as "below scale")
+        b0, nb = first // k, -(-m // k)
+        pad = nb * k - m
+        if pad:
+            values = np.concatenate([values, np.zeros((pad, values.shape[1]), dtype=values.dtype)])
+        mx[b0:b0 + nb] = values.reshape(nb, k, -1).max(axis=1)  # NaN and inf propagate: bad bins
+        if skip_all is not None:
+            sk = np.concatenate([skip_all[first:first + m], np.ones(pad, dtype=bool)])
+            only[b0:b0 + nb] = sk.reshape(nb, k).all(axis=1)
+    bad = ~np.isfinite(mx)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logv = np.where(mx > 0, np.log10(np.where(mx > 0, mx, 1.0)), -np.inf)
+    logv = np.where(bad, np.nan, logv)
+    peak = np.where(bad, np.nan, mx).max(axis=0, initial=-np.inf, where=~bad)
+    peak = np.where(bad.all(axis=0), np.nan, peak)  # only non-finite: listed first, as heatmap_matrix's callers did
+    starts = np.arange(cols) * k
+    return Heatmap(names, logv.T, np.append(steps[starts], steps[-1] + 1).astype(float) - 0.5, only, peak)
+
+
 # ---------------------------------------------------------------- what to draw
 
 
@@ -187,7 +248,7 @@ class Series:
 class PlotData:
     title: str
     series: list[Series]
-    layers: Any = None  # DataFrame of the first series' layer norms (step + columns), or None
+    layers: Heatmap | None = None  # the first series' layer heatmap, or None
     notes: list[str] = field(default_factory=list)
     source: str = "gradscope"  # or the importer's format name
 
@@ -265,15 +326,13 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
     _attach_origin(series, run, rank)
 
     layers = None
-    lay = run.layers
-    if series and lay is not None and len(lay):
-        first = series[0].optimizer
-        sel = lay[(lay["rank"] == rank) & (lay["optimizer"] == first)]
-        cols = [c for c in sel.columns if c not in ("rank", "optimizer")]
-        if len(sel) and len(cols) > 1:
-            layers = sel[cols].sort_values("step", kind="stable")
-            if len(series) > 1:
-                notes.append(f"layer heatmap: optimizer {first}")
+    store = run.layer_norms
+    if series and (rank, series[0].optimizer) in store.series():
+        first = series[0]
+        skipped = first.step[first.skipped] if first.skipped.any() else None
+        layers = layer_heatmap(store, (rank, first.optimizer), skipped)
+        if layers is not None and len(series) > 1:
+            notes.append(f"layer heatmap: optimizer {first.optimizer}")
 
     label = name or Path(run.path).name or str(run.path)
     n = sum(len(s.step) for s in series)
@@ -637,27 +696,18 @@ def _draw_heatmap(fig, ax, data: PlotData) -> None:
     import matplotlib
     from matplotlib.colors import ListedColormap
 
-    lay = data.layers
-    steps = lay["step"].to_numpy()
-    names = [c for c in lay.columns if c != "step"]
-    values = lay[names].to_numpy(dtype=float)
+    heat = data.layers
+    names, mat, only_skipped = heat.names, heat.mat, heat.only_skipped
     if len(names) > HEATMAP_ROWS:  # keep the layers with the largest peak norm
-        peak = np.nanmax(np.where(np.isfinite(values), values, np.nan), axis=0)
-        keep = np.sort(np.argsort(-np.nan_to_num(peak, nan=np.inf))[:HEATMAP_ROWS])
-        values, names = values[:, keep], [names[k] for k in keep]
-        data.notes.append(f"heatmap: the {HEATMAP_ROWS} layers with the largest norms of {len(lay.columns) - 1}")
-    first = data.series[0] if data.series else None
-    skipped = None
-    if first is not None and first.skipped.any():
-        skipped = np.isin(steps, first.step[first.skipped])
-    mat, starts, only_skipped = heatmap_matrix(values, skipped=skipped)
+        keep = np.sort(np.argsort(-np.nan_to_num(heat.peak, nan=np.inf), kind="stable")[:HEATMAP_ROWS])
+        mat, names = mat[keep], [names[k] for k in keep]
+        data.notes.append(f"heatmap: the {HEATMAP_ROWS} layers with the largest norms of {len(heat.names)}")
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad=JUDGED_COLOR)  # bad: non-finite
     finite = mat[np.isfinite(mat)]
     vmin, vmax = (float(np.percentile(finite, 1)), float(np.percentile(finite, 99.5))) if len(finite) else (0.0, 1.0)
     if vmax <= vmin:
         vmin, vmax = vmin - 0.5, vmax + 0.5
-    # A column spans from its first step to the next column's first step (centred on steps).
-    edges = np.append(steps[starts], steps[-1] + 1).astype(float) - 0.5
+    edges = heat.edges  # a column spans from its first step to the next column's first step
     shown = np.where(np.isneginf(mat), vmin, mat)
     im = ax.pcolormesh(edges, np.arange(len(names) + 1) - 0.5, np.ma.masked_invalid(shown), cmap=cmap,
                        vmin=vmin, vmax=vmax, shading="flat", rasterized=True)
@@ -685,7 +735,7 @@ def build_figure(data: PlotData):
     from matplotlib.figure import Figure
 
     with_layers = data.layers is not None
-    n_names = 0 if not with_layers else len(data.layers.columns) - 1
+    n_names = 0 if not with_layers else len(data.layers.names)
     # Labelled rows (up to 40) get 0.17 in each: room for FONT_MIN-point names.
     heat_h = (max(2.2, 0.17 * n_names) if n_names <= 40 else 3.0) if with_layers else 0.0
     heights = [3.4, 1.8, 2.6] + ([heat_h] if with_layers else [])

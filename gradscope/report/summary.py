@@ -14,6 +14,7 @@ def summary_lines(run_dir: Path) -> list[str]:
     import numpy as np
 
     from gradscope.analysis import audit
+    from gradscope.analysis.bad_steps import bad_steps
     from gradscope.rundir import load_run
 
     run = load_run(run_dir)
@@ -54,7 +55,7 @@ def summary_lines(run_dir: Path) -> list[str]:
         for f in bugs:
             if f.optimizer == opt_id:
                 lines.append(f"    clip bug   {f.line()}")
-        bad = (~np.isfinite(g)) | (~np.isfinite(s["loss"].to_numpy(dtype=float)) & s["loss"].notna().to_numpy())
+        bad = bad_steps(s).any
         skipped = s["skipped"].to_numpy()
         if bad.any() or skipped.any():
             lines.append(
