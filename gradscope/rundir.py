@@ -356,6 +356,11 @@ def _read_csv(path: Path, dtype: dict | None = None):
     return pd.read_csv(io.BytesIO(data), dtype=dtype) if data.strip() else pd.DataFrame()
 
 
+def _own(p: Path, pattern: str) -> list[Path]:
+    """Files of p named exactly as this format names them (not a user's steps-rX.csv or process-results.json)."""
+    return [f for f in p.glob(pattern) if _OWN_NAME.match(f.name)]
+
+
 def _rank_of(name: str) -> int:
     # steps-r12.csv / layers-r12-o3.csv / process-r12.json
     return int(name.split("-r", 1)[1].split("-", 1)[0].split(".", 1)[0])
@@ -370,7 +375,11 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return True
+    try:  # a zombie is dead (its parent gone and not reaping: PID 1 in a container may never reap it)
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b") ", 1)[1][:1] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def run_status(meta: dict, processes: list[dict]) -> tuple[str, bool]:
@@ -516,7 +525,7 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
             )
 
     processes, unreadable = [], []
-    for f in sorted(p.glob("process-r*.json"), key=lambda f: _rank_of(f.name)):
+    for f in sorted(_own(p, "process-r*.json"), key=lambda f: _rank_of(f.name)):
         try:
             proc = read_json(f)
         except (OSError, ValueError):
@@ -537,7 +546,7 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
 
     frames = []
     step_ranks = []
-    for f in sorted(p.glob("steps-r*.csv"), key=lambda f: _rank_of(f.name)):
+    for f in sorted(_own(p, "steps-r*.csv"), key=lambda f: _rank_of(f.name)):
         r = _rank_of(f.name)
         step_ranks.append(r)
         if rank is not None and r != rank:
@@ -564,7 +573,7 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
 
     layer_frames = []
     layer_rows = {}
-    for f in sorted(p.glob("layers-r*-o*.csv")):
+    for f in sorted(_own(p, "layers-r*-o*.csv")):
         r = _rank_of(f.name)
         if rank is not None and r != rank:
             continue

@@ -120,8 +120,10 @@ def _full_disk_outcome(tmp_path, res, run_dir):
     assert chk.returncode == 1, chk.stdout + chk.stderr
     first = chk.stdout.splitlines()[0]
     assert first.startswith("FAIL incomplete:") and "stopped recording" in first and "No space left" in first
-    rec = gs("recommend", run_dir)
-    assert rec.stdout.splitlines()[0].startswith("gradscope: incomplete recording: rank 0 stopped recording")
+    assert "  incomplete recording: rank 0 stopped recording" in res.stderr  # the run's own summary
+    if len(gradscope.load_run(run_dir).steps) >= 50:  # enough steps for a recommendation
+        rec = gs("recommend", run_dir)
+        assert rec.stdout.splitlines()[0].startswith("gradscope: incomplete recording: rank 0 stopped recording")
 
 
 def test_full_tmpfs_stops_the_recording_not_the_training(tmp_path):
@@ -302,7 +304,7 @@ def test_kill_9_of_the_supervisor_takes_the_training_with_it(tmp_path):
     proc, progress = _start(tmp_path)
     child = _child_pid(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)  # the supervisor only
-    proc.communicate(timeout=60)
+    proc.wait(timeout=60)  # not communicate(): a surviving child would hold the pipes open
     assert _wait_dead(child, 60), "the training runs on, orphaned"
     done = int(progress.read_text())
     run = gradscope.load_run(tmp_path / "r")
@@ -329,7 +331,7 @@ def test_watch_does_not_end_while_an_orphaned_training_goes_on(tmp_path):
                               str(tmp_path / "r")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # not communicate(): the surviving child holds the pipes open
         at = int(progress.read_text())
         deadline = time.time() + 60
         while int(progress.read_text()) < at + 20 and time.time() < deadline:  # it trains on...
@@ -375,16 +377,16 @@ def test_kill_9_of_the_training_is_incomplete_in_every_report(tmp_path):
 OS_EXIT = """
 import os, runpy, sys
 import torch
-_step = torch.optim.Optimizer.step
 n = 0
-def step(self, *a, **k):  # os._exit(0) right after step 250: no atexit, no final flush
+def after_step(opt, args, kwargs):  # os._exit(0) right after step 250: no atexit, no final flush
     global n
-    out = _step(self, *a, **k)
     n += 1
     if n == 250:
         os._exit(0)
-    return out
+from torch.optim.optimizer import register_optimizer_step_post_hook
+register_optimizer_step_post_hook(after_step)
 sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -411,14 +413,12 @@ def test_a_complete_recording_passes_incomplete(recorded):
 
 
 def test_os_exit_mid_run_is_incomplete_though_meta_says_completed(tmp_path):
-    (tmp_path / "os_exit.py").write_text(OS_EXIT.replace("sys.argv = sys.argv[1:]\n", "sys.argv = sys.argv[1:]\n"
-                                                         "torch.optim.Optimizer.step = step\n"
-                                                         "runpy.run_path(sys.argv[0], run_name='__main__')\n"))
+    (tmp_path / "os_exit.py").write_text(OS_EXIT)
     r = gs("run", "--quiet", "--out", "r", "--flush-steps", "7", "os_exit.py", TINY, "--steps", "400",
            cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr
     run = gradscope.load_run(tmp_path / "r")
-    assert run.meta["status"] == "completed" and len(run.steps) < 250
+    assert run.meta["status"] == "completed" and len(run.steps) <= 250
     chk = _check(tmp_path / "r")
     assert chk.returncode == 1 and chk.stdout.splitlines()[0].startswith("FAIL incomplete: rank 0's recording was not closed")
 
