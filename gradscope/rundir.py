@@ -155,9 +155,15 @@ def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> Path:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GradscopeError(f"cannot create run directory '{p}': {e.strerror}") from None
-    dfd = os.open(p, os.O_RDONLY)
     try:
-        fcntl.flock(dfd, fcntl.LOCK_EX)  # one claim at a time on this host; O_EXCL decides anywhere
+        dfd = os.open(p, os.O_RDONLY)
+    except OSError as e:
+        raise GradscopeError(f"cannot open run directory '{p}': {e.strerror}; choose another --out") from None
+    try:
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX)  # one claim at a time on this host; O_EXCL decides anywhere
+        except OSError:
+            pass  # no locks on this filesystem (some NFS): the O_EXCL claim below still decides
         if any(p.iterdir()):
             _refuse_if_in_use(p)
             if not force:
@@ -169,6 +175,8 @@ def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> Path:
                     (p / name).unlink()
                 except FileNotFoundError:
                     pass
+                except OSError as e:
+                    raise GradscopeError(f"--force: cannot remove '{p / name}': {e.strerror}") from None
         probe = p / f".gradscope-write-test.{os.getpid()}.tmp"
         try:  # before the script starts: a run that cannot be saved should not train for hours first
             probe.write_bytes(b"")
