@@ -92,8 +92,7 @@ class _Watcher:
 
     def poll(self) -> None:
         self.follower.poll()
-        status = self.follower.status()
-        self.ended = status not in (None, "running")
+        self.ended = self.follower.ended()
 
     def view(self):
         import numpy as np
