@@ -14,6 +14,11 @@ run killed at any moment still loads:
                              "clip_audit": {"findings": [{kind, optimizer, first_step,
                              count, ...details}], "error": str|null}, the clip audit's
                              record (capture/audit.py; read by analysis/audit.py)
+                             "norm_scope": "global" | "rank-local" (NORM_SCOPE_KEY): whether
+                             grad_norm is the model's global norm or this rank's shard only
+                             (gradients sharded by an engine gradscope cannot reduce);
+                             "layer_norm_scope" (LAYER_NORM_SCOPE_KEY), the same for the
+                             per-layer norms; absent (older runs): "global"
       steps-r{R}.csv         one row per optimizer step of rank R (STEP_COLUMNS)
       layers-r{R}-o{O}.csv   per-parameter gradient norms of optimizer O on rank R:
                              `step` then one column per parameter name
@@ -61,6 +66,17 @@ BOOL_COLUMNS = ("clipped", "skipped")
 # Parse types for steps-r{R}.csv: no inference, and 0/1 flags read straight as bool.
 _STEP_DTYPES = {"optimizer": "int64", "step": "int64", "clipped": "bool", "skipped": "bool"}
 INT_COLUMNS = ("rank", "optimizer", "step")
+
+# process-r{R}.json: the scope of the recorded norms (read with norm_scope()).
+NORM_SCOPE_KEY = "norm_scope"
+LAYER_NORM_SCOPE_KEY = "layer_norm_scope"
+NORM_SCOPES = ("global", "rank-local")
+
+
+def norm_scope(process: dict, key: str = NORM_SCOPE_KEY) -> str:
+    """A process file's norm scope: "rank-local" only when it says so (older runs: "global")."""
+    return "rank-local" if isinstance(process, dict) and process.get(key) == "rank-local" else "global"
+
 
 # Status values written to meta.json "status".
 # "stopped": `gradscope run --max-steps` ended the training after that many steps (exit 0).

@@ -187,6 +187,10 @@ def write_process(rec: Any) -> None:
         "clip_norm_override": rec.clip_norm,
         "script_max_norms_overridden": list(rec._script_max_norms),
         "clip_audit": rec._audit.record(lambda st: st.names or parameter_names(st.params)),
+        # rank-local: some optimizer's gradients are shards gradscope cannot reduce (capture/fsdp1.py)
+        rundir.NORM_SCOPE_KEY: "rank-local" if any(st.norm_scope == "rank-local" for st in rec._states) else "global",
+        rundir.LAYER_NORM_SCOPE_KEY: ("rank-local" if any(st.norm_scope == "rank-local" for st in rec._states)
+                                      else "global"),
     }
     if rec._nantrace is not None:
         info["nan_trace"] = rec._nantrace.info()
