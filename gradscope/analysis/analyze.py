@@ -17,7 +17,7 @@ from gradscope.analysis.model import (
 from gradscope.analysis.recommend import _effect, compare_preset, drift, normalising, recommend
 from gradscope.analysis.situation import assess
 from gradscope.analysis.robust import percentiles, trailing_median_mad
-from gradscope.analysis.ranks import disagreement_note, missing_ranks
+from gradscope.analysis.ranks import RANK_LOCAL_NOTE, disagreement_note, missing_ranks, norm_scope
 from gradscope.analysis.select import Series, choose_rank, split_optimizers
 from gradscope.analysis.spikes import attach_layers, find_spikes
 from gradscope.errors import GradscopeError
@@ -48,8 +48,11 @@ def analyze(
         raise GradscopeError(f"'{where}' has no optimizer steps (was anything recorded or logged?)")
     chosen, ranks = choose_rank(steps, rank, where)
     notes = [str(n) for n in (run.meta.get("notes") or [])]
+    rank_local = norm_scope(run) == "rank-local"
+    if rank_local:
+        notes.append(RANK_LOCAL_NOTE)
     if len(ranks) > 1:
-        note = disagreement_note(steps, chosen, cfg.ranks.rtol)
+        note = disagreement_note(steps, chosen, cfg.ranks.rtol, sharded=rank_local)
         notes.append(note or f"{len(ranks)} ranks agree within {cfg.ranks.rtol:g} (relative); judging rank {chosen}")
         steps = steps[steps["rank"] == chosen]
     if run.source == "gradscope" and run.meta.get("status") == "running":
@@ -98,11 +101,22 @@ def analyze(
     notes.extend(audit_errors(run, rank=chosen))
     for o in results:
         o.findings = [f for f in found if f.optimizer == o.optimizer]
+    if rank_local:
+        results = [_per_rank_only(o) for o in results]
     return RunAnalysis(
         path=where, source=run.source, rank=chosen, ranks=ranks, sampled=sampled, optimizers=results, notes=notes,
         status=run.meta.get("status"),
         findings=found,
     )
+
+
+def _per_rank_only(o: OptimizerAnalysis) -> OptimizerAnalysis:
+    """Rank-local norms (norm_scope): keep the per-rank figures, judge no regime, recommend nothing."""
+    v = o.verdict
+    return dataclasses.replace(
+        o, verdict=Verdict(None, v.clip_norm if v is not None else None, None, None, None, None, None,
+                           RANK_LOCAL_NOTE[0].upper() + RANK_LOCAL_NOTE[1:] + "."),
+        recommendation=None, drift=None, preset=None, caveats=[], confidence=None)
 
 
 def _origin_of(run, rank: int | None, optimizer: int):

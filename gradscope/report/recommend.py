@@ -17,7 +17,7 @@ plus these run-level keys:
     findings        the clip audit's findings on the rank analysed, every optimizer: a list of
                     {kind, first_step, count, message} (empty when none, and for foreign logs,
                     which carry no audit); kind: "clip-before-unscale" | "clip-after-step" |
-                    "clip-per-microbatch" | "clip-partial" | "no-zero-grad". Each optimizer
+                    "clip-per-microbatch" | "clip-partial" | "no-zero-grad" | "clip-local-norm". Each optimizer
                     object has its own "findings" list too.
 
 Per optimizer:
