@@ -276,11 +276,11 @@ def test_check_skips_regime_policies_on_rank_local_norms(tmp_path):
 
 def test_compare_and_watch_say_the_figures_are_per_rank(tmp_path):
     d = _rank_local_run(tmp_path)
-    res = gs("compare", str(d), str(d), "--json", timeout=120)
+    res = gs("compare", str(d), str(d), "--json", cwd=tmp_path, timeout=120)
     assert res.returncode == 0, _tail(res)
     runs = json.loads(res.stdout)["runs"]
     assert all(r["norm_scope"] == "rank-local" and r["regime"] is None for r in runs)
-    text = gs("compare", str(d), str(d), timeout=120)
+    text = gs("compare", str(d), str(d), cwd=tmp_path, timeout=120)
     assert f"note: {d}: {RANK_LOCAL_NOTE}" in text.stdout
     w = gs("watch", str(d), "--exit-on-end", "--interval", "0.05", timeout=120)
     assert w.returncode == 0 and RANK_LOCAL_NOTE in w.stdout and "always-clips" not in w.stdout, _tail(w)

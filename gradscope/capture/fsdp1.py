@@ -55,7 +55,7 @@ class Layout:
     sharded: list  # per column: summed over the ranks (True) or counted once (False)
     divisor: list  # per column: replication factor of a sharded column (hybrid sharding), else 1.0
     any_sharded: bool
-    roots: list = field(default_factory=list)  # FSDP root modules holding these parameters (for --clip-norm)
+    roots: list = field(default_factory=list)  # weak references to the FSDP roots holding them (--clip-norm)
     _index: dict = field(default_factory=dict)
 
     @property
@@ -89,7 +89,7 @@ class Layout:
         return out.index_copy_(0, index, norms)
 
     def global_norms(self, local: torch.Tensor, *, total: torch.Tensor | None, want_vector: bool,
-                     dtype: torch.dtype) -> Any:
+                     dtype: torch.dtype, grad_scale: torch.Tensor | None = None) -> Any:
         """The columns' full norms and the total from this rank's column norms (distributed.GlobalNorms).
 
         One asynchronous all-reduce (gloo: waited for at flush; NCCL: stream-ordered), none
@@ -101,10 +101,12 @@ class Layout:
         device = local.device
         if total is not None:
             total = total.to(device, dtype, non_blocking=True)
+            if grad_scale is not None:  # a fused optimizer under GradScaler: the gradients still carry it
+                total = total / grad_scale.to(device, non_blocking=True)
             if not want_vector:
                 return distributed.GlobalNorms(total=total, vector=None)
         squares = local.to(dtype).square()
-        out = distributed.GlobalNorms(total=total, vector=None, _squares=squares)
+        out = distributed.GlobalNorms(total=total, vector=None, _squares=squares, _scale=grad_scale)
         if not self.any_sharded or not (dist.is_available() and dist.is_initialized()):
             out._complete()
             return out

@@ -470,11 +470,13 @@ class Recorder:
         """--clip-norm under FSDP1 (sharded): FSDP's own global clip, on the root(s) holding the
         optimizer's parameters, as if the script called model.clip_grad_norm_(clip_norm)."""
         lay = st.layout
-        if not lay.roots:
-            lay.roots = fsdp1.roots_for(st.params)
+        roots = [r() for r in lay.roots]
+        if not roots or any(r is None for r in roots):
+            roots = fsdp1.roots_for(st.params)
+            lay.roots = [weakref.ref(r) for r in roots]  # weakly: the recorder must not keep a model alive
         self._applying = True
         try:
-            for root in lay.roots:
+            for root in roots:
                 root.clip_grad_norm_(self.clip_norm)
         finally:
             self._applying = False
@@ -616,7 +618,9 @@ class Recorder:
                 if local is None:
                     local = lay.local_norms(st.params, device)
                 dist_norms = lay.global_norms(local, total=clip.total if reuse and clip.scope == "global" else None,
-                                              want_vector=want_layers, dtype=wide)
+                                              want_vector=want_layers, dtype=wide,
+                                              grad_scale=grad_scale if isinstance(grad_scale, torch.Tensor) else None)
+                grad_scale = None  # applied there
                 if dist_norms.pending:
                     total, vector = nan, self._positions(lay.columns, device)
                 else:
