@@ -300,3 +300,24 @@ def test_wrapper_levels_are_left_out_of_parameter_names():
         == "layers.0.w"
     assert strip_wrappers("module.encoder._orig_mod.weight") == "encoder.weight"
     assert strip_wrappers("encoder.module.weight") == "encoder.module.weight"  # a user's module named `module`
+
+
+def test_an_unknown_flat_shard_is_recorded_as_rank_local(tmp_path):
+    """A flat parameter no FSDP handle owns (the shard of an engine gradscope does not know) cannot
+    be reduced: its norm is recorded as is, and the process file says it is rank-local."""
+    import torch.distributed.fsdp  # noqa: F401  (FSDP1 loaded, as in a script that uses it)
+
+    model = torch.nn.Linear(4, 2)
+    flat = torch.nn.Parameter(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    flat._is_flat_param = True  # what FSDP1's FlatParameter carries
+    opt = torch.optim.SGD([flat], lr=0.1)
+    grads = []
+    with gradscope.record(tmp_path / "run"):
+        for i in range(3):
+            flat.grad = torch.randn(flat.shape, generator=torch.Generator().manual_seed(i))
+            grads.append(flat.grad.double().norm().item())
+            opt.step()
+    proc = json.loads((tmp_path / "run" / "process-r0.json").read_text())
+    assert (proc["norm_scope"], proc["layer_norm_scope"]) == ("rank-local", "rank-local")
+    run = gradscope.load_run(tmp_path / "run")
+    np.testing.assert_allclose(run.steps["grad_norm"], grads, rtol=1e-6)
