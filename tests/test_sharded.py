@@ -172,7 +172,7 @@ def test_recommend_names_the_regime_of_fsdps_clip(recorded):
     assert doc["clip_norm"] == TAU and doc["clip_norm_source"] == "script"
     assert doc["clipped_steps"] == int((ref > TAU).sum())
     assert doc["regime"] == ("always-clips" if (ref > TAU).mean() >= 0.5 else "healthy")
-    assert not any("rank-local" in n for n in doc["notes"])
+    assert not any("rank-local" in n for n in doc["notes"]) and doc["norm_scope"] == "global"
 
 
 @pytest.mark.slow
@@ -252,13 +252,14 @@ def test_recommend_says_rank_local_figures_are_per_rank_and_judges_no_regime(tmp
     res = gs("recommend", str(d), "--json", timeout=120)
     assert res.returncode == 0, _tail(res)
     doc = json.loads(res.stdout)
-    assert doc["regime"] is None and doc["recommended_clip_norm"] is None
+    assert doc["regime"] is None and doc["recommended_clip_norm"] is None and doc["norm_scope"] == "rank-local"
     assert RANK_LOCAL_NOTE in doc["notes"]
     assert any("each rank recorded the norm of its own shard" in n for n in doc["notes"])
     assert not any("desynchronised" in n for n in doc["notes"])
     text = gs("recommend", str(d), timeout=120)
     assert text.returncode == 0 and "per-rank" in text.stdout, _tail(text)
-    assert "always-clips" not in text.stdout
+    assert "always-clips" not in text.stdout and "not judged (per-rank norms)" in text.stdout
+    assert "no finite gradient norm" not in text.stdout
 
 
 def test_check_skips_regime_policies_on_rank_local_norms(tmp_path):

@@ -116,7 +116,7 @@ def _per_rank_only(o: OptimizerAnalysis) -> OptimizerAnalysis:
     return dataclasses.replace(
         o, verdict=Verdict(None, v.clip_norm if v is not None else None, None, None, None, None, None,
                            RANK_LOCAL_NOTE[0].upper() + RANK_LOCAL_NOTE[1:] + "."),
-        recommendation=None, drift=None, preset=None, caveats=[], confidence=None)
+        recommendation=None, drift=None, preset=None, caveats=[], confidence=None, norm_scope="rank-local")
 
 
 def _origin_of(run, rank: int | None, optimizer: int):

@@ -485,7 +485,10 @@ class Recorder:
 
     def _settle_layout(self, st: _OptState) -> None:
         """Once per optimizer, at its first clip or step: are its gradients FSDP1 shards?"""
-        lay = fsdp1.layout(st.params) if st.kind == "optimizer" and st.params else None
+        try:
+            lay = fsdp1.layout(st.params) if st.kind == "optimizer" and st.params else None
+        except Exception:  # FSDP internals that differ from those known: never break the training,
+            lay = fsdp1.UNKNOWN  # and never call the shard's norm global
         st.layout = lay
         if lay is None:
             return
