@@ -36,8 +36,13 @@ FORMAT VERSION 2 (written by this gradscope; version 1 is still read, see below)
                               (meta.json's), "closed" (true once the recorder's clean stop
                               wrote its last rows), "recording_error" (why it stopped
                               writing, e.g. a full disk, or null) and per optimizer
-                              "layer_rows" (rows written to its layer store). Keys this
-                              list does not name pass through unchanged.
+                              "layer_rows" (rows written to its layer store); "norm_scope":
+                              "global" | "rank-local" (NORM_SCOPE_KEY): whether grad_norm is
+                              the model's global norm or this rank's shard only (gradients
+                              sharded by an engine gradscope cannot reduce);
+                              "layer_norm_scope" (LAYER_NORM_SCOPE_KEY), the same for the
+                              per-layer norms; absent (older runs): "global". Keys this list
+                              does not name pass through unchanged.
       steps-r{R}.csv          one line per optimizer step of rank R, columns STEP_COLUMNS,
                               each line formatted by step_line(): integers as %d, norms and
                               losses as %.9g (round-trips float32), other floats as repr,
@@ -124,6 +129,17 @@ INT_COLUMNS = ("rank", "optimizer", "step")
 # the per-series rule in analysis/bad_steps.py.
 LOSS_RECORDED = "loss_recorded"
 
+# process-r{R}.json: the scope of the recorded norms (read with norm_scope()).
+NORM_SCOPE_KEY = "norm_scope"
+LAYER_NORM_SCOPE_KEY = "layer_norm_scope"
+NORM_SCOPES = ("global", "rank-local")
+
+
+def norm_scope(process: dict, key: str = NORM_SCOPE_KEY) -> str:
+    """A process file's norm scope: "rank-local" only when it says so (older runs: "global")."""
+    return "rank-local" if isinstance(process, dict) and process.get(key) == "rank-local" else "global"
+
+
 # Status values written to meta.json "status".
 # "stopped": `gradscope run --max-steps` ended the training after that many steps (exit 0).
 STATUSES = ("running", "completed", "stopped", "failed", "interrupted", "killed")
@@ -143,7 +159,8 @@ IMPORT_FLAGS = (NAN_LOSSES_DROPPED, NORMS_UNTRUSTED, SHARDED_TRAINING)
 CLIP_AUDIT_KEY = "clip_audit"   # capture/audit.py -> analysis/audit.py
 NAN_TRACE_KEY = "nan_trace"     # capture/nantrace.py -> analysis/origin.py
 # Kinds of clip-audit findings (process file "clip_audit" -> "findings" -> "kind"), in report order.
-AUDIT_KINDS = ("clip-before-unscale", "clip-after-step", "clip-per-microbatch", "clip-partial", "no-zero-grad")
+AUDIT_KINDS = ("clip-before-unscale", "clip-after-step", "clip-per-microbatch", "clip-partial", "no-zero-grad",
+               "clip-local-norm")
 
 
 def steps_file(rank: int) -> str:

@@ -223,6 +223,8 @@ def test_describe_every_kind_in_one_sentence():
                          "left_out": [{"module": m, "tensors": 2, "elements": e}
                                       for m, e in (("a", 500), ("b", 200), ("c", 100), ("d", 50))]},
         "no-zero-grad": {},
+        "clip-local-norm": {"function": "clip_grad_norm_", "threshold": 1.0, "first_step": 2,
+                            "ranks": [(0, 0.5, 2.0), (1, 1.5, 2.0)]},
     }
     for kind in KINDS:
         text = describe({"kind": kind, **records[kind]}, loss_scale=1024.0)

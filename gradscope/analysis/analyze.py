@@ -17,7 +17,7 @@ from gradscope.analysis.model import (
 from gradscope.analysis.recommend import _effect, compare_preset, drift, normalising, recommend
 from gradscope.analysis.situation import assess
 from gradscope.analysis.robust import percentiles, trailing_median_mad
-from gradscope.analysis.ranks import compared_steps, disagreement_note, missing_ranks
+from gradscope.analysis.ranks import RANK_LOCAL_NOTE, compared_steps, disagreement_note, missing_ranks, norm_scope
 from gradscope.analysis.select import Series, choose_rank, split_optimizers
 from gradscope.analysis.spikes import attach_layers, find_spikes
 from gradscope.errors import GradscopeError
@@ -50,8 +50,11 @@ def analyze(
     notes = [str(n) for n in (run.meta.get("notes") or [])]
     if run.source == "gradscope" and run.meta.get("incomplete"):  # first: what the recording is missing
         notes.insert(0, "incomplete recording: " + "; ".join(map(str, run.meta["incomplete"])))
+    rank_local = norm_scope(run) == "rank-local"
+    if rank_local:
+        notes.append(RANK_LOCAL_NOTE)
     if len(ranks) > 1:
-        note = disagreement_note(steps, chosen, cfg.ranks.rtol)
+        note = disagreement_note(steps, chosen, cfg.ranks.rtol, sharded=rank_local)
         shared = compared_steps(steps)
         notes.append(note or (
             f"{len(ranks)} ranks agree within {cfg.ranks.rtol:g} (relative) on the {shared} steps they share; "
@@ -105,11 +108,22 @@ def analyze(
     notes.extend(audit_errors(run, rank=chosen))
     for o in results:
         o.findings = [f for f in found if f.optimizer == o.optimizer]
+    if rank_local:
+        results = [_per_rank_only(o) for o in results]
     return RunAnalysis(
         path=where, source=run.source, rank=chosen, ranks=ranks, sampled=sampled, optimizers=results, notes=notes,
         status=run.meta.get("status"),
         findings=found,
     )
+
+
+def _per_rank_only(o: OptimizerAnalysis) -> OptimizerAnalysis:
+    """Rank-local norms (norm_scope): keep the per-rank figures, judge no regime, recommend nothing."""
+    v = o.verdict
+    return dataclasses.replace(
+        o, verdict=Verdict(None, v.clip_norm if v is not None else None, None, None, None, None, None,
+                           RANK_LOCAL_NOTE[0].upper() + RANK_LOCAL_NOTE[1:] + "."),
+        recommendation=None, drift=None, preset=None, caveats=[], confidence=None, norm_scope="rank-local")
 
 
 def _origin_of(run, rank: int | None, optimizer: int):

@@ -72,6 +72,8 @@ def findings(run, rank: int | None = None) -> list[Finding]:
                 continue  # DDP ranks see the same calls: report them once
             seen.add(key)
             opt = int(d.get("optimizer", 0) or 0)
+            if d.get("kind") == "clip-local-norm":
+                d = {**d, "ranks": _local_norms(run, opt, d.get("first_step"))}
             message = describe(d, _loss_scale(run, r, opt, d.get("first_step")))
             if several:
                 cls = classes.get(opt)
@@ -98,6 +100,27 @@ def _loss_scale(run, rank: int, optimizer: int, step: Any) -> float | None:
         return None
     s = float(sel["loss_scale"].iloc[0])
     return s if math.isfinite(s) and s > 0 else None
+
+
+def _local_norms(run, optimizer: int, step: Any) -> list:
+    """clip-local-norm: [(rank, its shard's norm, the global grad_norm)] at ``step``, every rank that
+    recorded the finding (the recorded grad_norm is the global one: gradscope reduces FSDP1 shards)."""
+    out = []
+    steps = run.steps
+    for p in _processes(run, None):
+        record = p.get(AUDIT_KEY)
+        r = int(p.get("rank", 0) or 0)
+        for d in (record.get("findings") or []) if isinstance(record, dict) else []:
+            if not (isinstance(d, dict) and d.get("kind") == "clip-local-norm" and d.get("optimizer") == optimizer
+                    and d.get("first_step") == step and isinstance(d.get("local_norm"), (int, float))):
+                continue
+            g = None
+            if steps is not None and len(steps):
+                sel = steps[(steps["rank"] == r) & (steps["optimizer"] == optimizer) & (steps["step"] == step)]
+                if not sel.empty:
+                    g = float(sel["grad_norm"].iloc[0])
+            out.append((r, float(d["local_norm"]), g))
+    return sorted(out)
 
 
 def _g(x: float, digits: int = 6) -> str:
@@ -148,6 +171,20 @@ def describe(d: dict, loss_scale: float | None = None) -> str:
             left = f"; left out: {named}" + (f" and {more} more module{'s' if more != 1 else ''}" if more > 0 else "")
         return (f"{fn} covers{share}{left}; their gradients reach the update unclipped: pass every parameter the "
                 f"optimizer updates to the clip call (e.g. [p for g in optimizer.param_groups for p in g['params']]).")
+    if kind == "clip-local-norm":
+        tau = d.get("threshold")
+        said = []
+        for r, local, g in d.get("ranks") or []:
+            if isinstance(tau, (int, float)) and g is not None and math.isfinite(g) and local > 0:
+                eff = tau * g / local
+                said.append(f"rank {r} measured {_g(local, 4)} of the global {_g(g, 4)}, so it clipped as if "
+                            f"max_norm were {_g(eff, 4)} ({_g(eff / tau, 3)}x the threshold)")
+        at = f" (at step {d.get('first_step')}: " + "; ".join(said) + ")" if said else ""
+        return (f"{fn} runs on this rank's shard of gradients that are sharded across the ranks (FSDP) and measures "
+                f"the shard's norm only, so each rank clips by its own norm, not the global one, and the ranks "
+                f"scale their shards differently{at}; clip with the sharded module's own method "
+                f"(model.clip_grad_norm_(max_norm) for FullyShardedDataParallel), which reduces the norm across "
+                f"ranks.")
     if kind == "no-zero-grad":
         return ("optimizer.step() runs again on gradients that were neither zeroed nor set to None since its "
                 "previous step, so gradients accumulate across steps; call optimizer.zero_grad() once per step.")

@@ -47,6 +47,7 @@ class CompareRow:
     situation: str | None
     regime: str | None
     error: str | None = None          # why the analyzer could not judge it
+    norm_scope: str = "global"        # "rank-local": per-rank shard norms, no regime judged (ranks.norm_scope)
     curves: Curves | None = field(default=None, repr=False)
 
     @property
@@ -80,8 +81,10 @@ def non_finite_steps(grad_norm: np.ndarray, loss: np.ndarray, skipped: np.ndarra
 
 def compare_rows(label: str, run, analysis=None, error: str | None = None) -> list[CompareRow]:
     """One row per optimizer of the analysed rank (rank 0 when not analysed)."""
+    from gradscope.analysis.ranks import norm_scope
     from gradscope.analysis.select import split_optimizers
 
+    scope = norm_scope(run)
     steps = run.steps
     rank = analysis.rank if analysis is not None else None
     if rank is None and len(steps):
@@ -120,6 +123,7 @@ def compare_rows(label: str, run, analysis=None, error: str | None = None) -> li
             regime=v.regime if v is not None else None,
             error=error,
             curves=Curves(s.step, s.grad_norm, s.loss, s.skipped),
+            norm_scope=scope,
         ))
     if not rows:
         rows.append(CompareRow(label, 0, None, run.source, 0, {}, None, None, None, None, None, None, 0, 0,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from gradscope.analysis import audit
-from gradscope.analysis.ranks import disagreement_note
+from gradscope.analysis.ranks import RANK_LOCAL_NOTE, disagreement_note, norm_scope
 from gradscope.errors import GradscopeError
 
 REGIMES = ("always-clips", "never-clips", "healthy", "unclipped")
@@ -424,8 +424,11 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
     steps = run.steps
     checks: list[CheckResult] = []
     notes = list(_visibility_notes(run))
+    rank_local = norm_scope(run) == "rank-local"
+    if rank_local:
+        notes.append(RANK_LOCAL_NOTE)
     if steps is not None and len(steps) and "rank" in steps and steps["rank"].nunique() > 1:
-        note = disagreement_note(steps, None)
+        note = disagreement_note(steps, None, sharded=rank_local)
         if note:
             notes.append(note)
 
@@ -448,8 +451,11 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
     broken = audit.errors(run)
     notes.extend(broken)
     regimes = tuple(r for r in policy.fail_on if r in REGIMES)
+    # Rank-local norms (norm_scope): the regime rules and the clip-fraction limit are not judged on a
+    # shard's norm (SKIP, never PASS or FAIL); non-finite, divergence, clip bugs and spikes still are.
+    per_rank = "the recorded norms are per-rank (norm_scope rank-local), so no regime is judged"
     if regimes:
-        checks.append(_check_fail_on(regimes, facts))
+        checks.append(CheckResult("fail-on", SKIP, per_rank) if rank_local else _check_fail_on(regimes, facts))
     divergence = None
     if DIVERGENCE in policy.fail_on:
         check, more, divergence = _check_divergence(run, policy)
@@ -458,7 +464,8 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
     if CLIP_BUGS in policy.fail_on:
         checks.append(_check_clip_bugs(found, audit.audited(run), bool(broken)))
     if policy.max_clip_fraction is not None:
-        checks.append(_check_clip_fraction(policy.max_clip_fraction, facts))
+        checks.append(CheckResult("max-clip-fraction", SKIP, per_rank) if rank_local
+                      else _check_clip_fraction(policy.max_clip_fraction, facts))
     if policy.max_spikes is not None:
         checks.append(_check_spikes(policy.max_spikes, facts))
     if policy.max_skipped_fraction is not None:

@@ -122,7 +122,8 @@ def _mode(v: np.ndarray) -> float | None:
 
 
 def summarize(opt: int, step: np.ndarray, g: np.ndarray, loss: np.ndarray, clip: np.ndarray,
-              skipped: np.ndarray, t: np.ndarray, clip_override: float | None, spikes: SpikeTracker) -> LiveSeries:
+              skipped: np.ndarray, t: np.ndarray, clip_override: float | None, spikes: SpikeTracker,
+              rank_local: bool = False) -> LiveSeries:
     n = len(step)
     skipped = skipped.astype(bool)
     tail = slice(max(0, n - ROLLING), n)
@@ -150,7 +151,7 @@ def summarize(opt: int, step: np.ndarray, g: np.ndarray, loss: np.ndarray, clip:
         first_bad = (int(step[i]), what)
 
     regime, judged = None, None
-    if tau is not None:
+    if tau is not None and not rank_local:  # per-rank shard norms (norm_scope): no regime judged
         valid = np.isfinite(g) & ~skipped & (g > 0)
         gv = g[valid]
         gv = gv[int(round(WARMUP_FRACTION * len(gv))):]

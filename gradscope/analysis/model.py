@@ -170,6 +170,7 @@ class OptimizerAnalysis:
     whole_run: WholeRun | None = None
     caveats: list[str] = field(default_factory=list)  # what to weigh before applying the recommendation
     confidence: object = None          # confidence.Confidence: can one pilot tell? (None: not assessed)
+    norm_scope: str = "global"         # "rank-local": per-rank shard norms, no regime or recommendation
 
     @property
     def regime(self) -> str:

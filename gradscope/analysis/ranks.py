@@ -16,6 +16,26 @@ import numpy as np
 
 DISAGREEMENT_RTOL = 1e-4
 
+# What every command says about a run whose norms are rank-local (process key norm_scope).
+RANK_LOCAL_NOTE = (
+    "the recorded grad_norm is each rank's own shard of the gradients, not the model's global norm "
+    "(norm_scope rank-local: they are sharded in a way gradscope cannot reduce across ranks), so the figures "
+    "are per-rank and no clipping regime is judged from them"
+)
+
+
+def norm_scope(run: Any, rank: int | None = None) -> str:
+    """"rank-local" when a recording process (of ``rank``, or any) says its grad_norm is its shard only,
+    else "global" (older runs and other trainers' logs carry no scope: global)."""
+    from gradscope import rundir
+
+    processes = (getattr(run, "meta", None) or {}).get("processes") or []
+    for p in processes:
+        if isinstance(p, dict) and (rank is None or int(p.get("rank", 0) or 0) == rank):
+            if rundir.norm_scope(p) == "rank-local":
+                return "rank-local"
+    return "global"
+
 DISAGREEMENT_COLUMNS = ["optimizer", "step", "ranks", "grad_norm_min", "grad_norm_max", "rel_diff", "rank_min", "rank_max"]
 
 
@@ -84,19 +104,27 @@ def missing_ranks(run: Any) -> list[int]:
     return [r for r in range(world) if r not in seen]
 
 
-def disagreement_note(steps: Any, chosen: int | None, rtol: float = DISAGREEMENT_RTOL) -> str | None:
+def disagreement_note(steps: Any, chosen: int | None, rtol: float = DISAGREEMENT_RTOL,
+                      sharded: bool = False) -> str | None:
     """One line for the report when ranks disagree, naming the worst step; None when they agree.
-    ``chosen``: the rank the report goes on to judge alone, if any."""
+    ``chosen``: the rank the report goes on to judge alone, if any; ``sharded``: the recording said
+    its norms are rank-local (sharded gradients), which is then the reason given."""
     bad = rank_disagreement(steps, rtol)
     if bad.empty:
         return None
     worst = bad.iloc[int(np.argmax(bad["rel_diff"].to_numpy()))]
     rel = float(worst["rel_diff"])
     how = "finite on some ranks, non-finite on others" if not np.isfinite(rel) else f"by up to {rel:.2g} (relative)"
+    where = (f"at optimizer {int(worst['optimizer'])}, step {int(worst['step'])} (ranks {int(worst['rank_min'])} "
+             f"and {int(worst['rank_max'])})")
+    judging = f"; judging rank {chosen} only" if chosen is not None else ""
+    if sharded:
+        return (f"ranks disagree about grad_norm on {len(bad)} step{'s' if len(bad) != 1 else ''}: {how} {where}. "
+                f"The gradients are sharded across the ranks and each rank recorded the norm of its own shard "
+                f"(norm_scope rank-local), so the ranks are expected to differ" + judging)
     return (
-        f"ranks disagree about the global grad_norm on {len(bad)} step{'s' if len(bad) != 1 else ''}: {how} at "
-        f"optimizer {int(worst['optimizer'])}, step {int(worst['step'])} (ranks {int(worst['rank_min'])} and "
-        f"{int(worst['rank_max'])}). gradscope records the global norm on every rank, so these are per-rank "
+        f"ranks disagree about the global grad_norm on {len(bad)} step{'s' if len(bad) != 1 else ''}: {how} "
+        f"{where}. gradscope records the global norm on every rank, so these are per-rank "
         f"norms: desynchronised replicas, or a parallelism it cannot see through (tensor/pipeline stages)"
-        + (f"; judging rank {chosen} only" if chosen is not None else "")
+        + judging
     )

@@ -12,6 +12,10 @@ metadata: reading them never waits for the device) it finds, per optimizer:
     clip-per-microbatch   a clip, then a backward that writes into the clipped gradients, then the step
     clip-partial          the clipped parameters are only part of what the step updates
     no-zero-grad          a step on gradients that were neither zeroed nor replaced since the last step
+    clip-local-norm       a clip_grad_norm_ that measures one rank's shard of sharded gradients (FSDP1 flat
+                          shards or use_orig_params views) without reducing across ranks; its record keeps the
+                          rank's local norm and threshold at the first step, for the message (the one value
+                          the audit reads, when the process file is written)
 
 Each is counted once per optimizer step, with the first step it was seen at. The rules
 lean to silence: where the events cannot prove a bug (a backward that may not reach the
@@ -322,6 +326,18 @@ class ClipAudit:
                 o.clips.append(kept)
             o.covered |= ids
 
+    @_guard
+    def local_norm_clip(self, st: Any, fn: str, threshold: float, local_total: Any) -> None:
+        """A clip call measured this rank's shard only (the recorder knows the gradients are sharded)."""
+        o = self._opt(st)
+        if o is None or not math.isfinite(threshold):
+            return
+        key = ("clip-local-norm", st.id)
+        first = key not in self._found
+        self._hit("clip-local-norm", o, st.steps, function=fn, threshold=threshold)
+        if first and isinstance(local_total, torch.Tensor):
+            self._found[key]["_local"] = local_total.detach()  # read when the record is written
+
     def step_begin(self, st: Any) -> None:
         o = self._opts.get(st.id)
         if o is None or o.st is not st:
@@ -429,7 +445,10 @@ class ClipAudit:
         """What the process file keeps under "clip_audit" (see rundir.py)."""
         found = []
         for f in sorted(self._found.values(), key=lambda f: (f["optimizer"], f["first_step"], KINDS.index(f["kind"]))):
-            f = {k: v for k, v in f.items() if k != "_last"}
+            local = f.get("_local")
+            f = {k: v for k, v in f.items() if k not in ("_last", "_local")}
+            if local is not None:
+                f["local_norm"] = float(local)  # at the process file's writing (a flush), not per step
             if f["kind"] == "clip-partial" and "left_out" in f:
                 modules = self._left_out_modules(f, names)
                 f["left_out"], f["left_out_modules"] = modules[:MODULES_LISTED], len(modules)

@@ -16,7 +16,7 @@ import torch
 from gradscope import rundir
 from gradscope._version import __version__
 from gradscope.capture import announce, distributed, rows as lean_rows
-from gradscope.capture.boot import ENV_RUN_ID
+from gradscope.capture.options import ENV_RUN_ID
 from gradscope.capture.names import parameter_names
 from gradscope.capture.writer import ProcessWriter
 
@@ -244,6 +244,9 @@ def write_process(rec: Any) -> None:
         script_max_norms_overridden=list(rec._script_max_norms),
     )
     info[rundir.CLIP_AUDIT_KEY] = rec._audit.record(lambda st: st.names or parameter_names(st.params))
+    # rank-local: some optimizer's gradients are shards gradscope cannot reduce (capture/fsdp1.py)
+    scope = "rank-local" if any(st.norm_scope == "rank-local" for st in rec._states) else "global"
+    info[rundir.NORM_SCOPE_KEY] = info[rundir.LAYER_NORM_SCOPE_KEY] = scope
     if rec._nantrace is not None:
         info[rundir.NAN_TRACE_KEY] = rec._nantrace.info()
     rec._writer.write_process(info, in_place_fallback=rec._write_error is not None)

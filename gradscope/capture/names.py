@@ -14,6 +14,9 @@ import torch
 
 # Wrappers that add a level to named_parameters() the user did not write.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Levels that only wrappers add, wherever they appear (FSDP1 and activation checkpointing wrap
+# inner modules: `layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.weight`).
+_WRAPPER_LEVELS = frozenset(("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"))
 
 
 def strip_wrappers(name: str) -> str:
@@ -24,7 +27,12 @@ def strip_wrappers(name: str) -> str:
             if name.startswith(prefix):
                 name = name[len(prefix):]
                 changed = True
+    if "_" in name and any(level in name for level in _WRAPPER_LEVELS):
+        name = ".".join(c for c in name.split(".") if c not in _WRAPPER_LEVELS)
     return name
+
+
+clean_name = strip_wrappers  # the user's name of a parameter (capture/fsdp1.py)
 
 
 def parameter_names(params: list[torch.Tensor]) -> list[str]:

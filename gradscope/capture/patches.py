@@ -139,6 +139,28 @@ def install(rec: Any) -> None:
     _patch(rec, scaler_cls, "step", make_scaler_step)
 
 
+def install_fsdp1(rec: Any) -> None:
+    """Hook ``FullyShardedDataParallel.clip_grad_norm_`` (FSDP1), once the script has imported it:
+    its return value is the global pre-clip norm, which the recorder reuses (recorder._on_fsdp1_clip)."""
+    import sys
+
+    mod = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    cls = getattr(mod, "FullyShardedDataParallel", None)
+    if cls is None or getattr(cls.clip_grad_norm_, "_gradscope", False):
+        return
+
+    def make_clip(orig):
+        def clip_grad_norm_(module, max_norm, norm_type=2.0):
+            if not rec._mine():
+                return orig(module, max_norm, norm_type)
+            return rec._on_fsdp1_clip(module, orig, max_norm, norm_type)
+
+        clip_grad_norm_._gradscope = True  # type: ignore[attr-defined]
+        return clip_grad_norm_
+
+    _patch(rec, cls, "clip_grad_norm_", make_clip)
+
+
 def _patch(rec: Any, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
     original = getattr(owner, name)
     replacement = make(original)

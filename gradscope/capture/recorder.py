@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from gradscope.capture import closure, distributed, flushing, patches, rows as lean_rows
+from gradscope.capture import closure, distributed, flushing, fsdp1, patches, rows as lean_rows
 from gradscope.capture.audit import ClipAudit
 from gradscope.capture.options import checked_clip_norm
 from gradscope.capture.step_limit import StepLimit
@@ -79,6 +79,7 @@ class _Clip:
     grad_ids: set
     total: torch.Tensor | None = None  # pre-clip L2 total, as the script computed it
     first: Any = None  # weak reference to one of its gradients: dead = no step can apply them any more
+    scope: str = ""  # "global": a sharded engine's own reduced total (FSDP1); "local": a shard's own norm
 
 
 @dataclass(slots=True)
@@ -94,6 +95,7 @@ class _Row:
     taken: torch.Tensor | None = None  # lean rows (rows.py): per-tensor norms then losses; values at flush
     n_norms: int = 0  # lean rows: how many of `taken` are norms
     loss_recorded: bool = True  # False: no backward() since the previous step (the loss field stays empty)
+    own_clipped: bool = False  # `clipped` says what a rank-local clip did, not global norm > threshold
 
 
 @dataclass
@@ -111,6 +113,8 @@ class _OptState:
     momentum: float | None = None  # SGD-style heavy-ball momentum: updates are ~1/(1-momentum) x lr x grad
     lean: Any = False  # rows.signature of its gradients once seen (None: its steps take the full path)
     layer_rows: int = 0  # per-layer rows written to its layers file (process file: layer_rows)
+    layout: Any = False  # FSDP1 (capture/fsdp1.py): a Layout, fsdp1.UNKNOWN, None (not FSDP1); False: not yet known
+    norm_scope: str = "global"  # "rank-local": its grad_norm is this rank's shard only (process key norm_scope)
 
 
 class Recorder:
@@ -172,6 +176,9 @@ class Recorder:
         self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._index_cache: dict[tuple, torch.Tensor] = {}
         self._clip_calls: dict[str, int] = {}
+        self._fsdp1_on = False  # an optimizer has an FSDP1 layout (capture/fsdp1.py)
+        self._fsdp1_patched = False
+        self._sharded_pre: dict[int, tuple] = {}  # optimizer id -> (first grad weakref, pre-clip column norms)
         self._thresholds: dict[str, list] = {"clip_grad_norm_": [], "clip_grad_value_": []}
         self._devices: set[str] = set()
         self._writer: ProcessWriter | None = None
@@ -309,6 +316,9 @@ class Recorder:
             self._states.append(st)
             for p in params:
                 self._owned[id(p)] = st
+            if not self._fsdp1_patched and fsdp1.loaded():  # before the script's first clip call
+                self._fsdp1_patched = True
+                patches.install_fsdp1(self)
         self._last_state = st
         return st
 
@@ -348,6 +358,9 @@ class Recorder:
         self._count("get_total_norm")
         grads = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
         norm_type = float(norm_type)  # as torch does; read once (see clip_grads_with_norm_)
+        if self._fsdp1_on or fsdp1.loaded():
+            with torch.no_grad():
+                self._remember_sharded_pre(grads)
         # DTensor gradients (FSDP2) too: the same ops dispatch to DTensor, so the total is torch's.
         if norm_type == 2.0 and not error_if_nonfinite and grads:
             with torch.no_grad():
@@ -359,20 +372,31 @@ class Recorder:
             self._remember_norms(grads)
         return orig(grads, norm_type, error_if_nonfinite, foreach)
 
-    def _on_clip(self, params: list, kind: str, threshold: float, total: torch.Tensor | None) -> None:
+    def _on_clip(self, params: list, kind: str, threshold: float, total: torch.Tensor | None,
+                 scope: str = "") -> None:
         fn = "clip_grad_norm_" if kind == "norm" else "clip_grad_value_"
+        grads = [p.grad for p in params if p.grad is not None]
+        ids = {id(g) for g in grads}
+        if kind == "norm" and not scope and self._fsdp1_on and grads:
+            # torch's clip_grad_norm_ on FSDP1 shards: it measured this rank's shard only
+            local = self._sharded_states(ids)
+            if local:
+                scope = "local"
+                if not self._applying:
+                    for st in local:
+                        self._audit.local_norm_clip(st, fn, threshold, total)
         if not self._applying:  # our own --clip-norm call is not one of the script's
             self._audit.clip(params, fn, threshold)
             self._count(fn)
             if threshold not in self._thresholds[fn] and len(self._thresholds[fn]) < 20:
                 self._thresholds[fn].append(threshold)
-        grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
-        ids = {id(g) for g in grads}
-        # The total passed in is pre-clip and L2 only if it came from an L2 measurement of these grads.
-        l2 = kind == "norm" and isinstance(total, torch.Tensor) and all(self._pre_norm(g) is not None for g in grads)
-        self._clips.append(_Clip(kind, threshold, ids, total if l2 else None, weakref.ref(grads[0])))
+        # The total passed in is pre-clip and L2 only if it came from an L2 measurement of these grads
+        # (or is a sharded engine's own reduced total, measured before it clipped).
+        l2 = kind == "norm" and isinstance(total, torch.Tensor) and (
+            scope == "global" or all(self._pre_norm(g) is not None for g in grads))
+        self._clips.append(_Clip(kind, threshold, ids, total if l2 else None, weakref.ref(grads[0]), scope))
         if not any(id(p) in self._owned for p in params):
             # No optimizer owns these parameters: a hand-written update follows the clip,
             # so the clip call is the step (as in PyTorch's word_language_model example).
@@ -413,6 +437,8 @@ class Recorder:
 
     def _take_row(self, opt: torch.optim.Optimizer, st: _OptState) -> None:
         """The step's gradients are final here: apply --clip-norm, then record the row."""
+        if st.layout is False:
+            self._settle_layout(st)
         d = opt.__dict__
         if (self.clip_norm is None and self._active_scaler is None and "found_inf" not in d
                 and "grad_scale" not in d and self._record_lean(st, opt.param_groups)):
@@ -444,11 +470,93 @@ class Recorder:
         self._forget_stale()
         if not params or any(c.kind == "norm" and c.grad_ids & ids for c in self._clips):
             return  # the script clipped this step itself, with clip_norm as its max_norm
+        st = self._opts.get(opt)
+        if st is not None and isinstance(st.layout, fsdp1.Layout) and st.layout.any_sharded:
+            self._apply_fsdp1_clip_norm(st)
+            return
         self._applying = True
         try:
             torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
         finally:
             self._applying = False
+
+    def _apply_fsdp1_clip_norm(self, st: _OptState) -> None:
+        """--clip-norm under FSDP1 (sharded): FSDP's own global clip, on the root(s) holding the
+        optimizer's parameters, as if the script called model.clip_grad_norm_(clip_norm)."""
+        lay = st.layout
+        roots = [r() for r in lay.roots]
+        if not roots or any(r is None for r in roots):
+            roots = fsdp1.roots_for(st.params)
+            lay.roots = [weakref.ref(r) for r in roots]  # weakly: the recorder must not keep a model alive
+        self._applying = True
+        try:
+            for root in roots:
+                root.clip_grad_norm_(self.clip_norm)
+        finally:
+            self._applying = False
+
+    # ------------------------------------------------------------------ FSDP1 (capture/fsdp1.py)
+
+    def _settle_layout(self, st: _OptState) -> None:
+        """Once per optimizer, at its first clip or step: are its gradients FSDP1 shards?"""
+        try:
+            lay = fsdp1.layout(st.params) if st.kind == "optimizer" and st.params else None
+        except Exception:  # FSDP internals that differ from those known: never break the training,
+            lay = fsdp1.UNKNOWN  # and never call the shard's norm global
+        st.layout = lay
+        if lay is None:
+            return
+        st.lean = None  # the full path: the lean one takes local norms
+        if lay == fsdp1.UNKNOWN:
+            st.norm_scope = "rank-local"
+            return
+        self._fsdp1_on = True
+        st.names = lay.names
+
+    def _sharded_states(self, grad_ids: set) -> list:
+        """Optimizers with FSDP1-sharded gradients among ``grad_ids``."""
+        return [st for st in self._states if isinstance(st.layout, fsdp1.Layout) and st.layout.any_sharded
+                and any(p.grad is not None and id(p.grad) in grad_ids for p in st.params)]
+
+    def _remember_sharded_pre(self, grads: list) -> None:
+        """Before a clip scales them: this rank's pre-clip column norms of every FSDP1 optimizer
+        whose gradients are among ``grads`` (the first measurement of each since its last step)."""
+        ids = {id(g) for g in grads}
+        for st in self._states:
+            if st.kind != "optimizer":
+                continue
+            if st.layout is False:
+                if not any(p.grad is not None and id(p.grad) in ids for p in st.params):
+                    continue
+                self._settle_layout(st)
+            lay = st.layout
+            if not isinstance(lay, fsdp1.Layout):
+                continue
+            first = next((p.grad for p in st.params if p.grad is not None), None)
+            seen = self._sharded_pre.get(st.id)
+            if first is None or (seen is not None and seen[0]() is first):
+                continue
+            if not any(p.grad is not None and id(p.grad) in ids for p in st.params):
+                continue
+            self._sharded_pre[st.id] = (weakref.ref(first), lay.local_norms(st.params, first.device))
+
+    def _on_fsdp1_clip(self, module: Any, orig: Any, max_norm: Any, norm_type: Any) -> torch.Tensor:
+        """FullyShardedDataParallel.clip_grad_norm_ (patches.install_fsdp1): reuse its global total."""
+        handles = getattr(module, "_all_handles", None)
+        if not handles or not any(h.uses_sharded_strategy for h in handles):
+            # not initialised yet, or NO_SHARD: FSDP calls torch's clip_grad_norm_, recorded as such
+            return orig(module, max_norm, norm_type)
+        params = list(module.parameters())
+        with torch.no_grad():
+            self._remember_sharded_pre([p.grad for p in params if p.grad is not None])
+        max_norm = float(max_norm)  # FSDP reads it with float() too
+        if self.clip_norm is not None:
+            if not self._applying:
+                self._note_script_threshold(max_norm)
+            max_norm = self.clip_norm
+        total = orig(module, max_norm, norm_type)
+        self._on_clip(params, "norm", max_norm, total if float(norm_type) == 2.0 else None, scope="global")
+        return total
 
     def _note_script_threshold(self, max_norm: float) -> None:
         if max_norm not in self._script_max_norms and len(self._script_max_norms) < 20:
@@ -501,12 +609,13 @@ class Recorder:
             # Rows are float64 (MPS has none): a norm past float32's range (3.4e38) stays finite.
             wide = torch.float32 if device.type == "mps" else torch.float64
 
+            lay = st.layout if isinstance(st.layout, fsdp1.Layout) else None
             # Pre-clip per-tensor norms: reuse what a clip call measured, compute the rest.
             norms: list[Any] = [None] * len(grads)
             missing = []
             self._forget_stale()  # before matching by id: a dead gradient's id may be reused
             for i, g in enumerate(grads):
-                seen = self._pre_norm(g)
+                seen = self._pre_norm(g) if lay is None else zero  # FSDP1: column norms below
                 if seen is not None:
                     norms[i] = seen
                 else:
@@ -519,7 +628,23 @@ class Recorder:
             want_layers = bool(self.layer_stride and st.steps % self.layer_stride == 0 and st.params)
             reuse = clip is not None and clip.total is not None and clip.grad_ids == grad_ids
             dist_norms = None
-            if _has_dtensor(grads):  # sharded gradients (FSDP2): summed across ranks, see distributed.py
+            if lay is not None:  # FSDP1 shards: column norms, summed across ranks (capture/fsdp1.py)
+                pre = self._sharded_pre.pop(st.id, None)
+                first = next((p.grad for p in st.params if p.grad is not None), None)
+                local = pre[1] if pre is not None and first is not None and pre[0]() is first else None
+                if local is None:
+                    local = lay.local_norms(st.params, device)
+                dist_norms = lay.global_norms(local, total=clip.total if reuse and clip.scope == "global" else None,
+                                              want_vector=want_layers, dtype=wide,
+                                              grad_scale=grad_scale if isinstance(grad_scale, torch.Tensor) else None)
+                grad_scale = None  # applied there
+                if dist_norms.pending:
+                    total, vector = nan, self._positions(lay.columns, device)
+                else:
+                    total, vector, dist_norms = dist_norms.total, dist_norms.vector, None
+                    if vector is None:
+                        vector = self._positions(0, device)  # no per-layer row this step
+            elif _has_dtensor(grads):  # sharded gradients (FSDP2): summed across ranks, see distributed.py
                 dist_norms = distributed.global_norms(
                     grads, norms, device, total=clip.total if reuse else None, want_vector=want_layers,
                     grad_scale=grad_scale if isinstance(grad_scale, torch.Tensor) else None, dtype=wide)
@@ -553,6 +678,9 @@ class Recorder:
             clip_max_norm = clip.threshold if clip is not None and clip.kind == "norm" else float("nan")
             clip_value = clip.threshold if clip is not None and clip.kind == "value" else float("nan")
             clipped = (total > clip_max_norm).float() if clip_max_norm == clip_max_norm else zero
+            own_clipped = clip is not None and clip.scope == "local" and clip.total is not None
+            if own_clipped:  # a rank-local clip: this rank's gradients were scaled when its own norm exceeded
+                clipped = (clip.total.to(device, non_blocking=True) > clip_max_norm).float()
             if isinstance(skipped, torch.Tensor):
                 skipped_t = (skipped.to(device, non_blocking=True) > 0).float()
             else:
@@ -563,15 +691,16 @@ class Recorder:
             values = torch.stack([t.to(device, wide, non_blocking=True) for t in (total, loss, clipped, skipped_t, scale_t)])
             layers = None
             if want_layers:
-                layers = self._layer_vector(st, params, grads, vector, device)
+                layers = vector if lay is not None else self._layer_vector(st, params, grads, vector, device)
             lr = param_groups[0].get("lr", float("nan")) if param_groups else float("nan")
             if isinstance(lr, torch.Tensor):
                 lr = lr.detach().clone()
             row = _Row(st.steps, clip_max_norm, clip_value, lr, time.time(), values, layers, dist_norms,
-                       loss_recorded=bool(losses))
+                       loss_recorded=bool(losses), own_clipped=own_clipped)
             st.rows.append(row)
             if self._nantrace is not None:
-                self._nantrace.close_step(st.id, st.steps, params, vector if dist_norms is None else None)
+                self._nantrace.close_step(st.id, st.steps, params,
+                                          vector if dist_norms is None and lay is None else None)
             if self._stopper is not None:
                 self._stopper.add(row, st.id)
             st.steps += 1
@@ -670,7 +799,7 @@ class Recorder:
                 row.layers = torch.full_like(row.layers, float("nan"))
             return
         row.values[0] = total
-        if row.clip_max_norm == row.clip_max_norm:
+        if row.clip_max_norm == row.clip_max_norm and not row.own_clipped:
             row.values[2] = (total > row.clip_max_norm).to(row.values.dtype)
         if row.layers is not None:  # positions into the gradient order -> the full norms
             row.layers = distributed.fill_layers(row.layers, vector)

@@ -114,6 +114,12 @@ class _Watcher:
                             "the run recorded no optimizer step")
             return view
         override = (f.meta or {}).get("clip_norm_override")
+        from gradscope import rundir
+        from gradscope.analysis.ranks import RANK_LOCAL_NOTE
+
+        rank_local = rundir.norm_scope(f.process or {}) == "rank-local"
+        if rank_local:
+            view.notes.append(RANK_LOCAL_NOTE)
         for o in (f.process or {}).get("optimizers", []) or []:
             if isinstance(o, dict) and "id" in o:
                 view.classes[o["id"]] = o.get("class")
@@ -122,7 +128,8 @@ class _Watcher:
             step, g, loss = s["step"], s["grad_norm"], s["loss"]
             skipped = s["skipped"] > 0
             tr.update(step, g, skipped, self.cfg)
-            live = summarize(opt, step, g, loss, s["clip_max_norm"], skipped, s["time"], override, tr)
+            live = summarize(opt, step, g, loss, s["clip_max_norm"], skipped, s["time"], override, tr,
+                             rank_local=rank_local)
             mark = live.first_bad[0] if live.first_bad else None
             norm = sparkline(step, g, log=True, mark_step=mark)
             has_loss = bool(np.isfinite(loss).any())

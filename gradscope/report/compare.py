@@ -48,6 +48,7 @@ def to_json(rows: list[CompareRow]) -> dict:
             "regime": r.regime,
             "situation": r.situation,
             "error": r.error,
+            "norm_scope": r.norm_scope,
         })
     return {"final_fraction": FINAL_FRACTION, "runs": runs}
 
@@ -64,7 +65,7 @@ def table_lines(rows: list[CompareRow]) -> list[str]:
             r.run, str(r.steps), *(_f(p.get(k), ".4g") for k in ("p50", "p90", "p99", "max")),
             _f(r.clip_norm, "g"), f"{r.clip_fraction:.1%}" if r.clip_fraction is not None else "-",
             _f(r.mean_multiplier, ".3f"), loss, str(r.non_finite), str(r.skipped),
-            r.situation or ("not judged" if r.error else "-"),
+            r.situation or ("per-rank" if r.norm_scope == "rank-local" else "not judged" if r.error else "-"),
         ))
     from gradscope.report.table import aligned
 
@@ -80,9 +81,13 @@ def render(rows: list[CompareRow], file=None) -> None:
     print(f"grad norm p50-max: steady-state percentiles (as `recommend` reports them); clips: share of "
           f"steady-state steps above max_norm; update×: mean update multiplier; final loss: mean ± sd of the "
           f"last {FINAL_FRACTION:.0%} of logged losses; skipped: loss-scaler overflows", file=out)
+    from gradscope.analysis.ranks import RANK_LOCAL_NOTE
+
     for r in rows:
         if r.error:
             print(f"note: {r.run}: not judged: {r.error}", file=out)
+        elif r.norm_scope == "rank-local":
+            print(f"note: {r.run}: {RANK_LOCAL_NOTE}", file=out)
 
 
 def build_figure(rows: list[CompareRow]):

@@ -17,7 +17,7 @@ plus these run-level keys:
     findings        the clip audit's findings on the rank analysed, every optimizer: a list of
                     {kind, first_step, count, message} (empty when none, and for foreign logs,
                     which carry no audit); kind: "clip-before-unscale" | "clip-after-step" |
-                    "clip-per-microbatch" | "clip-partial" | "no-zero-grad". Each optimizer
+                    "clip-per-microbatch" | "clip-partial" | "no-zero-grad" | "clip-local-norm". Each optimizer
                     object has its own "findings" list too.
 
 Per optimizer:
@@ -48,7 +48,10 @@ Per optimizer:
     clip_norm_changed   the script's max_norm changed during the run; script_clip_norms: distinct
                         values passed to clip_grad_norm_, most used first; clip_value: a
                         clip_grad_value_ threshold or null
-    regime              "never-clips" | "always-clips" | "healthy" | "unclipped" | null (no finite norm)
+    regime              "never-clips" | "always-clips" | "healthy" | "unclipped" | null (no finite norm,
+                        or rank-local norms)
+    norm_scope          "global" | "rank-local": the recorded norms are each rank's shard only (the
+                        process files' norm_scope); then regime and every recommended_* key are null
     clip_fraction       share of steady-state steps with grad_norm > clip_norm (null: unclipped)
     clipped_steps, mean_multiplier (mean of min(1, clip_norm/grad_norm)),
     clip_norm_to_max    clip_norm / largest steady-state norm; clip_norm_to_p50: / median
@@ -177,6 +180,7 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
         "script_clip_norms": th.script_values,
         "clip_value": th.clip_value,
         "regime": v.regime,
+        "norm_scope": o.norm_scope,
         "clip_fraction": v.clip_fraction,
         "clipped_steps": v.clipped_steps,
         "mean_multiplier": v.mean_multiplier,
@@ -393,7 +397,8 @@ def _verdict(o: OptimizerAnalysis, main: bool) -> list:
     v = o.verdict
     line = Text("verdict  ")
     if v.regime is None:
-        line.append("nothing to judge", style="bold red")
+        line.append("not judged (per-rank norms)" if o.norm_scope == "rank-local" else "nothing to judge",
+                    style="bold red")
     else:
         line.append(v.regime, style=f"bold {_REGIME_STYLE[v.regime]}")
     if v.clip_norm is not None and v.clip_fraction is not None:
@@ -410,7 +415,9 @@ def _recommendation(o: OptimizerAnalysis, main: bool) -> list:
 
     r = o.recommendation
     if r is None:
-        return [Text("recommend  none (no finite gradient norm to base it on)", style="bold")]
+        why = ("the norms are per-rank, see the verdict" if o.norm_scope == "rank-local"
+               else "no finite gradient norm to base it on")
+        return [Text(f"recommend  none ({why})", style="bold")]
     unsure = o.confidence is not None and not o.confidence.confident
     rec = Text("recommend  ")
     rec.append(f"max_norm = {r.clip_norm_rounded:g}", style="bold yellow" if unsure else "bold cyan")

@@ -68,6 +68,10 @@ def summary_lines(run_dir: Path) -> list[str]:
         lines.append(f"  ranks: {len(ranks)} ({', '.join(map(str, ranks))}); figures above are rank {ranks[0]}")
     for note in audit.errors(run):
         lines.append(f"  note: {note}")
+    from gradscope.analysis.ranks import RANK_LOCAL_NOTE, norm_scope
+
+    if norm_scope(run) == "rank-local":
+        lines.append(f"  note: {RANK_LOCAL_NOTE}")
     lines.append(f"  run saved in {run_dir}   next: gradscope recommend {run_dir}")
     return lines
 

@@ -15,6 +15,7 @@ class View:
     series: list[tuple[LiveSeries, str, str]] = field(default_factory=list)  # (figures, norm spark, loss spark)
     findings: list[dict] = field(default_factory=list)
     classes: dict[int, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # said once, under the figures (e.g. rank-local norms)
 
 
 def _f(x: float | None, spec: str = ".4g") -> str:
@@ -81,7 +82,8 @@ def line(view: View, clock: str = "") -> str:
         return f"{head}: {view.waiting}"
     body = " | ".join(series_text(view, s, n, l) for s, n, l in view.series)
     extra = finding_alerts(view.findings)
-    return f"{head}  {body}" + (f"  FINDINGS {'; '.join(extra)}" if extra else "")
+    return (f"{head}  {body}" + (f"  FINDINGS {'; '.join(extra)}" if extra else "")
+            + "".join(f"  NOTE {n}" for n in view.notes))
 
 
 def panel(view: View):
@@ -120,5 +122,7 @@ def panel(view: View):
         parts.append(t)
     for a in finding_alerts(view.findings):
         parts.append(Text(f"FINDING {a}", style="bold red"))
+    for n in view.notes:
+        parts.append(Text(f"note: {n}", style="yellow"))
     return Panel(Group(*parts), title=f"gradscope watch {view.path}", subtitle=status,
                  border_style=style, title_align="left")
