@@ -14,6 +14,9 @@ run killed at any moment still loads:
                              "clip_audit": {"findings": [{kind, optimizer, first_step,
                              count, ...details}], "error": str|null}, the clip audit's
                              record (capture/audit.py; read by analysis/audit.py)
+                             "norm_scope": "global" (grad_norm is the model's global
+                             pre-clip norm, e.g. DeepSpeed's own) or "rank-local" (this
+                             rank's shard only); absent in older runs: "global"
       steps-r{R}.csv         one row per optimizer step of rank R (STEP_COLUMNS)
       layers-r{R}-o{O}.csv   per-parameter gradient norms of optimizer O on rank R:
                              `step` then one column per parameter name

@@ -167,6 +167,7 @@ def write_process(rec: Any) -> None:
         "ended": iso(time.time()) if rec._closed or rec._status != "running" else None,
         "status": rec._status,
         "layer_stride": rec.layer_stride,
+        "norm_scope": rec._norm_scope,
         "flush_steps": rec.flush_steps,
         "flush_seconds": rec.flush_seconds,
         "optimizers": [
