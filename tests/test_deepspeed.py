@@ -2,7 +2,7 @@
 
 tests/dist_scripts/deepspeed_cases.py trains one engine per case (ZeRO 0, 1, 2, 3, with and
 without gradient accumulation, gradient_clipping from a dict, a JSON file, the config's own
-optimizer) and computes, before every optimizer step, a float64 reference of the global
+optimizer, a loss scale) and computes, before every optimizer step, a float64 reference of the global
 pre-clip gradient norm from the full weights and every rank's micro-batches. Three launches:
 recorded (gradient_clipping TAU), plain torchrun (the same, without gradscope), and recorded
 with `--clip-norm TAU` over a config without gradient_clipping.
@@ -33,7 +33,7 @@ pytestmark = [
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
 CASES_PY = str(SCRIPTS / "deepspeed_cases.py")
 sys.path.insert(0, str(SCRIPTS))
-from deepspeed_cases import CASES, STEPS, TAU  # the script imports deepspeed only when it runs
+from deepspeed_cases import CASES, LOSS_SCALE, STEPS, TAU  # the script imports deepspeed only when it runs
 
 NAMES = [c[0] for c in CASES]  # optimizer ids 0.. in this order
 RTOL = 1e-4  # the contract: within 1e-4 of the float64 reference (float32 arithmetic gives ~1e-7)
@@ -94,7 +94,10 @@ def _check_norms(run_dir: Path, out: Path, case: str) -> None:
         assert np.all(np.abs(want - TAU) > RTOL * want)
         assert list(s["clipped"]) == list(want > TAU), f"{case} r{rank}: clipped flags"
         assert not s["skipped"].any()
-        # the loss: what the micro-batches passed to backward (DeepSpeed divides by the accumulation steps)
+        scale = LOSS_SCALE if case == "z2_scaled" else np.nan
+        assert np.array_equal(s["loss_scale"].to_numpy(), np.full(STEPS, scale), equal_nan=True)
+        # the loss: what the micro-batches passed to backward (DeepSpeed divides by the accumulation
+        # steps), without the loss scale
         assert np.allclose(s["loss"].to_numpy(), ref["losses"], rtol=1e-5, atol=0), f"{case} r{rank}: loss"
 
 

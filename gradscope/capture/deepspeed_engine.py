@@ -12,6 +12,9 @@ already had; reading it costs no host sync) and ``clip_grad`` (its ``gradient_cl
 Without ZeRO in float32 (stage 0) the gradients are whole, all-reduced replicas and
 DeepSpeed clips them before ``step()``: their norm is measured before the step runs.
 
+The loss ZeRO scales for backward (fp16's loss scale, or ``override_loss_scale``) is recorded
+unscaled, and the scale in ``loss_scale``.
+
 ``gradscope run --clip-norm`` becomes DeepSpeed's own ``gradient_clipping`` (the engine's
 ``gradient_clipping()`` answers it, and a ZeRO optimizer built before the patch gets its
 ``clip_grad``), so the step is the one DeepSpeed takes when configured with that threshold.
@@ -41,6 +44,12 @@ def maybe_install(rec: Any) -> None:
 
     rec._deepspeed_installed = True
     _patch(rec, cls, "_take_model_step", lambda orig: _make_take_model_step(rec, orig))
+    base = sys.modules.get("deepspeed.runtime.base_optimizer")
+    zero_cls = getattr(base, "ZeROOptimizer", None) if base is not None else None
+    if zero_cls is not None and hasattr(zero_cls, "scale_if_loss"):
+        # engine.backward multiplies the loss by ZeRO's loss scale before torch's backward:
+        # the recorded loss is the unscaled one, as under GradScaler (patches.UNSCALED_ATTR).
+        _patch(rec, zero_cls, "scale_if_loss", lambda orig: _make_scale_if_loss(rec, orig))
     if rec.clip_norm is not None:
         def make_gradient_clipping(orig):
             def gradient_clipping(engine):
@@ -49,6 +58,22 @@ def maybe_install(rec: Any) -> None:
             return gradient_clipping
 
         _patch(rec, cls, "gradient_clipping", make_gradient_clipping)
+
+
+def _make_scale_if_loss(rec: Any, orig):
+    from gradscope.capture.patches import UNSCALED_ATTR
+
+    def scale_if_loss(opt, value):
+        out = orig(opt, value)
+        if out is not value and isinstance(out, torch.Tensor) and isinstance(value, torch.Tensor) and rec._mine():
+            rec._scaled = True  # from now on, backward looks for the unscaled loss
+            try:
+                setattr(out, UNSCALED_ATTR, value.detach())
+            except (AttributeError, RuntimeError):
+                pass
+        return out
+
+    return scale_if_loss
 
 
 def _make_take_model_step(rec: Any, orig):
@@ -91,7 +116,8 @@ def _zero_step(rec: Any, engine: Any, ds_opt: Any, inner: torch.optim.Optimizer,
         threshold = getattr(ds_opt, "clip_grad", None)
         if threshold is None:
             threshold = engine.gradient_clipping()
-        scale = getattr(ds_opt, "loss_scale", None) if engine.fp16_enabled() else None
+        scaled = engine.fp16_enabled() or getattr(ds_opt, "custom_loss_scaler", False)
+        scale = getattr(ds_opt, "loss_scale", None) if scaled else None
         rec._record_given(st, ds_opt._global_grad_norm, float(threshold), inner.param_groups,
                           skipped=getattr(ds_opt, "overflow", False), loss_scale=scale)
         rec._maybe_flush()

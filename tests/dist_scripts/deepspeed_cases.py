@@ -32,7 +32,9 @@ CASES = [
     ("z2_accum", 2, 3, "dict"),
     ("z3", 3, 1, "dict"),
     ("z3_accum", 3, 2, "config_optimizer"),  # DeepSpeed's config optimizer (torch AdamW)
+    ("z2_scaled", 2, 2, "loss_scale"),  # a static loss scale (as fp16 has): backward sees loss x 64
 ]
+LOSS_SCALE = 64.0
 TAU = 1.5     # within the cases' norms (about 0.9 to 3.4): some steps clip, some do not
 STEPS = 8
 BATCH = 4
@@ -107,6 +109,8 @@ def run_case(ci: int, name: str, stage: int, gas: int, how: str, clip: float, ou
     else:
         kwargs["config"] = config
     engine, _, _, _ = deepspeed.initialize(model=model, **kwargs)
+    if how == "loss_scale":
+        engine.optimizer.override_loss_scale(LOSS_SCALE)
     norms, losses, ds_norms = [], [], []
     for step in range(STEPS):
         norm, loss = reference(full_weights(engine, stage), ci, step, gas, world, rank)
