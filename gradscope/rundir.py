@@ -39,7 +39,8 @@ FORMAT VERSION 2 (written by this gradscope; version 1 is still read, see below)
                               "layer_rows" (rows written to its layer store); "norm_scope":
                               "global" | "rank-local" (NORM_SCOPE_KEY): whether grad_norm is
                               the model's global norm or this rank's shard only (gradients
-                              sharded by an engine gradscope cannot reduce);
+                              sharded by an engine gradscope cannot reduce; DeepSpeed's own
+                              global norm is "global");
                               "layer_norm_scope" (LAYER_NORM_SCOPE_KEY), the same for the
                               per-layer norms; absent (older runs): "global". Keys this list
                               does not name pass through unchanged.

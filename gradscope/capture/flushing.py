@@ -245,8 +245,9 @@ def write_process(rec: Any) -> None:
     )
     info[rundir.CLIP_AUDIT_KEY] = rec._audit.record(lambda st: st.names or parameter_names(st.params))
     # rank-local: some optimizer's gradients are shards gradscope cannot reduce (capture/fsdp1.py)
-    scope = "rank-local" if any(st.norm_scope == "rank-local" for st in rec._states) else "global"
-    info[rundir.NORM_SCOPE_KEY] = info[rundir.LAYER_NORM_SCOPE_KEY] = scope
+    # (FSDP1: capture/fsdp1.py, per optimizer; an engine gradscope cannot read: capture/deepspeed_engine.py)
+    local = rec._norm_scope == "rank-local" or any(st.norm_scope == "rank-local" for st in rec._states)
+    info[rundir.NORM_SCOPE_KEY] = info[rundir.LAYER_NORM_SCOPE_KEY] = "rank-local" if local else "global"
     if rec._nantrace is not None:
         info[rundir.NAN_TRACE_KEY] = rec._nantrace.info()
     rec._writer.write_process(info, in_place_fallback=rec._write_error is not None)

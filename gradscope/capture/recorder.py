@@ -191,6 +191,10 @@ class Recorder:
         self._atexit: Callable | None = None
         self._audit = ClipAudit(owner=self._owned.get, active=self._mine,  # capture/audit.py
                                 scaler=lambda: self._active_scaler)
+        # process-r*.json "norm_scope": "global", or "rank-local" when grad_norm is one rank's shard
+        self._norm_scope = "global"
+        self._deepspeed_installed = False  # capture/deepspeed_engine.py, once the script imports deepspeed
+        self._framework_step = False  # inside an engine's own step (DeepSpeed): its torch steps are no rows
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -206,6 +210,7 @@ class Recorder:
         self._settle_rank()
         for opt in _existing_optimizers():
             self._register(opt)
+        self._frameworks()
         self._atexit = lambda: self.stop("completed" if self._status == "running" else self._status)
         atexit.register(self._atexit)
         if self._handle_sigterm and threading.current_thread() is threading.main_thread():
@@ -319,6 +324,7 @@ class Recorder:
             if not self._fsdp1_patched and fsdp1.loaded():  # before the script's first clip call
                 self._fsdp1_patched = True
                 patches.install_fsdp1(self)
+            self._frameworks()  # once per optimizer: engines that wrap it were imported by now
         self._last_state = st
         return st
 
@@ -422,7 +428,7 @@ class Recorder:
         self._clip_calls[name] = self._clip_calls.get(name, 0) + 1
 
     def _on_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple | None:
-        if not self._on:
+        if not self._on or self._framework_step:
             return None
         st = self._register(opt)
         self._audit.step_begin(st)
@@ -565,7 +571,7 @@ class Recorder:
     def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         last = self._last_state
         st = last if last is not None and last.ref is not None and last.ref() is opt else self._opts.get(opt)
-        if st is None or not self._on:
+        if st is None or not self._on or self._framework_step:
             return
         called = closure.closure_called(args, kwargs) if len(args) > 1 or kwargs else None
         if called is False:  # step() never evaluated its closure: the gradients are as they were
@@ -711,6 +717,58 @@ class Recorder:
             for i in grad_ids:
                 self._pre_norms.pop(i, None)
 
+            self._pending += 1
+
+    def _frameworks(self) -> None:
+        """Hook the training engines the script has imported (never importing one ourselves)."""
+        if not self._deepspeed_installed and "deepspeed" in sys.modules:
+            from gradscope.capture import deepspeed_engine
+
+            deepspeed_engine.maybe_install(self)
+
+    def _record_given(self, st: _OptState, total: Any, clip_max_norm: float, param_groups: list, *,
+                      skipped: Any = False, loss_scale: Any = None) -> None:
+        """A row whose grad_norm an engine computed (DeepSpeed's global pre-clip norm).
+
+        `total` is the engine's own value (a tensor, a float, or None: unknown); no gradient
+        is read here, and nothing waits for the device."""
+        with self._lock, torch.no_grad():
+            device = total.device if isinstance(total, torch.Tensor) else torch.device("cpu")
+            nan, zero, one = self._const(device)
+            wide = torch.float32 if device.type == "mps" else torch.float64
+            if isinstance(total, torch.Tensor):
+                total = total.detach().reshape(()).to(wide)
+            else:
+                total = torch.tensor(_NAN if total is None else float(total), dtype=wide)
+            start = st.loss_from - self._loss_base
+            losses = self._losses[max(0, start):]
+            if not losses:
+                loss = nan
+            elif len(losses) == 1:
+                loss = losses[0].float()
+            else:
+                loss = torch.stack([v.float().to(losses[0].device, non_blocking=True) for v in losses]).sum()
+            st.loss_from = self._loss_base + len(self._losses)
+            self._trim_losses()
+            if not clip_max_norm > 0:  # DeepSpeed's gradient_clipping 0: no clip
+                clip_max_norm = _NAN
+            clipped = (total > clip_max_norm).to(wide) if clip_max_norm == clip_max_norm else zero
+            skipped_t = (skipped.to(device) > 0) if isinstance(skipped, torch.Tensor) else (one if skipped else zero)
+            if isinstance(loss_scale, torch.Tensor):
+                scale_t = loss_scale.detach().reshape(()).clone()
+            else:
+                scale_t = nan if loss_scale is None else torch.tensor(float(loss_scale), dtype=wide)
+            values = torch.stack([t.to(device, wide, non_blocking=True)
+                                  for t in (total, loss, clipped, skipped_t, scale_t)])
+            lr = param_groups[0].get("lr", _NAN) if param_groups else _NAN
+            if isinstance(lr, torch.Tensor):
+                lr = lr.detach().clone()
+            row = _Row(st.steps, clip_max_norm, _NAN, lr, time.time(), values, None, loss_recorded=bool(losses))
+            st.rows.append(row)
+            if self._stopper is not None:
+                self._stopper.add(row, st.id)
+            st.steps += 1
+            self._devices.add(str(device))
             self._pending += 1
 
     def _record_lean(self, st: _OptState, param_groups: list) -> bool:
