@@ -17,6 +17,13 @@ run killed at any moment still loads:
       steps-r{R}.csv         one row per optimizer step of rank R (STEP_COLUMNS)
       layers-r{R}-o{O}.csv   per-parameter gradient norms of optimizer O on rank R:
                              `step` then one column per parameter name
+      metrics-r{R}.csv       values the script reported on rank R (METRIC_COLUMNS:
+                             step,name,value; `step` is optimizer 0's step the value was
+                             reported after, -1 before its first): gradscope.log_metric,
+                             HF Trainer eval_* keys, Lightning self.log names,
+                             --metric-regex matches (capture/metrics.py). Optional: runs
+                             without it (and older ones) load with an empty metrics table.
+                             meta.json "metric_name"/"metric_regex": `run --metric-name`.
 
 CSV files are written in whole lines, one block per flush; a reader drops a
 trailing partial line (a process killed mid-write) instead of misreading it.
@@ -55,6 +62,8 @@ STEP_COLUMNS = [
     "lr",             # learning rate of the first parameter group
     "time",           # wall-clock time of the step (unix seconds)
 ]
+# Columns of metrics-r{R}.csv (load_run's Run.metrics adds "rank" first).
+METRIC_COLUMNS = ["step", "name", "value"]
 # Columns that load_run adds: the rank the row came from.
 TABLE_COLUMNS = ["rank", *STEP_COLUMNS]
 BOOL_COLUMNS = ("clipped", "skipped")
@@ -79,12 +88,16 @@ def process_file(rank: int) -> str:
     return f"process-r{rank}.json"
 
 
+def metrics_file(rank: int) -> str:
+    return f"metrics-r{rank}.csv"
+
+
 def is_run_file(name: str) -> bool:
     """True for every file name this format writes (what --force may remove)."""
     if name == META_FILE:
         return True
     stem, dot, ext = name.rpartition(".")
-    return (ext == "csv" and (stem.startswith("steps-r") or stem.startswith("layers-r"))) or (
+    return (ext == "csv" and stem.startswith(("steps-r", "layers-r", "metrics-r"))) or (
         ext == "json" and stem.startswith("process-r")
     ) or name.endswith(".tmp")
 
@@ -228,6 +241,11 @@ class Run:
     layers: Any
     meta: dict = field(default_factory=dict)
     source: str = "gradscope"
+    metrics: Any = None  # rank, step, name, value (metrics-r{R}.csv); see empty_metrics
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = empty_metrics()
 
     def rank(self, rank: int) -> "Run":
         """The same run restricted to one rank."""
@@ -235,7 +253,8 @@ class Run:
         layers = self.layers
         if len(layers):
             layers = layers[layers["rank"] == rank].reset_index(drop=True)
-        return Run(self.path, steps, layers, self.meta, self.source)
+        metrics = self.metrics[self.metrics["rank"] == rank].reset_index(drop=True)
+        return Run(self.path, steps, layers, self.meta, self.source, metrics)
 
 
 def _read_csv(path: Path, dtype: dict | None = None):
@@ -310,6 +329,36 @@ def normalize_steps(df):
         extra = [c for c in df.columns if c not in TABLE_COLUMNS]
         df = df[TABLE_COLUMNS + extra]
     return df
+
+
+def empty_metrics():
+    import pandas as pd
+
+    return pd.DataFrame({"rank": pd.Series(dtype="int64"), "step": pd.Series(dtype="int64"),
+                         "name": pd.Series(dtype="object"), "value": pd.Series(dtype="float64")})
+
+
+def _load_metrics(p: Path, rank: int | None):
+    """Every metrics-r{R}.csv, in report order per rank (empty when there is none)."""
+    import pandas as pd
+
+    frames = []
+    for f in sorted(p.glob("metrics-r*.csv"), key=lambda f: _rank_of(f.name)):
+        r = _rank_of(f.name)
+        if rank is not None and r != rank:
+            continue
+        try:
+            df = _read_csv(f, dtype={"step": "int64", "name": "str", "value": "float64"})
+        except (OSError, ValueError, pd.errors.ParserError) as e:
+            raise GradscopeError(f"cannot read '{f}': {e}") from None
+        if df.empty:
+            continue
+        if list(df.columns) != METRIC_COLUMNS:
+            raise GradscopeError(f"'{f}' has columns {','.join(map(str, df.columns))}, not "
+                                 f"{','.join(METRIC_COLUMNS)} (is it a gradscope metrics file?)")
+        df.insert(0, "rank", r)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else empty_metrics()
 
 
 def looks_like_run(path: str | os.PathLike) -> bool:
@@ -411,4 +460,4 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
     else:
         layers = pd.DataFrame({"rank": [], "optimizer": [], "step": []}, dtype="int64")
 
-    return Run(path=p, steps=steps, layers=layers, meta=meta, source="gradscope")
+    return Run(path=p, steps=steps, layers=layers, meta=meta, source="gradscope", metrics=_load_metrics(p, rank))

@@ -24,6 +24,8 @@ ENV_STOP_ON_NAN = "GRADSCOPE_STOP_ON_NAN"
 ENV_CLIP_NORM = "GRADSCOPE_CLIP_NORM"
 ENV_TRACE_NAN = "GRADSCOPE_TRACE_NAN"
 ENV_MAX_STEPS = "GRADSCOPE_MAX_STEPS"
+ENV_METRIC_NAME = "GRADSCOPE_METRIC_NAME"  # --metric-name: the run is judged by it (--max-steps waits for it)
+ENV_METRIC_REGEX = "GRADSCOPE_METRIC_REGEX"  # --metric-regex: searched in the script's stdout/stderr lines
 
 
 def checked_clip_norm(value: Any) -> float | None:
@@ -49,6 +51,7 @@ def _start() -> None:
         clip_norm=float(os.environ[ENV_CLIP_NORM]) if os.environ.get(ENV_CLIP_NORM) else None,
         trace_nan=os.environ.get(ENV_TRACE_NAN) == "1",
         max_steps=int(os.environ[ENV_MAX_STEPS]) if os.environ.get(ENV_MAX_STEPS) else None,
+        stop_before_next_step=bool(os.environ.get(ENV_METRIC_NAME)),
     ).start()
 
 
@@ -102,6 +105,10 @@ class _AfterTorchImport(importlib.abc.MetaPathFinder):
 def start_from_env() -> None:
     if not os.environ.get(ENV_RUN_DIR):
         return
+    if os.environ.get(ENV_METRIC_REGEX):
+        from gradscope.capture.metrics import scan_streams_from_env
+
+        scan_streams_from_env()  # before the script runs: a logging handler made early writes through it too
     if "torch" in sys.modules:
         _on_torch()
     else:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from gradscope import __version__, rundir
-from gradscope.capture import announce, distributed, rows as lean_rows
+from gradscope.capture import announce, distributed, metrics, rows as lean_rows
 from gradscope.capture.names import parameter_names
 from gradscope.capture.stopper import is_bad
 from gradscope.capture.writer import ProcessWriter
@@ -62,6 +62,7 @@ def flush(rec: Any) -> None:
             batch.event = torch.cuda.Event()
             batch.event.record()
         rec._inflight.append(batch)
+    metrics.flush(rec)  # the reported values (metrics-r*.csv): host copies launched the same way
     drain(rec, block=False)
 
 
@@ -77,6 +78,7 @@ def drain(rec: Any, block: bool) -> None:
         rec._inflight.pop(0)
         write(rec, batch)
         rows_written = True
+    metrics.drain(rec, block)  # after the step rows: a value's step is in the steps file first
     if rec._nantrace is not None and rec._nantrace.resolve():
         wrote = True  # the origin is known: into the process file now
     if wrote or (rows_written and process_due(rec, block)):

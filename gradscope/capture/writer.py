@@ -19,6 +19,7 @@ class ProcessWriter:
         self.rank = rank
         self._steps = None
         self._layers: dict[int, object] = {}
+        self._metrics = None
 
     def _claim_rank(self) -> None:
         # Two processes of one run with the same rank (a script that launches another
@@ -63,6 +64,17 @@ class ProcessWriter:
         f.write(text)
         f.flush()
 
+    def write_metrics_text(self, text: str) -> None:
+        """Whole lines of metrics-r{R}.csv (capture/metrics.py), after this process's first step."""
+        if self._metrics is None:
+            if self._steps is None:
+                self._claim_rank()
+            path = os.path.join(self.run_dir, rundir.metrics_file(self.rank))
+            self._metrics = open(path, "w", encoding="utf-8", newline="")
+            self._metrics.write(",".join(rundir.METRIC_COLUMNS) + "\n")
+        self._metrics.write(text)
+        self._metrics.flush()
+
     def write_process(self, info: dict) -> None:
         if self._steps is None:
             return  # nothing recorded by this process: leave no file
@@ -73,7 +85,7 @@ class ProcessWriter:
         return self._steps is not None
 
     def close(self) -> None:
-        for f in [self._steps, *self._layers.values()]:
+        for f in [self._steps, *self._layers.values(), self._metrics]:
             if f is not None:
                 try:
                     f.close()
