@@ -264,3 +264,44 @@ def test_lightning_self_log_names_are_recorded_at_their_step(tmp_path):
         np.testing.assert_array_equal(np.array([v for _, v in got], dtype=np.float32),
                                       np.array([v for _, v in seen[name]], dtype=np.float32))
     assert not math.isnan(run.steps["grad_norm"].iloc[0])
+
+
+# ---------------------------------------------------------------- compare and plot
+
+
+def test_compare_and_plot_show_the_reported_metrics(tmp_path):
+    """compare's JSON and table carry each name's last value and its step; plot and compare draw
+    a metrics panel; a run without metrics has none (and no column)."""
+    import json
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.record(tmp_path / "with"):
+        for i in range(6):
+            loss = model(torch.randn(4, 3)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i % 2 == 1:
+                gradscope.log_metric("acc", 0.1 * i)
+    with gradscope.record(tmp_path / "without"):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+    res = gs("compare", tmp_path / "with", tmp_path / "without", "--json", "-o", tmp_path / "cmp.png", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    runs = json.loads(res.stdout)["runs"]
+    assert runs[0]["metrics"] == {"acc": {"step": 5, "value": 0.5}} and runs[1]["metrics"] == {}
+    table = gs("compare", tmp_path / "with", tmp_path / "without", "--no-plot", cwd=tmp_path)
+    assert "last metrics" in table.stdout and "acc=0.5@5" in table.stdout
+
+    from gradscope.analysis.compare import compare_rows
+    from gradscope.report import compare as cmp_report, plot
+
+    data = plot.plot_data(gradscope.load_run(tmp_path / "with"))
+    assert data.metrics["step"].tolist() == [1, 3, 5]
+    titles = [ax.get_title(loc="left") for ax in plot.build_figure(data).axes]
+    assert any(t.startswith("metrics the script reported") for t in titles)
+    assert plot.plot_data(gradscope.load_run(tmp_path / "without")).metrics is None
+    rows = compare_rows("w", gradscope.load_run(tmp_path / "with"))
+    assert len(cmp_report.build_figure(rows).axes) == 3
