@@ -215,8 +215,9 @@ def test_hf_trainer_eval_keys_are_recorded_at_their_step(tmp_path):
 @pytest.mark.slow
 def test_lightning_self_log_names_are_recorded_at_their_step(tmp_path):
     """A real Lightning fit logging train_loss every step (on_step) and val_loss per validation
-    (on_epoch, averaged over its batches), validating every 4 batches: each value is recorded at
-    the step it was computed after, equal to what Lightning handed its callbacks."""
+    (on_epoch, averaged over its batches), validating every 4 batches after a sanity check: each
+    value is recorded at the step it was computed after, equal to what Lightning handed its
+    callbacks; the sanity check's value is not recorded."""
     L = pytest.importorskip("lightning")
     seen = {"train_loss": [], "val_loss": []}
 
@@ -241,7 +242,8 @@ def test_lightning_self_log_names_are_recorded_at_their_step(tmp_path):
             seen["train_loss"].append((trainer.global_step - 1, float(trainer.callback_metrics["train_loss"])))
 
         def on_validation_end(self, trainer, module):
-            seen["val_loss"].append((trainer.global_step - 1, float(trainer.callback_metrics["val_loss"])))
+            if not trainer.sanity_checking:  # the sanity check's values are not recorded
+                seen["val_loss"].append((trainer.global_step - 1, float(trainer.callback_metrics["val_loss"])))
 
     gc.collect()
     g = torch.Generator().manual_seed(1)
@@ -251,7 +253,7 @@ def test_lightning_self_log_names_are_recorded_at_their_step(tmp_path):
     torch.manual_seed(0)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, val_check_interval=4, logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, default_root_dir=str(tmp_path), callbacks=[Watch()])
+                        num_sanity_val_steps=1, default_root_dir=str(tmp_path), callbacks=[Watch()])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with gradscope.record(tmp_path / "run"):
