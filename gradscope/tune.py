@@ -27,7 +27,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from gradscope import rundir
 from gradscope.analysis import tune as decide
@@ -48,7 +48,7 @@ class ProbeRun:
     exit_code: int | None = None
     steps_run: int = 0  # optimizer-0 steps the run made (what it cost)
     steps: object = None  # the steps table (pandas)
-    metrics: object = None  # the metrics table (pandas; rundir.Run.metrics)
+    metrics: Any = None  # the metrics table (pandas; rundir.Run.metrics)
 
 
 @dataclass

@@ -5,6 +5,7 @@ what it reported; no host read of a tensor value before flush; no framework impo
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import warnings
@@ -209,6 +210,22 @@ def test_hf_trainer_eval_keys_are_recorded_at_their_step(tmp_path):
     assert "loss" not in set(run.metrics["name"])  # training logs are not eval_* keys
 
 
+@pytest.mark.slow
+def test_hf_trainer_under_gradscope_run_is_patched_at_its_import(tmp_path):
+    """The script imports transformers after torch (the recorder is already running): the Trainer
+    is patched when transformers.trainer is imported, without a change to the script."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    res = gs("run", "-q", "--out", tmp_path / "run", script("hf_eval_train.py"), tmp_path / "history.json",
+             tmp_path / "out", cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr
+    history = json.loads((tmp_path / "history.json").read_text())
+    logged = [h for h in history if "eval_loss" in h]
+    assert len(logged) >= 2
+    run = gradscope.load_run(tmp_path / "run")
+    assert _rows(run, "eval_loss") == [(h["step"] - 1, h["eval_loss"]) for h in logged]
+
+
 # ---------------------------------------------------------------- Lightning
 
 
@@ -274,8 +291,6 @@ def test_lightning_self_log_names_are_recorded_at_their_step(tmp_path):
 def test_compare_and_plot_show_the_reported_metrics(tmp_path):
     """compare's JSON and table carry each name's last value and its step; plot and compare draw
     a metrics panel; a run without metrics has none (and no column)."""
-    import json
-
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -307,3 +322,56 @@ def test_compare_and_plot_show_the_reported_metrics(tmp_path):
     assert plot.plot_data(gradscope.load_run(tmp_path / "without")).metrics is None
     rows = compare_rows("w", gradscope.load_run(tmp_path / "with"))
     assert len(cmp_report.build_figure(rows).axes) == 3
+
+
+# ---------------------------------------------------------------- ranking by the metric (pure)
+
+
+def _table(rows):
+    import pandas as pd
+
+    return pd.DataFrame({"rank": 0, "step": [s for s, _, _ in rows], "name": [n for _, n, _ in rows],
+                         "value": [v for _, _, v in rows]})
+
+
+def _summary(tau, n=20, last=1.0):
+    import pandas as pd
+
+    from gradscope.analysis import tune as decide
+    from gradscope.rundir import normalize_steps
+
+    steps = normalize_steps(pd.DataFrame({"rank": 0, "optimizer": 0, "step": np.arange(n),
+                                          "loss": np.linspace(2, last, n), "grad_norm": np.ones(n)}))
+    return decide.summarize(steps, tau, n)
+
+
+def test_with_metric_ranks_by_the_value_after_the_horizon_and_never_by_loss():
+    """The value ranked is NAME's last one reported after step horizon-1 (negated with maximize);
+    a probe without one keeps its loss figures, gets no score, and is said to have none; when no
+    probe has one, nothing is chosen and the reason names the metric."""
+    from gradscope.analysis import tune as decide
+
+    m = _table([(9, "val", 0.7), (19, "val", 0.5), (19, "val", 0.4), (19, "other", 9.0)])
+    s = decide.with_metric(_summary(1.0), m, "val", 20)
+    assert (s.metric, s.score, s.score_se, s.unranked) == (0.4, 0.4, 0.0, None)
+    assert s.loss == _summary(1.0).loss  # the loss figures stay as they were
+    assert decide.with_metric(_summary(1.0), m, "val", 20, maximize=True).score == -0.4
+    none = decide.with_metric(_summary(2.0), m, "val", 15)
+    assert math.isnan(none.score) and none.unranked == "no val value after step 15" and not none.diverged
+    # the unranked probe has the lower training loss: it is still not chosen
+    better_loss = decide.with_metric(_summary(2.0, last=0.1), _table([]), "val", 20)
+    assert better_loss.loss < s.loss
+    assert decide.choose([s, better_loss]).clip_norm == 1.0
+    nothing = decide.choose([none, better_loss])
+    assert nothing.clip_norm is None and "reported val" in nothing.reason
+
+
+def test_report_horizons_and_align():
+    from gradscope.analysis import tune as decide
+
+    m = _table([(-1, "val", 1.0), (9, "val", 0.7), (19, "val", 0.5), (4, "x", 0.0)])
+    assert decide.report_horizons(m, "val", 20, 60, complete=True) == [10, 20]
+    assert decide.report_horizons(m, "val", 20, 60, complete=False) == [10, 20, 30, 40, 50, 60]
+    assert decide.report_horizons(m, "nope", 20, 60, complete=True) == []
+    assert [decide.align(n, [10, 20, 30]) for n in (5, 10, 19, 45)] == [10, 10, 10, 30]
+    assert decide.align(17, []) == 17
