@@ -318,8 +318,9 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             later = [len(alive) - free_now] + counts[k + 1:]
             lengths[k:] = decide.stretch(lengths[k:], later, budget * T - spent_now, T)
             lengths[k:] = [max(n, lengths[k - 1]) for n in lengths[k:]]
-        if horizons:
-            lengths[k] = decide.align(lengths[k], horizons)
+        if horizons:  # to where the metric is reported, within what the budget left affords (never past it)
+            afford = lengths[k] if k == 0 else int((budget * T - spent_now) // max(1, later[0]))
+            lengths[k] = max(decide.align(min(lengths[k], afford), horizons), lengths[k - 1] if k else 0)
         rung = decide.Rung(lengths[k], counts[k])
         specs = []
         for t in alive:
@@ -353,7 +354,8 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         say(f"rung {k + 1}: {len(summaries)} candidates at {horizon} steps; kept " +
             (", ".join(cands[t].label for t in kept) if kept else "none (every candidate diverged)"))
         if not kept:
-            choice = _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source, judge)
+            choice = _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source, judge,
+                                       (lambda n: decide.align(n, horizons)) if horizons else (lambda n: n))
             break
         alive = kept
 
@@ -412,7 +414,7 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
     return result
 
 
-def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source, judge):
+def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source, judge, snap):
     """Every candidate of a rung diverged: fall back to the best one below them from an earlier
     rung, checked at this rung's horizon, or as long as the budget left allows when that is
     shorter (but longer than it was probed)."""
@@ -425,6 +427,7 @@ def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out
         t = back.clip_norm
         spent = sum(p.steps_run for p in runner.runs.values())
         steps = min(horizon, int(budget * T) - spent)
+        steps = snap(steps) if snap(steps) <= steps else steps  # --metric: where it is reported
         if steps <= back.horizon:
             back.reason = (f"every finalist diverged by {horizon} steps; {cands[t].label} is the best below them "
                            f"at {back.horizon} steps (no budget left to probe it longer)")

@@ -388,9 +388,12 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
     else:
         reason = ("lowest loss, clear of the others by more than the loss's noise" if runner is not None else
                   "the only one that did not diverge" if len(summaries) > 1 else "only candidate")
-    if best.metric_name:  # the words above name the loss; the ranking was by the metric
-        reason = reason.replace("lowest loss", f"best {best.metric_name}").replace(
-            "the loss's noise", f"{best.metric_name}'s noise (equal values: one value per probe)")
+    if best.metric_name:  # the words above name the loss; the ranking was by the metric (no noise estimate)
+        name = best.metric_name
+        reason = (reason.replace("within the loss's noise of the best", f"with {name} equal to the best")
+                  if len(ties) > 1 else
+                  f"best {name} at {horizon} steps (one value per probe: no noise estimate)"
+                  if runner is not None else reason)
     return Choice(chosen.clip_norm, horizon, best.score, [s.clip_norm for s in ties],
                   runner.clip_norm if runner else None, margin, reason)
 

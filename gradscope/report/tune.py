@@ -160,7 +160,13 @@ def render(result, console=None) -> None:
         if ch.clip_norm == AS_IS and rec is not None:
             what += " (the script's own threshold)"
         console.print(f"[bold]recommend  {what}[/bold]")
-        if ch.runner_up is not None and ch.margin is not None:
+        if ch.runner_up is not None and result.metric:  # one value per probe: no noise units to count in
+            ru = _label(result, ch.runner_up)
+            by = {c.clip_norm: c.summary.metric for c in result.candidates if c.summary is not None}
+            console.print(f"  how sure   the runner-up {ru} reported {result.metric} = {_f(by.get(ch.runner_up))}, the "
+                          f"chosen {_f(by.get(ch.clip_norm))} (one value each: no noise estimate); compared at "
+                          f"{ch.horizon} of {T} steps")
+        elif ch.runner_up is not None and ch.margin is not None:
             ru = _label(result, ch.runner_up)
             if ch.margin >= 2:
                 sure = f"clear: the runner-up {ru} is {ch.margin:.1f} noise units worse"
