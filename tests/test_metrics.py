@@ -285,6 +285,24 @@ def test_lightning_self_log_names_are_recorded_at_their_step(tmp_path):
     assert not math.isnan(run.steps["grad_norm"].iloc[0])
 
 
+@pytest.mark.slow
+def test_lightning_under_gradscope_run_is_patched_at_its_import(tmp_path):
+    """An unmodified Lightning script under `gradscope run` (Lightning imported by the script,
+    after the recorder starts at its torch import): every self.log name at its step."""
+    pytest.importorskip("lightning")
+    res = gs("run", "-q", "--out", tmp_path / "run", script("lightning_log.py"), tmp_path / "seen.json",
+             tmp_path / "root", cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    run = gradscope.load_run(tmp_path / "run")
+    assert [s for s, _ in seen["val_loss"]] == [3, 7]
+    for name in ("train_loss", "val_loss"):
+        got = _rows(run, name)
+        assert [s for s, _ in got] == [s for s, _ in seen[name]], name
+        np.testing.assert_array_equal(np.array([v for _, v in got], dtype=np.float32),
+                                      np.array([v for _, v in seen[name]], dtype=np.float32))
+
+
 # ---------------------------------------------------------------- compare and plot
 
 
