@@ -38,6 +38,8 @@ from gradscope.capture.boot import (
     ENV_TRACE_NAN,
     ENV_MAX_STEPS,
     ENV_RUN_ID,
+    ENV_METRIC_NAME,
+    ENV_METRIC_REGEX,
 )
 from gradscope.errors import GradscopeError
 
@@ -166,18 +168,24 @@ def run_recorded(
     trace_nan: bool = False,
     max_steps: int | None = None,
     announce: bool = False,
+    metric_name: str | None = None,
+    metric_regex: str | None = None,
 ) -> int:
     """Launch the target, wait for it, finish meta.json. Returns the child's return code
     (negative: killed by that signal). announce: print when recording starts, and let the
     recorder say when the first step is recorded (capture/announce.py)."""
     argv = target.argv()
     meta = rundir.new_meta(argv, target=target.kind, clip_norm_override=clip_norm, max_steps=max_steps)
+    meta["metric_name"] = metric_name
+    meta["metric_regex"] = metric_regex
     try:
         rundir.write_json_atomic(run_dir / rundir.META_FILE, meta)
     except OSError as e:
         raise GradscopeError(f"cannot write in run directory '{run_dir}': {e.strerror or e}; choose another --out") from None
     env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan, clip_norm, trace_nan, max_steps)
     env[ENV_RUN_ID] = meta["run_id"]
+    env[ENV_METRIC_NAME] = metric_name or ""
+    env[ENV_METRIC_REGEX] = metric_regex or ""
     if announce:
         from gradscope.capture.announce import ENV_ANNOUNCE
 

@@ -57,6 +57,13 @@ FORMAT VERSION 2 (written by this gradscope; version 1 is still read, see below)
       layers-r{R}-o{O}.f32    per-parameter gradient norms: append-only rows of
                               len(names) float32 values (no header)
       layers-r{R}-o{O}.i64    the step of each of those rows: append-only int64 values
+      metrics-r{R}.csv        values the script reported on rank R (METRIC_COLUMNS:
+                              step,name,value; `step` is optimizer 0's step the value was
+                              reported after, -1 before its first): gradscope.log_metric,
+                              HF Trainer eval_* keys, Lightning self.log names,
+                              --metric-regex matches (capture/metrics.py). Optional: runs
+                              without it (and older ones) load with an empty metrics table.
+                              meta.json "metric_name"/"metric_regex": `run --metric-name`.
 
     Every file is append-only in whole lines/rows or replaced atomically, so a run killed at
     any moment still loads: a reader drops a trailing partial CSV line or partial binary row
@@ -119,6 +126,8 @@ STEP_FORMATS = {
 NO_LOSS = ""  # the loss field of a step with no loss recorded (version 2; version 1 wrote "nan")
 # A row of a step with no clip call and no loss scaler: the constant fields, as step_line() takes them.
 NO_CLIP_NO_SCALER = {"clip_max_norm": "nan", "clipped": "0", "clip_value": "nan", "skipped": "0", "loss_scale": "nan"}
+# Columns of metrics-r{R}.csv (load_run's Run.metrics adds "rank" first).
+METRIC_COLUMNS = ["step", "name", "value"]
 # Columns that load_run adds: the rank the row came from.
 TABLE_COLUMNS = ["rank", *STEP_COLUMNS]
 BOOL_COLUMNS = ("clipped", "skipped")
@@ -148,7 +157,7 @@ STATUSES = ("running", "completed", "stopped", "failed", "interrupted", "killed"
 # meta.json keys (new_meta writes them all; finish_meta sets the last four).
 META_KEYS = ("format", "format_version", "gradscope_version", "target", "command", "cwd", "host", "launcher_pid", "run_id",
              "python", "torch", "clip_norm_override", "max_steps", "started", "ended", "status", "exit_code",
-             "signal")
+             "signal", "metric_name", "metric_regex")
 # Structured flags an importer sets in its Run's meta (true when set; analysis decides from
 # them, never from the words of meta["notes"], which are for people):
 NAN_LOSSES_DROPPED = "nan_losses_dropped"  # the trainer dropped NaN/inf losses before logging them
@@ -190,12 +199,16 @@ def process_file(rank: int) -> str:
     return f"process-r{rank}.json"
 
 
+def metrics_file(rank: int) -> str:
+    return f"metrics-r{rank}.csv"
+
+
 def is_run_file(name: str) -> bool:
     """True for every file name this format writes (what --force may remove)."""
     if name == META_FILE:
         return True
     stem, dot, ext = name.rpartition(".")
-    return (ext == "csv" and (stem.startswith("steps-r") or stem.startswith("layers-r"))) or (
+    return (ext == "csv" and stem.startswith(("steps-r", "layers-r", "metrics-r"))) or (
         ext == "json" and (stem.startswith("process-r") or stem.startswith("layers-r"))
     ) or (ext in ("f32", "i64") and stem.startswith("layers-r")) or name.endswith(".tmp")
 
@@ -279,7 +292,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, in_place_fallback: bool
             f.write(text)
 
 
-_OWN_NAME = re.compile(r"^(meta\.json|steps-r\d+\.csv|layers-r\d+-o\d+\.(csv|json|f32|i64)|process-r\d+\.json)$")
+_OWN_NAME = re.compile(r"^(meta\.json|steps-r\d+\.csv|layers-r\d+-o\d+\.(csv|json|f32|i64)|process-r\d+\.json|metrics-r\d+\.csv)$")
 
 
 def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> Path:
@@ -387,7 +400,7 @@ def previous_run_files(p: Path) -> list[str]:
             continue
         if run_id is not None and proc.get("run_id") != run_id:
             continue
-        names.update((f.name, steps_file(proc["rank"])))
+        names.update((f.name, steps_file(proc["rank"]), metrics_file(proc["rank"])))
         for o in proc.get("optimizers") or []:
             lf = o.get("layers_file") if isinstance(o, dict) else None
             if isinstance(lf, str) and _OWN_NAME.match(lf) and lf.startswith(f"layers-r{proc['rank']}-"):
@@ -479,8 +492,10 @@ class Run:
     """
 
     def __init__(self, path: Any, steps: Any, layers: Any = None, meta: dict | None = None,
-                 source: str = "gradscope", layer_norms: "LayerNorms | None" = None) -> None:
+                 source: str = "gradscope", layer_norms: "LayerNorms | None" = None,
+                 metrics: Any = None) -> None:
         self.path = Path(path)
+        self.metrics = metrics if metrics is not None else empty_metrics()  # rank, step, name, value
         self.steps = steps
         self.meta = meta if meta is not None else {}
         self.source = source
@@ -514,7 +529,8 @@ class Run:
         layers = self.layers
         if len(layers):
             layers = layers[layers["rank"] == rank].reset_index(drop=True)
-        return Run(self.path, steps, layers, self.meta, self.source)
+        metrics = self.metrics[self.metrics["rank"] == rank].reset_index(drop=True)
+        return Run(self.path, steps, layers, self.meta, self.source, metrics)
 
 
 def empty_layers():
@@ -875,6 +891,36 @@ def normalize_steps(df):
     return df
 
 
+def empty_metrics():
+    import pandas as pd
+
+    return pd.DataFrame({"rank": pd.Series(dtype="int64"), "step": pd.Series(dtype="int64"),
+                         "name": pd.Series(dtype="object"), "value": pd.Series(dtype="float64")})
+
+
+def _load_metrics(p: Path, rank: int | None):
+    """Every metrics-r{R}.csv, in report order per rank (empty when there is none)."""
+    import pandas as pd
+
+    frames = []
+    for f in sorted(p.glob("metrics-r*.csv"), key=lambda f: _rank_of(f.name)):
+        r = _rank_of(f.name)
+        if rank is not None and r != rank:
+            continue
+        try:
+            df = _read_csv(f, dtype={"step": "int64", "name": "str", "value": "float64"})
+        except (OSError, ValueError, pd.errors.ParserError) as e:
+            raise GradscopeError(f"cannot read '{f}': {e}") from None
+        if df.empty:
+            continue
+        if list(df.columns) != METRIC_COLUMNS:
+            raise GradscopeError(f"'{f}' has columns {','.join(map(str, df.columns))}, not "
+                                 f"{','.join(METRIC_COLUMNS)} (is it a gradscope metrics file?)")
+        df.insert(0, "rank", r)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else empty_metrics()
+
+
 def looks_like_run(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (
@@ -992,9 +1038,9 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
     store = StoreLayerNorms.open(p, rank)  # format version 2: nothing is read until asked
     if layer_frames:
         layers = pd.concat(layer_frames, ignore_index=True)
-        return Run(path=p, steps=steps, layers=layers, meta=meta, source="gradscope")
+        return Run(path=p, steps=steps, layers=layers, meta=meta, source="gradscope", metrics=_load_metrics(p, rank))
     return Run(path=p, steps=steps, layers=None if store else empty_layers(), meta=meta, source="gradscope",
-               layer_norms=store if store else None)
+               layer_norms=store if store else None, metrics=_load_metrics(p, rank))
 
 
 def _store_rows(index: Path) -> int:

@@ -12,6 +12,12 @@ OUT picks up where it was.
     OUT/probe-tau<TAU>-n<N>/        one probe (tau "as-is": the script as it is)
     OUT/logs/<run>.log              each run's own output
     OUT/tune.json, OUT/tune.png     the result and the loss curves
+
+With ``--metric NAME`` every run gets ``--metric-name NAME`` (and ``--metric-regex``): the
+values the script reports land in each run's metrics-r*.csv, a probe cut at N steps stops when
+step N+1 begins (so a value reported after step N is recorded), the horizons are moved to the
+steps the pilot reported NAME after (analysis/tune.py ``report_horizons``, ``align``), and
+probes are ranked by NAME at their horizon (``with_metric``, in :func:`tune`'s ``judge``).
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from gradscope import rundir
 from gradscope.analysis import tune as decide
@@ -42,6 +48,7 @@ class ProbeRun:
     exit_code: int | None = None
     steps_run: int = 0  # optimizer-0 steps the run made (what it cost)
     steps: object = None  # the steps table (pandas)
+    metrics: Any = None  # the metrics table (pandas; rundir.Run.metrics)
 
 
 @dataclass
@@ -72,6 +79,8 @@ class TuneResult:
     unseeded_at: dict = field(default_factory=dict)  # probe dir -> first step differing from the pilot
     notes: list = field(default_factory=list)
     figure: Path | None = None
+    metric: str | None = None  # --metric NAME: what the probes were ranked by (None: the training loss)
+    maximize: bool = False
 
 
 # `python -m gradscope` would put the working directory first on sys.path, where a folder named
@@ -80,10 +89,12 @@ _CLI = "import sys; sys.path.pop(0); sys.argv[0] = 'gradscope'; from gradscope.c
 
 
 def gradscope_argv(target: Target, out: Path, clip_norm: float | None, max_steps: int | None,
-                   layer_stride: int) -> list[str]:
+                   layer_stride: int, metric_name: str | None = None, metric_regex: str | None = None) -> list[str]:
     """The `gradscope run` command line of one probe."""
     argv = [sys.executable, "-c", _CLI, "run", "--quiet", "--force", "--out", str(out),
             "--layer-stride", str(layer_stride)]
+    if metric_name is not None:
+        argv += ["--metric-name", metric_name] + (["--metric-regex", metric_regex] if metric_regex else [])
     if clip_norm is not None and math.isfinite(clip_norm):
         argv += ["--clip-norm", repr(float(clip_norm))]
     if max_steps is not None:
@@ -102,15 +113,17 @@ def probe_dir(out: Path, clip_norm: float, max_steps: int | None) -> Path:
     return out / f"probe-tau{tau}-n{max_steps if max_steps is not None else 'all'}"
 
 
-def _finished(run_dir: Path, target: Target, clip_norm: float | None, max_steps: int | None) -> bool:
-    """A finished run of this very probe: same command, threshold and length."""
+def _finished(run_dir: Path, target: Target, clip_norm: float | None, max_steps: int | None,
+              metric: tuple = (None, None)) -> bool:
+    """A finished run of this very probe: same command, threshold, length and metric options."""
     try:
         meta = rundir.read_json(run_dir / rundir.META_FILE)
     except (OSError, ValueError):
         return False
     want_clip = clip_norm if clip_norm is not None and math.isfinite(clip_norm) else None
     return (meta.get("status") in FINISHED and meta.get("max_steps") == max_steps
-            and meta.get("clip_norm_override") == want_clip and meta.get("command") == target.argv())
+            and meta.get("clip_norm_override") == want_clip and meta.get("command") == target.argv()
+            and (meta.get("metric_name"), meta.get("metric_regex")) == tuple(metric))
 
 
 class Runner:
@@ -121,6 +134,7 @@ class Runner:
         self.target, self.out, self.jobs, self.layer_stride = target, out, max(1, jobs), layer_stride
         self.on_event = on_event or (lambda msg: None)
         self.runs: dict[Path, ProbeRun] = {}
+        self.metric: tuple = (None, None)  # (--metric-name, --metric-regex) of every run; set by tune()
 
     def run(self, specs: list[tuple[float, int | None, Path]]) -> list[ProbeRun]:
         todo = []
@@ -129,7 +143,7 @@ class Runner:
                 continue
             pr = ProbeRun(clip_norm, max_steps, run_dir)
             self.runs[run_dir] = pr
-            if _finished(run_dir, self.target, clip_norm, max_steps):
+            if _finished(run_dir, self.target, clip_norm, max_steps, self.metric):
                 pr.reused = True
                 self.on_event(f"reusing {run_dir.name} (finished before)")
             else:
@@ -142,7 +156,7 @@ class Runner:
         return [self.runs[d] for _, _, d in specs]
 
     def _launch(self, pr: ProbeRun) -> None:
-        argv = gradscope_argv(self.target, pr.run_dir, pr.clip_norm, pr.max_steps, self.layer_stride)
+        argv = gradscope_argv(self.target, pr.run_dir, pr.clip_norm, pr.max_steps, self.layer_stride, *self.metric)
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         tau = "as is" if not math.isfinite(pr.clip_norm) else f"clip norm {pr.clip_norm:g}"
@@ -162,7 +176,7 @@ class Runner:
             pr.steps = rundir.empty_steps()
             return
         pr.status, pr.exit_code = run.meta.get("status"), run.meta.get("exit_code")
-        pr.steps = run.steps
+        pr.steps, pr.metrics = run.steps, run.metrics
         first = decide._first_optimizer(run.steps)
         pr.steps_run = len(first)
 
@@ -183,7 +197,8 @@ def _script_clip(steps) -> float | None:
 def tune(target: Target, out: Path, *, steps: int | None = None, budget: float = DEFAULT_BUDGET,
          jobs: int = 1, candidates: list[float] | None = None, include_as_is: bool = True,
          on_event: Callable[[str], None] | None = None, figure: bool = True,
-         runner_factory: Callable[..., Runner] | None = None) -> TuneResult:
+         runner_factory: Callable[..., Runner] | None = None, metric: str | None = None,
+         maximize: bool = False, metric_regex: str | None = None) -> TuneResult:
     """Record a pilot, probe the candidates under the budget, choose. See the module docstring.
 
     ``runner_factory`` (default :class:`Runner`) is called as ``runner_factory(target, out, jobs,
@@ -195,12 +210,31 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         raise GradscopeError(f"--steps must be >= 1, got {steps}")
     out.mkdir(parents=True, exist_ok=True)
     runner = (runner_factory or Runner)(target, out, jobs, on_event=on_event)
+    if metric is not None:
+        runner.metric = (metric, metric_regex)
     say = on_event or (lambda msg: None)
+
+    def judge(pr: ProbeRun, t: float, horizon: int) -> decide.ProbeSummary:
+        """A probe's figures at ``horizon``, and what it is ranked by there: its loss, or --metric."""
+        s = decide.summarize(pr.steps, t, horizon)
+        return decide.with_metric(s, pr.metrics, metric, horizon, maximize) if metric is not None else s
+
     n_cand = (len(candidates) if candidates else len(decide.GRID_FACTORS)) + int(include_as_is)
 
     # 1. The pilot: the script as it is. T given: as long as the first rung (it is the as-is
-    #    candidate's first probe); otherwise to its end, which tells T.
-    if steps is not None:
+    #    candidate's first probe); otherwise to its end, which tells T. With --metric it runs the
+    #    whole training (T steps when given), which tells when the script reports the metric.
+    if steps is not None and metric is not None:
+        runner.layer_stride = 1
+        pilot = runner.run([(decide.AS_IS, steps, out / "pilot")])[0]
+        runner.layer_stride = 0
+        T, T_source = steps, "option"
+        try:
+            the_plan = decide.plan(T, budget, n_cand, pilot_steps=T, as_is_in_pilot=include_as_is)
+        except ValueError as e:
+            raise GradscopeError(f"{e}; with --metric the pilot runs the whole training to learn when "
+                                 f"{metric} is reported") from None
+    elif steps is not None:
         try:
             the_plan = decide.plan(steps, budget, n_cand, as_is_in_pilot=include_as_is)
         except ValueError as e:
@@ -237,6 +271,21 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         raise GradscopeError(f"the training has only {pilot.steps_run} steps, fewer than its first probe's "
                              f"{pilot.max_steps}: --steps {steps} is not its length", 2)
 
+    horizons: list[int] = []
+    if metric is not None:  # where the script reports it: the horizons are moved there
+        horizons = decide.report_horizons(pilot.metrics, metric, pilot.steps_run, T, complete=True)
+        if not horizons:
+            names = sorted(set(pilot.metrics["name"])) if pilot.metrics is not None and len(pilot.metrics) else []
+            raise GradscopeError(
+                f"the pilot ({pilot.steps_run} steps) reported no value of '{metric}' after any step "
+                f"({'it reported ' + ', '.join(names[:8]) if names else 'it reported no metric'}); "
+                "check --metric" + (" and --metric-regex" if metric_regex else "") +
+                "", 2)
+        say(f"{metric} is reported after steps " + ", ".join(map(str, horizons[:6])) +
+            (", ..." if len(horizons) > 6 else "") + "; probe horizons are moved there")
+        for r in the_plan.rungs:
+            r.steps = decide.align(r.steps, horizons)
+
     as_is_clip = _script_clip(pilot.steps)
     if candidates:
         taus = sorted(set(float(c) for c in candidates))
@@ -269,6 +318,9 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             later = [len(alive) - free_now] + counts[k + 1:]
             lengths[k:] = decide.stretch(lengths[k:], later, budget * T - spent_now, T)
             lengths[k:] = [max(n, lengths[k - 1]) for n in lengths[k:]]
+        if horizons:  # to where the metric is reported, within what the budget left affords (never past it)
+            afford = lengths[k] if k == 0 else int((budget * T - spent_now) // max(1, later[0]))
+            lengths[k] = max(decide.align(min(lengths[k], afford), horizons), lengths[k - 1] if k else 0)
         rung = decide.Rung(lengths[k], counts[k])
         specs = []
         for t in alive:
@@ -289,8 +341,8 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
                 summaries.append(decide.ProbeSummary(t, pr.steps_run, 0, math.nan, math.nan, math.nan, math.nan,
                                                      math.nan, math.nan, True, c.failed))
                 continue
-            summaries.append(decide.summarize(pr.steps, t, horizon))
-        full = horizon >= T
+            summaries.append(judge(pr, t, horizon))
+        full = horizon >= T or (bool(horizons) and horizon >= decide.align(T, horizons))  # the metric's last report
         last = k == len(lengths) - 1
         if last:
             choice = decide.choose(summaries, full_horizon=full)
@@ -302,7 +354,8 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         say(f"rung {k + 1}: {len(summaries)} candidates at {horizon} steps; kept " +
             (", ".join(cands[t].label for t in kept) if kept else "none (every candidate diverged)"))
         if not kept:
-            choice = _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source)
+            choice = _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source, judge,
+                                       (lambda n: decide.align(n, horizons)) if horizons else (lambda n: n))
             break
         alive = kept
 
@@ -313,7 +366,9 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             continue
         if pr.status in FINISHED:
             horizon = min(pr.steps_run, max(p.max_steps or pr.steps_run for p in c.probes))
-            c.summary = decide.summarize(pr.steps, c.clip_norm, horizon)
+            if horizons:
+                horizon = decide.align(horizon, horizons)
+            c.summary = judge(pr, c.clip_norm, horizon)
         else:
             c.failed = c.failed or f"{pr.run_dir.name} ended '{pr.status}' (exit code {pr.exit_code})"
 
@@ -326,7 +381,7 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         out=out, total_steps=T, total_steps_source=T_source, budget=budget, plan=the_plan, pilot=pilot,
         candidates=sorted(cands.values(), key=lambda c: c.clip_norm), rungs=rungs, choice=choice,
         recommended_clip_norm=rec, as_is_clip_norm=as_is_clip, budget_spent=spent / T, steps_spent=spent,
-        steps_reused=reused,
+        steps_reused=reused, metric=metric, maximize=maximize,
     )
     for pr in runner.runs.values():
         if pr is pilot or pr.steps is None or pr.status not in FINISHED:
@@ -340,6 +395,10 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             f"the probes are not comparable: {len(result.unseeded_at)} of them differ from the pilot before "
             f"any clipping (first at step {first}), so the script's randomness is not seeded; seed it "
             "(torch.manual_seed, and the data order) and tune again")
+    if horizons and spent > budget * T:
+        result.notes.append(f"{metric} is first reported after step {horizons[0]}, past the first rung the budget "
+                            f"planned: the probes ran to it, and the tune spent {spent / T:.2f} whole runs, more "
+                            f"than --budget {budget:g}")
     final_horizon = horizon  # the last planned rung's (a fallback after it adds rungs of its own)
     if choice is not None and choice.clip_norm is not None and final_horizon < T:
         reach = math.ceil(the_plan.whole_budget * 100) / 100
@@ -355,7 +414,7 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
     return result
 
 
-def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source):
+def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source, judge, snap):
     """Every candidate of a rung diverged: fall back to the best one below them from an earlier
     rung, checked at this rung's horizon, or as long as the budget left allows when that is
     shorter (but longer than it was probed)."""
@@ -368,6 +427,7 @@ def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out
         t = back.clip_norm
         spent = sum(p.steps_run for p in runner.runs.values())
         steps = min(horizon, int(budget * T) - spent)
+        steps = snap(steps) if snap(steps) <= steps else steps  # --metric: where it is reported
         if steps <= back.horizon:
             back.reason = (f"every finalist diverged by {horizon} steps; {cands[t].label} is the best below them "
                            f"at {back.horizon} steps (no budget left to probe it longer)")
@@ -376,7 +436,7 @@ def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out
         say(f"every finalist diverged: probing {cands[t].label} at {steps} steps")
         pr = runner.run([(t, n, probe_dir(out, t, n))])[0]
         cands[t].probes.append(pr)
-        s = (decide.summarize(pr.steps, t, steps) if pr.status in FINISHED else
+        s = (judge(pr, t, steps) if pr.status in FINISHED else
              decide.ProbeSummary(t, pr.steps_run, 0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan,
                                  True, f"ended '{pr.status}'"))
         rungs.append({"steps": steps, "candidates": [t], "kept": [] if s.diverged else [t], "summaries": [s]})

@@ -9,6 +9,8 @@ counted here on every row of the series:
   logged losses (at least one); non-finite when any of them is.
 - non-finite steps: a non-finite loss, or a non-finite gradient norm the loss scaler did
   not skip (a skipped overflow applied nothing: counted under `skipped`).
+- metrics: the last value of each name the script reported (metrics-r*.csv, the same rank),
+  with the step it was reported after; their series for the figure.
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ class CompareRow:
     error: str | None = None          # why the analyzer could not judge it
     norm_scope: str = "global"        # "rank-local": per-rank shard norms, no regime judged (ranks.norm_scope)
     curves: Curves | None = field(default=None, repr=False)
+    metrics: dict = field(default_factory=dict)  # name -> (step, last value) reported (metrics-r*.csv)
+    metric_series: dict = field(default_factory=dict, repr=False)  # name -> (steps, values)
 
     @property
     def label(self) -> str:
@@ -125,7 +129,23 @@ def compare_rows(label: str, run, analysis=None, error: str | None = None) -> li
             curves=Curves(s.step, s.grad_norm, s.loss, s.skipped),
             norm_scope=scope,
         ))
+    if rows:
+        rows[0].metrics, rows[0].metric_series = _metrics_of(run, rank)
     if not rows:
         rows.append(CompareRow(label, 0, None, run.source, 0, {}, None, None, None, None, None, None, 0, 0,
                                None, None, error or "no optimizer steps"))
     return rows
+
+
+def _metrics_of(run, rank) -> tuple[dict, dict]:
+    """Each reported name's last (step, value) and its series, on ``rank`` (metrics-r*.csv)."""
+    m = getattr(run, "metrics", None)
+    if m is None or not len(m):
+        return {}, {}
+    m = m[m["rank"] == rank] if rank is not None else m
+    last, series = {}, {}
+    for name, sel in m.groupby("name", sort=False):
+        steps, values = sel["step"].to_numpy(), sel["value"].to_numpy(dtype=float)
+        last[name] = (int(steps[-1]), float(values[-1]))
+        series[name] = (steps, values)
+    return last, series

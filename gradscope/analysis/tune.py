@@ -15,6 +15,9 @@ Steps tables in (the columns of a gradscope run), dataclasses out. The orchestra
   (a probe that cannot tell them apart favours neither end). A diverged candidate is never
   chosen.
 - :func:`survivors`: the first rung's choice and its neighbours on the ladder go on.
+- :func:`with_metric`: ``tune --metric NAME``: a probe is ranked by NAME's value at its horizon
+  instead of the loss (:attr:`ProbeSummary.score`, the one value every choice above compares);
+  :func:`report_horizons` and :func:`align` put the horizons where the script reports NAME.
 """
 from __future__ import annotations
 
@@ -67,6 +70,17 @@ class ProbeSummary:
     mean_multiplier: float  # mean of min(1, clip_norm / grad_norm): how much of the update survives
     diverged: bool
     diverged_reason: str | None = None
+    # What the probes are ranked by (lower is better): the loss over the last stretch and its noise,
+    # or under `tune --metric` the metric at the horizon (negated with --maximize; see with_metric)
+    score: float | None = None
+    score_se: float | None = None
+    metric_name: str | None = None  # --metric NAME
+    metric: float = math.nan  # NAME's value reported after the horizon's last step (nan: none)
+    unranked: str | None = None  # why a probe that did not diverge has no score ("no NAME value after step N")
+
+    def __post_init__(self) -> None:
+        if self.score is None:
+            self.score, self.score_se = self.loss, self.loss_se
 
 
 @dataclass
@@ -319,8 +333,8 @@ def unseeded(pilot_steps, probe_steps) -> int | None:
 
 
 def _tied(a: ProbeSummary, b: ProbeSummary, z: float = TIE_Z) -> bool:
-    noise = math.sqrt(a.loss_se ** 2 + b.loss_se ** 2)
-    return abs(a.loss - b.loss) <= z * noise
+    noise = math.sqrt(a.score_se ** 2 + b.score_se ** 2)
+    return abs(a.score - b.score) <= z * noise
 
 
 def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float = TIE_Z) -> Choice:
@@ -333,11 +347,14 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
     an unclipped run that is fine so far may still blow up later. Diverged candidates are
     never chosen.
     """
-    ok = [s for s in summaries if not s.diverged and math.isfinite(s.loss)]
+    ok = [s for s in summaries if not s.diverged and math.isfinite(s.score)]
     horizon = max((s.steps for s in summaries), default=0)
     if not ok:
-        return Choice(None, horizon, None, reason="every candidate diverged" if summaries else "no candidate")
-    best = min(ok, key=lambda s: (s.loss, -s.clip_norm))
+        unranked = [s for s in summaries if not s.diverged and s.metric_name]
+        return Choice(None, horizon, None, reason=(
+            f"no candidate that did not diverge reported {unranked[0].metric_name} at its horizon" if unranked
+            else "every candidate diverged" if summaries else "no candidate"))
+    best = min(ok, key=lambda s: (s.score, -s.clip_norm))
     ties = [s for s in ok if _tied(s, best, z)]
 
     def size(s: ProbeSummary) -> float:
@@ -353,11 +370,12 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
         # middle of them goes on (the largest would bet on short-horizon bias running one way).
         chosen = finite[len(finite) // 2]
     others = [s for s in ok if s is not chosen]
-    runner = min(others, key=lambda s: s.loss) if others else None
+    runner = min(others, key=lambda s: s.score) if others else None
     margin = None
     if runner is not None:
-        noise = math.sqrt(chosen.loss_se ** 2 + runner.loss_se ** 2)
-        margin = (runner.loss - chosen.loss) / noise if noise > 0 else (math.inf if runner.loss > chosen.loss else 0.0)
+        noise = math.sqrt(chosen.score_se ** 2 + runner.score_se ** 2)
+        margin = (runner.score - chosen.score) / noise if noise > 0 else (
+            math.inf if runner.score > chosen.score else 0.0)
     if middle:
         reason = (f"{len(ties)} candidates within the loss's noise of the best at {horizon} steps; the middle "
                   "threshold among them is taken (a probe this short cannot tell them apart)")
@@ -367,7 +385,13 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
     else:
         reason = ("lowest loss, clear of the others by more than the loss's noise" if runner is not None else
                   "the only one that did not diverge" if len(summaries) > 1 else "only candidate")
-    return Choice(chosen.clip_norm, horizon, best.loss, [s.clip_norm for s in ties],
+    if best.metric_name:  # the words above name the loss; the ranking was by the metric (no noise estimate)
+        name = best.metric_name
+        reason = (reason.replace("within the loss's noise of the best", f"with {name} equal to the best")
+                  if len(ties) > 1 else
+                  f"best {name} at {horizon} steps (one value per probe: no noise estimate)"
+                  if runner is not None else reason)
+    return Choice(chosen.clip_norm, horizon, best.score, [s.clip_norm for s in ties],
                   runner.clip_norm if runner else None, margin, reason)
 
 
@@ -377,14 +401,14 @@ def survivors(summaries: list[ProbeSummary], keep: int, *, full_horizon: bool = 
     first (short-horizon bias can run either way: a small threshold is a learning-rate cut that
     helps early and hurts later, and a large one can look worse early and end better), then the
     best losses."""
-    ok = sorted([s for s in summaries if not s.diverged and math.isfinite(s.loss)], key=lambda s: s.loss)
+    ok = sorted([s for s in summaries if not s.diverged and math.isfinite(s.score)], key=lambda s: s.score)
     if not ok:
         return []
     pick = choose(summaries, full_horizon=full_horizon).clip_norm
     out = [pick]
     ladder = sorted(s.clip_norm for s in ok)
     i = ladder.index(pick)
-    loss = {s.clip_norm: s.loss for s in ok}
+    loss = {s.clip_norm: s.score for s in ok}
     for t in sorted((ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)), key=lambda t: loss[t]):
         if len(out) < keep:
             out.append(t)
@@ -404,7 +428,59 @@ def fallback(rungs: list[list[ProbeSummary]], diverged: set) -> Choice | None:
         return None
     limit = min(diverged)
     for summaries in reversed(rungs):
-        left = [s for s in summaries if s.clip_norm < limit and not s.diverged and math.isfinite(s.loss)]
+        left = [s for s in summaries if s.clip_norm < limit and not s.diverged and math.isfinite(s.score)]
         if left:
             return choose(left, full_horizon=False)
     return None
+
+
+# ------------------------------------------------------------------------- --metric
+
+
+def metric_values(metrics, name: str):
+    """(step, value) of NAME on the lowest rank, in report order (steps -1: before any step dropped)."""
+    if metrics is None or not len(metrics):
+        return metrics.iloc[0:0] if metrics is not None else None
+    m = metrics[metrics["name"] == name]
+    if len(m) and m["rank"].nunique() > 1:
+        m = m[m["rank"] == m["rank"].min()]
+    return m[m["step"] >= 0]
+
+
+def with_metric(summary: ProbeSummary, metrics, name: str, horizon: int, maximize: bool = False) -> ProbeSummary:
+    """The value a probe is ranked by under ``tune --metric NAME``: NAME's last value reported after
+    the horizon's last step (step ``horizon - 1``), negated when higher is better. A probe with no
+    value there keeps its loss figures but has no score (nan): it is never ranked by its loss."""
+    from dataclasses import replace
+
+    m = metric_values(metrics, name)
+    at = m[m["step"] == horizon - 1]["value"].to_numpy(dtype=float) if m is not None and len(m) else np.array([])
+    value = float(at[-1]) if len(at) else math.nan
+    score = (-value if maximize else value) if math.isfinite(value) else math.nan
+    unranked = None
+    if not summary.diverged and not math.isfinite(value):
+        unranked = f"no {name} value after step {horizon}" if not len(at) else f"{name} = {value:g}"
+    return replace(summary, metric_name=name, metric=value, score=score, score_se=0.0, unranked=unranked)
+
+
+def report_horizons(metrics, name: str, steps_run: int, total_steps: int, complete: bool) -> list[int]:
+    """The horizons (steps done) after which the script reports NAME, learned from the pilot: those
+    it reported at, and, when the pilot stopped before T, the last spacing continued up to T."""
+    m = metric_values(metrics, name)
+    seen = sorted({int(s) + 1 for s in m["step"]} if m is not None and len(m) else set())
+    if not seen or complete:
+        return seen
+    gap = seen[-1] - seen[-2] if len(seen) > 1 else seen[0]
+    out = list(seen)
+    while gap > 0 and out[-1] + gap <= total_steps:
+        out.append(out[-1] + gap)
+    return out
+
+
+def align(steps: int, horizons: list[int]) -> int:
+    """A planned horizon moved to where NAME is reported: the latest report at or before it (the
+    budget holds), or the first one when it comes later."""
+    if not horizons:
+        return steps
+    before = [h for h in horizons if h <= steps]
+    return before[-1] if before else horizons[0]

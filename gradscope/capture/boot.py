@@ -14,8 +14,8 @@ import sys
 
 
 from gradscope.capture.options import (  # noqa: F401  (the launcher reads them here)
-    ENV_CLIP_NORM, ENV_FLUSH_SECONDS, ENV_FLUSH_STEPS, ENV_LAYER_STRIDE, ENV_MAX_STEPS, ENV_RUN_DIR, ENV_RUN_ID,
-    ENV_STOP_ON_NAN, ENV_TRACE_NAN,
+    ENV_CLIP_NORM, ENV_FLUSH_SECONDS, ENV_FLUSH_STEPS, ENV_LAYER_STRIDE, ENV_MAX_STEPS, ENV_METRIC_NAME,
+    ENV_METRIC_REGEX, ENV_RUN_DIR, ENV_RUN_ID, ENV_STOP_ON_NAN, ENV_TRACE_NAN,
 )
 
 
@@ -33,6 +33,7 @@ def _start() -> None:
         clip_norm=float(os.environ[ENV_CLIP_NORM]) if os.environ.get(ENV_CLIP_NORM) else None,
         trace_nan=os.environ.get(ENV_TRACE_NAN) == "1",
         max_steps=int(os.environ[ENV_MAX_STEPS]) if os.environ.get(ENV_MAX_STEPS) else None,
+        stop_before_next_step=bool(os.environ.get(ENV_METRIC_NAME)),
     ).start()
 
 
@@ -98,6 +99,10 @@ class _AfterTorchImport(importlib.abc.MetaPathFinder):
 def start_from_env() -> None:
     if not os.environ.get(ENV_RUN_DIR):
         return
+    if os.environ.get(ENV_METRIC_REGEX):
+        from gradscope.capture.metrics import scan_streams_from_env
+
+        scan_streams_from_env()  # before the script runs: a logging handler made early writes through it too
     if "torch" in sys.modules:
         _on_torch()
     else:

@@ -15,7 +15,7 @@ import torch
 
 from gradscope import rundir
 from gradscope._version import __version__
-from gradscope.capture import announce, distributed, rows as lean_rows
+from gradscope.capture import announce, distributed, metrics, rows as lean_rows
 from gradscope.capture.options import ENV_RUN_ID
 from gradscope.capture.names import parameter_names
 from gradscope.capture.writer import ProcessWriter
@@ -69,6 +69,7 @@ def flush(rec: Any) -> None:
             batch.event = torch.cuda.Event()
             batch.event.record()
         rec._inflight.append(batch)
+    metrics.flush(rec)  # the reported values (metrics-r*.csv): host copies launched the same way
     drain(rec, block=False)
 
 
@@ -86,6 +87,7 @@ def drain(rec: Any, block: bool) -> None:
             current = rec._inflight.pop(0)
             write(rec, current)
             current, rows_written = None, True
+        metrics.drain(rec, block)  # after the step rows: a value's step is in the steps file first
         if rec._nantrace is not None and rec._nantrace.resolve():
             wrote = True  # the origin is known: into the process file now
         if wrote or (rows_written and process_due(rec, block)):

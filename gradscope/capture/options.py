@@ -16,6 +16,8 @@ ENV_CLIP_NORM = "GRADSCOPE_CLIP_NORM"
 ENV_TRACE_NAN = "GRADSCOPE_TRACE_NAN"
 ENV_MAX_STEPS = "GRADSCOPE_MAX_STEPS"
 ENV_RUN_ID = "GRADSCOPE_RUN_ID"  # meta.json's run_id, into every process file of the run
+ENV_METRIC_NAME = "GRADSCOPE_METRIC_NAME"  # --metric-name: the run is judged by it (--max-steps waits for it)
+ENV_METRIC_REGEX = "GRADSCOPE_METRIC_REGEX"  # --metric-regex: searched in the script's stdout/stderr lines
 
 def checked_clip_norm(value: Any) -> float | None:
     """`--clip-norm` / record(clip_norm=): None, or a positive, finite float (0 would zero every

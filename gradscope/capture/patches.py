@@ -119,6 +119,8 @@ def install(rec: Any) -> None:
         def step(scaler, optimizer, *args, **kwargs):
             if not rec._mine():
                 return orig(scaler, optimizer, *args, **kwargs)
+            if rec._limit is not None:
+                rec._limit.before_step(rec)  # a step it skips never reaches the optimizer's pre-hook
             st = rec._register(optimizer)
             before = st.steps
             outer, rec._active_scaler = rec._active_scaler, scaler

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from gradscope.capture import closure, distributed, flushing, fsdp1, patches, rows as lean_rows
+from gradscope.capture import closure, distributed, flushing, fsdp1, metrics, patches, rows as lean_rows
 from gradscope.capture.audit import ClipAudit
 from gradscope.capture.options import checked_clip_norm
 from gradscope.capture.step_limit import StepLimit
@@ -133,6 +133,7 @@ class Recorder:
         clip_norm: float | None = None,
         trace_nan: bool = False,
         max_steps: int | None = None,
+        stop_before_next_step: bool = False,
     ) -> None:
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.layer_stride = max(0, int(layer_stride))  # 0 = no per-layer table
@@ -144,7 +145,11 @@ class Recorder:
         # `gradscope run --clip-norm`: the threshold every step is clipped at, whether or not
         # the script clips (a script's own clip_grad_norm_ call runs with this max_norm instead).
         self.clip_norm = checked_clip_norm(clip_norm)
-        self._limit = StepLimit(max_steps) if max_steps else None  # `gradscope run --max-steps`
+        # `gradscope run --max-steps`; with --metric-name, the stop waits for the next step to begin,
+        # so that what the script reports after its last step (an evaluation) is recorded
+        self._limit = StepLimit(max_steps, before_next=stop_before_next_step) if max_steps else None
+        self._metrics = metrics.MetricBuffer()  # values the script reports (capture/metrics.py)
+        self._unhook_imports: Callable[[], None] | None = None
         self._fused_warned = False
         self._applying = False  # inside our own --clip-norm call: not a call of the script's
         self._script_max_norms: list[float] = []  # what the script passed, replaced by clip_norm
@@ -205,6 +210,7 @@ class Recorder:
         _ACTIVE = self
         self._on = True
         self._install()
+        self._unhook_imports = metrics.install(self)  # HF Trainer / Lightning metrics, now or at their import
         if self._nantrace is not None:
             self._nantrace.start()
         self._settle_rank()
@@ -286,6 +292,8 @@ class Recorder:
         patches.install(self)  # capture/patches.py
 
     def _uninstall(self) -> None:
+        if self._unhook_imports is not None:
+            self._unhook_imports()
         if self._nantrace is not None:
             self._nantrace.stop()
         for h in self._handles:
@@ -406,6 +414,8 @@ class Recorder:
         if not any(id(p) in self._owned for p in params):
             # No optimizer owns these parameters: a hand-written update follows the clip,
             # so the clip call is the step (as in PyTorch's word_language_model example).
+            if self._limit is not None:
+                self._limit.before_step(self)
             st = self._manual_state(params)
             self._record(st, [{"params": params, "lr": float("nan")}])
             self._maybe_flush()
@@ -430,6 +440,8 @@ class Recorder:
     def _on_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple | None:
         if not self._on or self._framework_step:
             return None
+        if self._limit is not None:
+            self._limit.before_step(self)
         st = self._register(opt)
         self._audit.step_begin(st)
         if len(args) > 1 or kwargs:  # args[0] is the optimizer; step(closure) or step(closure=...)

@@ -9,6 +9,11 @@ the ``step`` column and in trainers' own step counters (Hugging Face's
 ``global_step``). Other optimizers are not counted: the run ends when optimizer 0
 completes its Nth step, whatever the others have done by then.
 
+With ``before_next`` (`gradscope run --max-steps N --metric-name NAME`, which tune's
+``--metric`` probes use) the stop comes when the next step begins instead (the step
+pre-hook, before anything of that step is applied; or the script's own end): what the
+script reports after its Nth step, an evaluation say, is recorded (capture/metrics.py).
+
 How the training ends:
 - one process: ``SystemExit(0)`` is raised from the hook, so the script's
   ``finally`` blocks and atexit handlers run (gradscope's flush among them) and the
@@ -34,11 +39,20 @@ STOPPED = "stopped"
 class StepLimit:
     """Stops the process after the ``max_steps``-th step of optimizer 0."""
 
-    def __init__(self, max_steps: int) -> None:
+    def __init__(self, max_steps: int, before_next: bool = False) -> None:
         self.max_steps = int(max_steps)
+        self.before_next = before_next
         self._announced = False
 
     def after_step(self, recorder: Any) -> None:
+        if not self.before_next:
+            self._stop_if_reached(recorder)
+
+    def before_step(self, recorder: Any) -> None:
+        if self.before_next:
+            self._stop_if_reached(recorder)
+
+    def _stop_if_reached(self, recorder: Any) -> None:
         states = recorder._states
         if not states or states[0].steps < self.max_steps:
             return

@@ -40,6 +40,7 @@ class ProcessWriter:
         self.rank = rank
         self._steps: Any = None
         self._layers: dict[int, tuple[Any, Any]] = {}  # optimizer -> (steps file, norms file)
+        self._metrics: Any = None
 
     def _claim_rank(self) -> None:
         # Two processes of one run with the same rank (a script that launches another
@@ -85,6 +86,17 @@ class ProcessWriter:
         norms_f.write(float32_bytes(norms.to(torch.float32)))
         norms_f.flush()
 
+    def write_metrics_text(self, text: str) -> None:
+        """Whole lines of metrics-r{R}.csv (capture/metrics.py), after this process's first step."""
+        if self._metrics is None:
+            if self._steps is None:
+                self._claim_rank()
+            path = os.path.join(self.run_dir, rundir.metrics_file(self.rank))
+            self._metrics = open(path, "w", encoding="utf-8", newline="")
+            self._metrics.write(",".join(rundir.METRIC_COLUMNS) + "\n")
+        self._metrics.write(text)
+        self._metrics.flush()
+
     def write_process(self, info: dict, in_place_fallback: bool = False) -> None:
         if self._steps is None:
             return  # nothing recorded by this process: leave no file
@@ -95,7 +107,7 @@ class ProcessWriter:
         return self._steps is not None
 
     def close(self) -> None:
-        for f in [self._steps, *(f for pair in self._layers.values() for f in pair)]:
+        for f in [self._steps, *(f for pair in self._layers.values() for f in pair), self._metrics]:
             if f is not None:
                 try:
                     f.close()

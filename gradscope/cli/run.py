@@ -53,6 +53,15 @@ def run_command(
         None, "--max-steps", min=1, help="End the training cleanly after N optimizer steps of the first optimizer "
         "(status 'stopped', exit 0).",
     ),
+    metric_name: Optional[str] = typer.Option(
+        None, "--metric-name", help="The metric this run is judged by (metrics-r<rank>.csv): with --metric-regex, "
+        "the name its values are recorded under; with --max-steps, the stop waits for the next step to begin, "
+        "so a value reported after the last step is recorded.",
+    ),
+    metric_regex: Optional[str] = typer.Option(
+        None, "--metric-regex", help="A Python regular expression searched in every line the script writes to "
+        "stdout or stderr; its first group is the value of --metric-name.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No lines of gradscope's own: neither 'recording' at the start nor the summary at the end."),
 ) -> int:
     from gradscope import launch, rundir
@@ -66,6 +75,7 @@ def run_command(
     else:
         target = _classify(args)
     checked_clip_norm(clip_norm)  # here, before the script starts, as well as in the recorder
+    check_metric_options(metric_name, metric_regex, "--metric-name")
     launch.check_target(target)
     run_dir = out if out is not None else launch.default_run_dir(target)
     run_dir = rundir.prepare_run_dir(run_dir, force=force)
@@ -73,6 +83,7 @@ def run_command(
     returncode = launch.run_recorded(
         target, run_dir, layer_stride=layer_stride, flush_steps=flush_steps, flush_seconds=flush_seconds,
         stop_on_nan=stop_on_nan, clip_norm=clip_norm, trace_nan=trace_nan, max_steps=max_steps, announce=not quiet,
+        metric_name=metric_name, metric_regex=metric_regex,
     )
     if not quiet:
         from gradscope.report.summary import print_summary
@@ -82,6 +93,25 @@ def run_command(
         except Exception as e:  # the script's status matters more than our summary
             print(f"gradscope: run saved in {run_dir} (summary unavailable: {e})", file=sys.stderr)
     return returncode
+
+
+def check_metric_options(name: str | None, regex: str | None, name_option: str) -> None:
+    """One line, exit 2, for a metric name or regex that cannot work (before anything starts)."""
+    import re
+
+    if name is not None and (not name.strip() or "," in name or "\n" in name):
+        raise GradscopeError(f"{name_option} must be a non-empty name without commas, got {name!r}")
+    if regex is None:
+        return
+    if name is None:
+        raise GradscopeError(f"--metric-regex needs {name_option} NAME: the name its values are recorded under")
+    try:
+        groups = re.compile(regex).groups
+    except re.error as e:
+        raise GradscopeError(f"--metric-regex {regex!r} is not a Python regular expression: {e}") from None
+    if groups < 1:
+        raise GradscopeError(f"--metric-regex {regex!r} has no group: put the value in parentheses, "
+                             "e.g. 'val_loss=([-0-9.eE+]+)'")
 
 
 def _classify(args: list[str]):

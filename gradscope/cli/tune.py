@@ -17,6 +17,8 @@ TUNE_HELP = """Find the clip norm by measuring: a pilot, then short probes (grad
   gradscope tune train.py --lr 3e-4             T learned from a pilot that runs to its end
   gradscope tune --steps 2000 --jobs 2 train.py  T given: the pilot is short
   gradscope tune --candidates 0.1,0.5,2 --out runs/tune -m mypkg.train
+  gradscope tune --metric eval_loss train.py     ranked by the Trainer's eval_loss, not the training loss
+  gradscope tune --metric acc --maximize --metric-regex 'val acc ([0-9.]+)' train.py
   gradscope tune --out runs/tune -- torchrun --nproc-per-node 2 train.py
 
 Every pilot and probe is a run directory under --out; run again with the same --out to resume.
@@ -41,9 +43,15 @@ def tune_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the pilot and probes "
                                        "(default: gradscope_runs/<time>-<name>-tune)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Rank the probes by this metric at their horizon "
+                                         "(lower is better) instead of the training loss: a gradscope.log_metric "
+                                         "name, a Trainer eval_* key, a Lightning self.log name, or --metric-regex."),
+    maximize: bool = typer.Option(False, "--maximize", help="With --metric: higher is better (accuracy)."),
+    metric_regex: Optional[str] = typer.Option(None, "--metric-regex", help="A Python regular expression searched "
+                                               "in every line the script writes; its first group is --metric's value."),
 ) -> int:
     from gradscope import launch
-    from gradscope.cli.run import _classify
+    from gradscope.cli.run import _classify, check_metric_options
     from gradscope.tune import tune
 
     args = list(ctx.args)
@@ -58,6 +66,9 @@ def tune_command(
     else:
         target = _classify(args)
     taus = _parse_candidates(candidates) if candidates is not None else None
+    check_metric_options(metric, metric_regex, "--metric")
+    if maximize and metric is None:
+        raise GradscopeError("--maximize needs --metric NAME (without it the training loss is ranked, lower is better)")
     if not (budget > 0) or budget == float("inf"):
         raise GradscopeError(f"--budget must be a positive number of whole runs, got {budget:g}")
     launch.check_target(target)
@@ -72,7 +83,8 @@ def tune_command(
         sys.stderr.write(f"gradscope tune: {msg}\n")
         sys.stderr.flush()
 
-    result = tune(target, out, steps=steps, budget=budget, jobs=jobs, candidates=taus, on_event=event)
+    result = tune(target, out, steps=steps, budget=budget, jobs=jobs, candidates=taus, on_event=event,
+                  metric=metric, maximize=maximize, metric_regex=metric_regex)
     if as_json:
         from gradscope.report.tune import dumps
 

@@ -49,14 +49,16 @@ def to_json(rows: list[CompareRow]) -> dict:
             "situation": r.situation,
             "error": r.error,
             "norm_scope": r.norm_scope,
+            "metrics": {k: {"step": s, "value": _num(v)} for k, (s, v) in r.metrics.items()},
         })
     return {"final_fraction": FINAL_FRACTION, "runs": runs}
 
 
 def table_lines(rows: list[CompareRow]) -> list[str]:
     """The table as plain aligned lines: nothing is cut, in a terminal or a CI log alike."""
+    metrics = any(r.metrics for r in rows)
     cols = ("run", "steps", "p50", "p90", "p99", "max", "max_norm", "clips", "update×", "final loss",
-            "non-finite", "skipped", "situation")
+            "non-finite", "skipped", "situation") + (("last metrics",) if metrics else ())
     cells = []
     for r in rows:
         p = r.percentiles
@@ -66,10 +68,16 @@ def table_lines(rows: list[CompareRow]) -> list[str]:
             _f(r.clip_norm, "g"), f"{r.clip_fraction:.1%}" if r.clip_fraction is not None else "-",
             _f(r.mean_multiplier, ".3f"), loss, str(r.non_finite), str(r.skipped),
             r.situation or ("per-rank" if r.norm_scope == "rank-local" else "not judged" if r.error else "-"),
+            *([_metric_cell(r)] if metrics else []),
         ))
     from gradscope.report.table import aligned
 
     return aligned(cols, cells, left=(0, len(cols) - 1))
+
+
+def _metric_cell(r: CompareRow, most: int = 3) -> str:
+    items = [f"{k}={_f(v, '.4g')}@{s}" for k, (s, v) in list(r.metrics.items())[:most]]
+    return " ".join(items) + (f" (+{len(r.metrics) - most})" if len(r.metrics) > most else "") if items else "-"
 
 
 def render(rows: list[CompareRow], file=None) -> None:
@@ -80,7 +88,9 @@ def render(rows: list[CompareRow], file=None) -> None:
     print("\n".join(table_lines(rows)), file=out)
     print(f"grad norm p50-max: steady-state percentiles (as `recommend` reports them); clips: share of "
           f"steady-state steps above max_norm; update×: mean update multiplier; final loss: mean ± sd of the "
-          f"last {FINAL_FRACTION:.0%} of logged losses; skipped: loss-scaler overflows", file=out)
+          f"last {FINAL_FRACTION:.0%} of logged losses; skipped: loss-scaler overflows"
+          + ("; last metrics: each reported name's last value @ the step it was reported after"
+             if any(r.metrics for r in rows) else ""), file=out)
     from gradscope.analysis.ranks import RANK_LOCAL_NOTE
 
     for r in rows:
@@ -99,7 +109,11 @@ def build_figure(rows: list[CompareRow]):
 
     from gradscope.report.plot import downsample_minmax
 
-    fig, (ax_n, ax_l) = plt.subplots(2, 1, figsize=(12, 7), sharex=True, constrained_layout=True)
+    with_metrics = any(r.metric_series for r in rows)
+    if with_metrics:  # a third panel: what the scripts reported (metrics-r*.csv)
+        fig, (ax_n, ax_l, ax_m) = plt.subplots(3, 1, figsize=(12, 9.5), sharex=True, constrained_layout=True)
+    else:
+        fig, (ax_n, ax_l) = plt.subplots(2, 1, figsize=(12, 7), sharex=True, constrained_layout=True)
     drawn_loss = False
     for i, r in enumerate(rows):
         if r.curves is None or len(r.curves.step) == 0:
@@ -135,6 +149,21 @@ def build_figure(rows: list[CompareRow]):
         ax_l.legend(fontsize=8, loc="best")
     else:
         ax_l.text(0.5, 0.5, "no loss logged", transform=ax_l.transAxes, ha="center", va="center")
+    if with_metrics:
+        styles = ("-", "--", ":", "-.")
+        names = list(dict.fromkeys(k for r in rows for k in r.metric_series))[:len(styles)]
+        for i, r in enumerate(rows):
+            for j, name in enumerate(names):
+                if name in r.metric_series:
+                    x, y = r.metric_series[name]
+                    ax_m.plot(x, y, color=COLORS[i % len(COLORS)], ls=styles[j], lw=0.9, marker="o", ms=2.5,
+                              label=f"{r.run}: {name}")
+        ax_m.set_ylabel("reported metric")
+        ax_m.set_title("metrics the scripts reported, at the step each was reported after (colour: run, line: name)",
+                       fontsize=10)
+        ax_m.legend(fontsize=8, loc="best")
+        ax_m.grid(True, alpha=0.25)
+        ax_m.set_xlabel("step")
     return fig
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 # Points per line series after downsampling: 2 per bin, a bin narrower than a pixel
 # of a 14-inch figure at 100 dpi.
+MAX_METRICS = 6  # metric names drawn in the metrics panel
 MAX_BINS = 2000
 MAX_MARKERS = 2000
 HEATMAP_COLUMNS = 600
@@ -251,6 +252,7 @@ class PlotData:
     layers: Heatmap | None = None  # the first series' layer heatmap, or None
     notes: list[str] = field(default_factory=list)
     source: str = "gradscope"  # or the importer's format name
+    metrics: Any = None  # the plotted rank's metrics-r*.csv rows (step, name, value), or None
 
 
 def _mode(values: np.ndarray) -> float | None:
@@ -343,7 +345,11 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
         title += f"  ({run.source} log)"
     if (run.meta or {}).get("sampled"):
         notes.append(f"sampled log: every {run.meta.get('logging_steps')}th step")
-    return PlotData(title=title, series=series, layers=layers, notes=notes, source=run.source)
+    metrics = getattr(run, "metrics", None)
+    if metrics is not None and len(metrics):
+        metrics = metrics[metrics["rank"] == rank]
+    return PlotData(title=title, series=series, layers=layers, notes=notes, source=run.source,
+                    metrics=metrics if metrics is not None and len(metrics) else None)
 
 
 def _attach_origin(series: list, run, rank: int) -> None:
@@ -727,6 +733,27 @@ def _draw_heatmap(fig, ax, data: PlotData) -> None:
     fig.colorbar(im, ax=ax, pad=0.01, fraction=0.025, label="log10 norm")
 
 
+def _draw_metrics(ax, data: PlotData) -> None:
+    """The values the script reported (metrics-r*.csv), each name at the steps it was reported after."""
+    m = data.metrics
+    names = list(dict.fromkeys(m["name"]))
+    shown = names[:MAX_METRICS]
+    values = []
+    for i, name in enumerate(shown):
+        sel = m[m["name"] == name]
+        y = sel["value"].to_numpy(dtype=float)
+        ax.plot(sel["step"].to_numpy(), y, lw=0.9, marker="o" if len(sel) <= 200 else None, ms=2.5,
+                color=COLORS[i % len(COLORS)], label=name)
+        values.extend(y[np.isfinite(y)].tolist())
+    if values and min(values) > 0 and max(values) / min(values) > 50:
+        ax.set_yscale("log")
+    ax.legend(loc="best", fontsize=LEGEND_FONT, framealpha=0.85)
+    more = f" (first {MAX_METRICS} of {len(names)} names)" if len(names) > MAX_METRICS else ""
+    ax.set_title(f"metrics the script reported, at the step each was reported after{more}", loc="left", fontsize=10)
+    ax.set_xlabel("optimizer step")
+    ax.grid(True, alpha=0.3)
+
+
 def build_figure(data: PlotData):
     """The matplotlib Figure (Agg canvas, no pyplot state) for PlotData."""
     import matplotlib
@@ -738,7 +765,8 @@ def build_figure(data: PlotData):
     n_names = 0 if not with_layers else len(data.layers.names)
     # Labelled rows (up to 40) get 0.17 in each: room for FONT_MIN-point names.
     heat_h = (max(2.2, 0.17 * n_names) if n_names <= 40 else 3.0) if with_layers else 0.0
-    heights = [3.4, 1.8, 2.6] + ([heat_h] if with_layers else [])
+    with_metrics = data.metrics is not None
+    heights = [3.4, 1.8, 2.6] + ([heat_h] if with_layers else []) + ([1.8] if with_metrics else [])
     fig = Figure(figsize=(FIG_WIDTH, sum(heights) + 1.1), dpi=100, layout="constrained")
     gs = fig.add_gridspec(len(heights), 2, height_ratios=heights)
     ax_norm = fig.add_subplot(gs[0, :])
@@ -752,6 +780,8 @@ def build_figure(data: PlotData):
     _draw_survival(ax_surv, data)
     if with_layers:
         _draw_heatmap(fig, fig.add_subplot(gs[3, :], sharex=ax_norm), data)
+    if with_metrics:
+        _draw_metrics(fig.add_subplot(gs[len(heights) - 1, :], sharex=ax_norm), data)
     title = data.title + ("\n" + "; ".join(data.notes) if data.notes else "")
     fig.suptitle(_wrap(title, FIG_WIDTH - 0.4, 11), fontsize=11, x=0.01, ha="left")
     for ax, width in ((ax_norm, FIG_WIDTH - 1.2), (ax_loss, FIG_WIDTH - 1.2), (ax_hist, FIG_WIDTH / 2 - 1.0),

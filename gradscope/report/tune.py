@@ -10,7 +10,10 @@ JSON schema "gradscope.tune/1" (NaN/inf never appear, null does)
                             {clip_norm (null: as is), label, steps (horizon of the figures),
                              loss, loss_spread, loss_se, start_loss, clip_fraction, mean_multiplier,
                              diverged, diverged_reason, failed, chosen,
+                             metric (with --metric: its value after the horizon's last step, null: none),
+                             unranked (with --metric: why a probe that did not diverge has no value, else null),
                              probes: [{run_dir, max_steps, steps_run, status, reused}]}
+    metric, maximize        --metric NAME the probes were ranked by (null: the training loss), --maximize
     budget_spent            whole runs of T steps spent by the pilot and every probe (reused ones too)
     budget                  B; total_steps: T; total_steps_source: "option" | "pilot"
     steps_spent, steps_reused   optimizer steps behind budget_spent, and how many were reused
@@ -66,6 +69,8 @@ def to_json(result) -> dict:
             "diverged_reason": s.diverged_reason if s else None,
             "failed": c.failed,
             "chosen": ch is not None and ch.clip_norm == c.clip_norm,
+            "metric": _num(s.metric) if s and result.metric else None,
+            "unranked": s.unranked if s else None,
             "probes": [{"run_dir": str(p.run_dir), "max_steps": p.max_steps, "steps_run": p.steps_run,
                         "status": p.status, "reused": p.reused} for p in c.probes],
         })
@@ -73,6 +78,8 @@ def to_json(result) -> dict:
     kind = "none" if ch is None or ch.clip_norm is None else ("as-is" if ch.clip_norm == AS_IS else "clip")
     return {
         "schema": SCHEMA,
+        "metric": result.metric,
+        "maximize": bool(result.maximize),
         "recommended_clip_norm": _num(rec),
         "choice": kind,
         "candidates": cands,
@@ -122,7 +129,9 @@ def render(result, console=None) -> None:
     console.print(f"gradscope tune  {result.out}  T = {T} steps "
                   f"({'--steps' if result.total_steps_source == 'option' else 'learned from the pilot'})")
     table = Table(show_edge=False)
-    for col, just in (("clip norm", "left"), ("steps probed", "right"), ("loss (last stretch)", "right"),
+    metric = result.metric
+    for col, just in (("clip norm", "left"), ("steps probed", "right"),
+                      *([(f"{metric} (ranked)", "right")] if metric else []), ("loss (last stretch)", "right"),
                       ("± spread", "right"), ("clip fraction", "right"), ("mean update mult.", "right"),
                       ("diverged", "left")):
         table.add_column(col, justify=just)
@@ -131,12 +140,15 @@ def render(result, console=None) -> None:
         s = c.summary
         mark = " *" if ch is not None and ch.clip_norm == c.clip_norm else ""
         if s is None:
-            table.add_row(c.label + mark, "-", "-", "-", "-", "-", c.failed or "-")
+            table.add_row(c.label + mark, "-", *(["-"] if metric else []), "-", "-", "-", "-", c.failed or "-")
             continue
-        div = c.failed or (s.diverged_reason if s.diverged else "no")
-        table.add_row(c.label + mark, str(s.steps), _f(s.loss), _f(s.loss_spread), _f(s.clip_fraction, ".1%"),
-                      _f(s.mean_multiplier, ".3f"), div)
+        div = c.failed or (s.diverged_reason if s.diverged else s.unranked or "no")
+        table.add_row(c.label + mark, str(s.steps), *([_f(s.metric)] if metric else []), _f(s.loss),
+                      _f(s.loss_spread), _f(s.clip_fraction, ".1%"), _f(s.mean_multiplier, ".3f"), div)
     console.print(table)
+    if metric:
+        console.print(f"  ranked by {metric} ({'higher' if result.maximize else 'lower'} is better), the value "
+                      "reported after each candidate's last probed step; a candidate without one is not ranked")
     console.print("  loss: mean over the last fifth of each candidate's longest probe; ± spread: its standard "
                   "deviation around the trend; * chosen")
     if ch is None or ch.clip_norm is None:
@@ -148,7 +160,13 @@ def render(result, console=None) -> None:
         if ch.clip_norm == AS_IS and rec is not None:
             what += " (the script's own threshold)"
         console.print(f"[bold]recommend  {what}[/bold]")
-        if ch.runner_up is not None and ch.margin is not None:
+        if ch.runner_up is not None and result.metric:  # one value per probe: no noise units to count in
+            ru = _label(result, ch.runner_up)
+            by = {c.clip_norm: c.summary.metric for c in result.candidates if c.summary is not None}
+            console.print(f"  how sure   the runner-up {ru} reported {result.metric} = {_f(by.get(ch.runner_up))}, the "
+                          f"chosen {_f(by.get(ch.clip_norm))} (one value each: no noise estimate); compared at "
+                          f"{ch.horizon} of {T} steps")
+        elif ch.runner_up is not None and ch.margin is not None:
             ru = _label(result, ch.runner_up)
             if ch.margin >= 2:
                 sure = f"clear: the runner-up {ru} is {ch.margin:.1f} noise units worse"
@@ -186,7 +204,10 @@ def save_figure(result, path: Path) -> Path:
 
     from gradscope.analysis.tune import _first_optimizer
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if result.metric:  # the metric the probes were ranked by, under the loss curves
+        fig, (ax, max_) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2))
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
     ch = result.choice
     cmap = plt.get_cmap("viridis")
     n = max(1, len(result.candidates) - 1)
@@ -222,7 +243,30 @@ def save_figure(result, path: Path) -> Path:
         top = max(finite)
         ax.set_ylim(top=top * 1.5 if top > 0 else top + abs(top) * 0.5 + 1e-9)
     ax.legend(fontsize=8, ncol=2)
+    if result.metric:
+        _metric_panel(max_, result, cmap, n)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _metric_panel(ax, result, cmap, n) -> None:
+    """--metric: each candidate's reported values (its longest probe), chosen one bold."""
+    from gradscope.analysis.tune import metric_values
+
+    ch = result.choice
+    for i, c in enumerate(result.candidates):
+        if not c.probes:
+            continue
+        pr = max(c.probes, key=lambda p: p.steps_run)
+        m = metric_values(getattr(pr, "metrics", None), result.metric)
+        if m is None or not len(m):
+            continue
+        chosen = ch is not None and ch.clip_norm == c.clip_norm
+        ax.plot(m["step"].to_numpy() + 1, m["value"].to_numpy(dtype=float), marker="o", ms=3,
+                lw=2.4 if chosen else 1.0, color="black" if chosen else cmap(i / n), label=c.label)
+    if ch is not None and ch.horizon:
+        ax.axvline(ch.horizon, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("optimizer steps done")
+    ax.set_ylabel(f"{result.metric} ({'higher' if result.maximize else 'lower'} is better)")
