@@ -298,11 +298,12 @@ class RayExecutor:
             while waiting or running:
                 while waiting and (self.jobs is None or len(running) < self.jobs):
                     i, p = waiting.pop(0)
-                    attempts = str(p.log) + ".attempts"
+                    log = os.path.join(self.cwd, p.log)  # the worker's own working directory is Ray's
+                    attempts = log + ".attempts"
                     Path(attempts).unlink(missing_ok=True)
                     if on_start:
                         on_start(p)
-                    ref = task.remote(p.argv, self.cwd, self.env, str(p.log), self.gpus, attempts)
+                    ref = task.remote(p.argv, self.cwd, self.env, log, self.gpus, attempts)
                     running[ref] = i
                 done, _ = ray.wait(list(running), num_returns=1)
                 for ref in done:
@@ -314,7 +315,7 @@ class RayExecutor:
         return [outcomes[i] for i in range(len(probes))]
 
     def _outcome(self, ref, p: Probe) -> Outcome:
-        attempts = _count_lines(str(p.log) + ".attempts")
+        attempts = _count_lines(os.path.join(self.cwd, p.log) + ".attempts")
         try:
             r = self.ray.get(ref)
         except (self.ray.exceptions.WorkerCrashedError, self.ray.exceptions.NodeDiedError,
