@@ -177,7 +177,10 @@ def run(argv: list[str], cwd: str, env: dict, log_path: str, *, port: int | None
         if on_start is not None:
             on_start(proc)
         try:
-            rc = proc.wait()
+            # polled, not one blocking wait: Ray cancels a task by raising KeyboardInterrupt in its
+            # thread, which lands between two bytecodes, never inside waitpid()
+            while (rc := proc.poll()) is None:
+                time.sleep(0.1)
         except BaseException:  # cancelled (Ray raises KeyboardInterrupt in the task): stop the probe too
             _stop(proc)
             raise
