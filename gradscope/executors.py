@@ -53,8 +53,8 @@ class Outcome:
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
     """The most intervals open at one instant (an interval ending as another starts: not both)."""
-    events = sorted([(s, 1) for s, e in intervals if s == s and e == e] +
-                    [(e, -1) for s, e in intervals if s == s and e == e])
+    known = [(s, e) for s, e in intervals if math.isfinite(s) and math.isfinite(e)]
+    events = sorted([(s, 1) for s, _ in known] + [(e, -1) for _, e in known])
     most = now = 0
     for _, d in events:
         now += d
@@ -193,7 +193,7 @@ class RayExecutor:
 
     def __init__(self, out: Path, address: str | None = None, gpus_per_probe: int = 0, cpus_per_probe: int = 1,
                  jobs: int | None = None, on_event: Callable[[str], None] | None = None,
-                 check_timeout: float = 600.0) -> None:
+                 check_timeout: float = 300.0) -> None:
         try:
             import ray
         except ImportError:
@@ -286,7 +286,7 @@ class RayExecutor:
                     f"{wrote}, which this machine cannot read; give --out a path on a filesystem every node mounts", 2)
             wrote.unlink(missing_ok=True)
         self.say(f"ray: {len(results)} node{'s' if len(results) != 1 else ''} checked: each runs gradscope from "
-                 f"{sorted({r['gradscope'] for r in results})[0]} and shares {out}")
+                 f"{min(r['gradscope'] for r in results)} and shares {out}")
 
     def run(self, probes: list[Probe], on_start: Callable[[Probe], None] | None = None) -> list[Outcome]:
         ray = self.ray

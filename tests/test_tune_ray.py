@@ -47,12 +47,7 @@ def _session(sid: int) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A 2-CPU head node on 127.0.0.1, every port free ones, its own temp dir; `--block` keeps
-    `ray start` in front, and its session holds the whole cluster: stopping it stops this cluster
-    and no other (`ray stop` would stop every cluster on the machine)."""
-    tmp = tempfile.mkdtemp(prefix="gsray", dir="/tmp")  # short: Ray's socket paths live under it
+def _start_head(tmp: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     opts = ["--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
             "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port"]
@@ -61,31 +56,61 @@ def cluster():
            "--disable-usage-stats"]
     for o in opts:
         cmd += [o, str(_free_port())]
-    log = open(Path(tmp) / "start.log", "w")
-    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{port}"
+    with open(Path(tmp) / "start.log", "w") as log:
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return head, f"127.0.0.1:{port}"
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    head.send_signal(signal.SIGTERM)
     try:
-        deadline = time.time() + 180
-        while True:
-            up = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status", "--address", address],
-                                capture_output=True, text=True)
-            if up.returncode == 0:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
+    for pid in _session(head.pid):  # whatever of this cluster outlived it
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-CPU head node on 127.0.0.1, every port a free one, its own temp dir; `--block` keeps
+    `ray start` in front, and its session holds the whole cluster: stopping it stops this cluster
+    and no other (`ray stop` would stop every cluster on the machine). Ray gives its raylet 30 s to
+    start, which a loaded machine can miss: up to three tries."""
+    head = None
+    try:
+        for _ in range(3):
+            tmp = tempfile.mkdtemp(prefix="gsray", dir="/tmp")  # short: Ray's socket paths live under it
+            head, address = _start_head(tmp)
+            deadline = time.time() + 240
+            while head.poll() is None and time.time() < deadline:
+                if "Ray runtime started" in (Path(tmp) / "start.log").read_text(errors="replace"):
+                    break
+                time.sleep(1)
+            if head.poll() is None and time.time() < deadline:
                 break
-            assert head.poll() is None and time.time() < deadline, (Path(tmp) / "start.log").read_text()
-            time.sleep(1)
+            _stop_head(head)
+        else:
+            pytest.fail("the Ray head node did not start in 3 tries: " + (Path(tmp) / "start.log").read_text()[-2000:])
         yield address, head.pid
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        for pid in _session(head.pid):  # whatever of this cluster outlived it
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        log.close()
+        if head is not None:
+            _stop_head(head)
+
+
+@pytest.fixture
+def drivers():
+    """The tune processes a test starts: killed at its end whatever happened (never left behind)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def _ray_worker(pid: int, sid: int) -> bool:
@@ -131,8 +156,8 @@ def _status(run_dir: Path) -> str | None:
         return None
 
 
-def test_ray_probes_equal_the_local_ones_and_a_ctrl_c_tune_resumes(cluster, tmp_path):
-    cluster, sid = cluster
+def test_ray_probes_equal_the_local_ones_and_a_ctrl_c_tune_resumes(cluster, drivers, tmp_path):
+    cluster, _ = cluster
     """Local (--jobs 2) and Ray tunes of the same seeded script: the same run directories, each
     probe's steps file identical line for line but for the time column, the same choice. The Ray
     tune is interrupted with SIGINT (Ctrl-C) once the pilot has finished and the probes run: the
@@ -148,6 +173,7 @@ def test_ray_probes_equal_the_local_ones_and_a_ctrl_c_tune_resumes(cluster, tmp_
     cmd = [sys.executable, "-m", "gradscope", "tune", "--executor", "ray", "--ray-address", cluster, *ARGS,
            "--out", str(out), "--json", TASK, "--steps", str(T)]
     driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    drivers.append(driver)
     deadline = time.time() + 600
     finished: list[Path] = []
     while time.time() < deadline and driver.poll() is None:
@@ -184,7 +210,7 @@ def test_ray_probes_equal_the_local_ones_and_a_ctrl_c_tune_resumes(cluster, tmp_
     for name in dirs:
         a, b = _steps_without_time(local / name), _steps_without_time(out / name)
         assert a == b and len(a["steps-r0.csv"]) > 1, name
-    strip = lambda j: [{k: v for k, v in c.items() if k != "probes"} for c in j["candidates"]]  # noqa: E731
+    strip = lambda j: [{k: v for k, v in c.items() if k != "probes"} for c in j["candidates"]]
     assert strip(jr) == strip(jl)
 
 
@@ -202,7 +228,7 @@ runpy.run_path({task!r}, run_name="__main__")
 """
 
 
-def test_a_probe_whose_worker_dies_is_retried_once_then_reported_failed(cluster, tmp_path):
+def test_a_probe_whose_worker_dies_is_retried_once_then_reported_failed(cluster, drivers, tmp_path):
     cluster, sid = cluster
     """SIGKILL the Ray worker running the pilot once: Ray runs it again and the tune goes on. SIGKILL
     the worker of the probe of 2 twice (the first run and its retry): that probe is reported as
@@ -214,6 +240,7 @@ def test_a_probe_whose_worker_dies_is_retried_once_then_reported_failed(cluster,
     cmd = [sys.executable, "-m", "gradscope", "tune", "--executor", "ray", "--ray-address", cluster, *ARGS,
            "--out", str(out), "--json", str(slow), "--steps", str(T)]
     driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    drivers.append(driver)
     killed: dict[str, list[int]] = {"pilot": [], "probe-tau2-n30": []}
     want = {"pilot": 1, "probe-tau2-n30": 2}
     deadline = time.time() + 600
@@ -244,7 +271,7 @@ def test_a_probe_whose_worker_dies_is_retried_once_then_reported_failed(cluster,
 
 
 def test_a_probe_larger_than_any_node_stops_with_one_line(cluster, tmp_path):
-    cluster, sid = cluster
+    cluster, _ = cluster
     for opt, n in (("--gpus-per-probe", "1"), ("--cpus-per-probe", "3")):
         t0 = time.time()
         res = gs("tune", "--executor", "ray", "--ray-address", cluster, opt, n, "--out", tmp_path / "t", TASK,
