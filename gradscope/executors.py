@@ -208,6 +208,9 @@ class RayExecutor:
         self.address = address
         import logging
 
+        # Ray's driver prints what its cluster reports ("(raylet) A worker died ...") on sys.stdout,
+        # where `tune --json` writes its one object: Ray's words go to stderr while it is connected.
+        self._stdout, sys.stdout = sys.stdout, sys.stderr
         # "local": a fresh instance for this run (a bare ray.init() would join any cluster that
         # `ray start` left on this machine).
         try:
@@ -215,6 +218,7 @@ class RayExecutor:
                      logging_level=logging.ERROR, configure_logging=True)
         except Exception as e:  # noqa: BLE001 - Ray's own errors: connection refused, version mismatch
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            sys.stdout = self._stdout
             raise GradscopeError(f"cannot connect to the Ray cluster at {address}: {first}" if address else
                                  f"cannot start a local Ray instance: {first}", 2) from None
         self._started_here = address is None
@@ -352,6 +356,8 @@ class RayExecutor:
             self.ray.shutdown()
         except Exception:  # noqa: BLE001 - closing must not hide what happened before
             pass
+        finally:
+            sys.stdout = self._stdout
 
 
 def _count_lines(path: str) -> int:
