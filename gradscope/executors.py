@@ -20,6 +20,7 @@ import os
 import queue
 import sys
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ class LocalExecutor:
     groups. With ``cpus_per_probe`` (and no GPUs asked) ``jobs`` defaults to cores // N."""
 
     name = "local"
+    setup_seconds = 0.0
 
     def __init__(self, jobs: int | None = None, gpus_per_probe: int = 0, cpus_per_probe: int | None = None,
                  environ: dict | None = None) -> None:
@@ -199,6 +201,7 @@ class RayExecutor:
         except ImportError:
             raise GradscopeError("--executor ray needs Ray: pip install 'gradscope[ray]'", 2) from None
         self.ray = ray
+        t0 = time.monotonic()
         self.say = on_event or (lambda msg: None)
         self.gpus, self.cpus = max(0, gpus_per_probe or 0), max(0, cpus_per_probe if cpus_per_probe is not None else 1)
         self.jobs = jobs
@@ -232,6 +235,7 @@ class RayExecutor:
         except BaseException:
             self.close()
             raise
+        self.setup_seconds = time.monotonic() - t0  # connecting and checking: part of the tune's wall time
 
     @property
     def describe(self) -> str:

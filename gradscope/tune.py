@@ -378,7 +378,8 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
                             + (f" (--budget {reach:.2f} would reach it)" if reach > budget else ""))
     result.parallelism = getattr(runner, "parallelism", 0)
     result.executor = getattr(getattr(runner, "executor", None), "name", "local")
-    result.wall_seconds = time.monotonic() - started  # the figure and tune.json are written after: not counted
+    # connecting to the executor (a Ray cluster: seconds) included; the figure and tune.json are written after
+    result.wall_seconds = time.monotonic() - started + getattr(getattr(runner, "executor", None), "setup_seconds", 0.0)
     if figure:
         from gradscope.report.tune import save_figure
 

@@ -123,3 +123,16 @@ def test_a_worker_without_gradscope_says_so(tmp_path):
     assert Path(ok["wrote"]).read_text() == "tok"
     missing = probe_process.check_worker(str(tmp_path / "nope"), str(tmp_path), env, str(tmp_path / "out"), "t")
     assert missing["error"] == f"no Python at {tmp_path / 'nope'}"
+
+
+def test_bad_executor_options_are_one_line_and_exit_2(tmp_path):
+    from gsutil import gradscope as gs, script
+
+    task = script("tune_task.py")
+    for args, said in ((["--executor", "foo"], "--executor must be one of local, ray, got 'foo'"),
+                       (["--ray-address", "127.0.0.1:1"], "--ray-address goes with --executor ray"),
+                       (["--gpus-per-probe", "2"], "--gpus-per-probe 2: only 1 GPU visible (CUDA_VISIBLE_DEVICES=0)")):
+        res = gs("tune", *args, "--out", tmp_path / "t", task, cwd=tmp_path,
+                 env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+        assert res.returncode == 2 and res.stderr == f"gradscope: error: {said}\n", (args, res.stderr)
+        assert not (tmp_path / "t").exists()  # nothing started

@@ -24,7 +24,8 @@ JSON schema "gradscope.tune/1" (NaN/inf never appear, null does)
                             diverged) one per fallback candidate probed
     seeded                  false when a probe differed from the pilot before anything was clipped
     snippets                as in `recommend` (null without a threshold)
-    wall_seconds            this tune's wall time, in seconds (probes reused from an earlier tune cost none)
+    wall_seconds            this tune's wall time, in seconds, connecting to a Ray cluster included (probes
+                            reused from an earlier tune cost none)
     parallelism             the most pilot/probe runs that ran at once (0: every one was reused)
     executor                "local" | "ray": where the probes ran
     pilot, figure, notes
