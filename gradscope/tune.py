@@ -22,9 +22,8 @@ probes are ranked by NAME at their horizon (``with_metric``, in :func:`tune`'s `
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +31,9 @@ from typing import Any, Callable
 from gradscope import rundir
 from gradscope.analysis import tune as decide
 from gradscope.errors import GradscopeError
+from gradscope.executors import LocalExecutor, Probe, max_overlap
 from gradscope.launch import Target
+from gradscope.probe_process import without_rendezvous_port
 
 FINISHED = ("completed", "stopped")
 DEFAULT_BUDGET = 3.0
@@ -49,6 +50,7 @@ class ProbeRun:
     steps_run: int = 0  # optimizer-0 steps the run made (what it cost)
     steps: object = None  # the steps table (pandas)
     metrics: Any = None  # the metrics table (pandas; rundir.Run.metrics)
+    failure: str | None = None  # why it has no outcome of its own (its Ray worker died twice)
 
 
 @dataclass
@@ -81,6 +83,9 @@ class TuneResult:
     figure: Path | None = None
     metric: str | None = None  # --metric NAME: what the probes were ranked by (None: the training loss)
     maximize: bool = False
+    wall_seconds: float = math.nan  # this tune's wall time, start to end
+    parallelism: int = 0  # the most pilot/probe runs that ran at once
+    executor: str = "local"
 
 
 # `python -m gradscope` would put the working directory first on sys.path, where a folder named
@@ -122,19 +127,28 @@ def _finished(run_dir: Path, target: Target, clip_norm: float | None, max_steps:
         return False
     want_clip = clip_norm if clip_norm is not None and math.isfinite(clip_norm) else None
     return (meta.get("status") in FINISHED and meta.get("max_steps") == max_steps
-            and meta.get("clip_norm_override") == want_clip and meta.get("command") == target.argv()
+            and meta.get("clip_norm_override") == want_clip
+            # the rendezvous port tune gave a launcher's probe is not part of what it is
+            and without_rendezvous_port(meta.get("command") or []) == without_rendezvous_port(target.argv())
             and (meta.get("metric_name"), meta.get("metric_regex")) == tuple(metric))
 
 
 class Runner:
-    """Runs probes (J at a time), reusing finished ones; every run it touched is kept in ``runs``."""
+    """Runs probes through an executor (gradscope/executors.py; default: J local processes at a
+    time), reusing finished ones; every run it touched is kept in ``runs``."""
 
     def __init__(self, target: Target, out: Path, jobs: int, layer_stride: int = 0,
-                 on_event: Callable[[str], None] | None = None) -> None:
+                 on_event: Callable[[str], None] | None = None, executor=None) -> None:
         self.target, self.out, self.jobs, self.layer_stride = target, out, max(1, jobs), layer_stride
         self.on_event = on_event or (lambda msg: None)
         self.runs: dict[Path, ProbeRun] = {}
         self.metric: tuple = (None, None)  # (--metric-name, --metric-regex) of every run; set by tune()
+        self.executor = executor or LocalExecutor(self.jobs)
+        self.intervals: list[tuple[float, float]] = []  # (start, end) of every run it started
+
+    @property
+    def parallelism(self) -> int:
+        return max_overlap(self.intervals)
 
     def run(self, specs: list[tuple[float, int | None, Path]]) -> list[ProbeRun]:
         todo = []
@@ -149,26 +163,40 @@ class Runner:
             else:
                 todo.append(pr)
         if todo:
-            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-                list(pool.map(self._launch, todo))
+            self._launch(todo)
         for clip_norm, max_steps, run_dir in specs:
             self._load(self.runs[run_dir])
         return [self.runs[d] for _, _, d in specs]
 
-    def _launch(self, pr: ProbeRun) -> None:
-        argv = gradscope_argv(self.target, pr.run_dir, pr.clip_norm, pr.max_steps, self.layer_stride, *self.metric)
+    def _launch(self, todo: list[ProbeRun]) -> None:
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        tau = "as is" if not math.isfinite(pr.clip_norm) else f"clip norm {pr.clip_norm:g}"
-        self.on_event(f"running {pr.run_dir.name}: {tau}, " +
-                      (f"{pr.max_steps} steps" if pr.max_steps else "to its end"))
-        with open(logs / f"{pr.run_dir.name}.log", "wb") as log:
-            rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
-        if rc < 0 or rc == 130:  # the tune was interrupted (Ctrl-C reaches the probes too), or a probe killed
-            raise KeyboardInterrupt if rc in (-2, 130) else GradscopeError(
-                f"{pr.run_dir.name} was killed by signal {-rc}; see {logs / (pr.run_dir.name + '.log')}", 1)
+        probes = []
+        for pr in todo:
+            tau = "as is" if not math.isfinite(pr.clip_norm) else f"clip norm {pr.clip_norm:g}"
+            probes.append(Probe(pr.run_dir.name,
+                                gradscope_argv(self.target, pr.run_dir, pr.clip_norm, pr.max_steps, self.layer_stride,
+                                               *self.metric),
+                                logs / f"{pr.run_dir.name}.log",
+                                f"running {pr.run_dir.name}: {tau}, " +
+                                (f"{pr.max_steps} steps" if pr.max_steps else "to its end")))
+        outcomes = self.executor.run(probes, on_start=lambda p: self.on_event(p.describe))
+        for pr, o in zip(todo, outcomes):
+            self.intervals.append((o.started, o.ended))
+            if o.failure is not None:
+                pr.failure = o.failure
+                self.on_event(f"{pr.run_dir.name} failed: {o.failure}")
+        for pr, o in zip(todo, outcomes):
+            rc = o.returncode
+            if rc is not None and (rc < 0 or rc == 130):  # interrupted (Ctrl-C reaches local probes too), or killed
+                raise KeyboardInterrupt if rc in (-2, 130) else GradscopeError(
+                    f"{pr.run_dir.name} was killed by signal {-rc}; see {logs / (pr.run_dir.name + '.log')}", 1)
 
     def _load(self, pr: ProbeRun) -> None:
+        if pr.failure is not None:  # whatever its directory holds, it has no outcome of its own
+            pr.status, pr.exit_code, pr.steps_run = "failed", None, 0
+            pr.steps = rundir.empty_steps()
+            return
         try:
             run = rundir.load_run(pr.run_dir)
         except GradscopeError:
@@ -197,19 +225,23 @@ def _script_clip(steps) -> float | None:
 def tune(target: Target, out: Path, *, steps: int | None = None, budget: float = DEFAULT_BUDGET,
          jobs: int = 1, candidates: list[float] | None = None, include_as_is: bool = True,
          on_event: Callable[[str], None] | None = None, figure: bool = True,
-         runner_factory: Callable[..., Runner] | None = None, metric: str | None = None,
+         runner_factory: Callable[..., Runner] | None = None, executor=None, metric: str | None = None,
          maximize: bool = False, metric_regex: str | None = None) -> TuneResult:
     """Record a pilot, probe the candidates under the budget, choose. See the module docstring.
 
     ``runner_factory`` (default :class:`Runner`) is called as ``runner_factory(target, out, jobs,
     on_event=...)`` and gives what runs the probes: anything with Runner's ``run``, ``runs`` and
-    ``layer_stride`` (benchmarks/advice/simulate.py serves probes from cached trainings)."""
+    ``layer_stride`` (benchmarks/advice/simulate.py serves probes from cached trainings).
+    ``executor`` (gradscope/executors.py; default: ``jobs`` local processes) is where the default
+    Runner runs them."""
+    started = time.monotonic()
     if budget <= 0 or not math.isfinite(budget):
         raise GradscopeError(f"--budget must be a positive number of whole runs, got {budget:g}")
     if steps is not None and steps < 1:
         raise GradscopeError(f"--steps must be >= 1, got {steps}")
     out.mkdir(parents=True, exist_ok=True)
-    runner = (runner_factory or Runner)(target, out, jobs, on_event=on_event)
+    runner = (runner_factory(target, out, jobs, on_event=on_event) if runner_factory else
+              Runner(target, out, jobs, on_event=on_event, executor=executor))
     if metric is not None:
         runner.metric = (metric, metric_regex)
     say = on_event or (lambda msg: None)
@@ -404,6 +436,10 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         reach = math.ceil(the_plan.whole_budget * 100) / 100
         result.notes.append(f"the finalists were compared at {final_horizon} of {T} steps, not the whole training"
                             + (f" (--budget {reach:.2f} would reach it)" if reach > budget else ""))
+    result.parallelism = getattr(runner, "parallelism", 0)
+    result.executor = getattr(getattr(runner, "executor", None), "name", "local")
+    # connecting to the executor (a Ray cluster: seconds) included; the figure and tune.json are written after
+    result.wall_seconds = time.monotonic() - started + getattr(getattr(runner, "executor", None), "setup_seconds", 0.0)
     if figure:
         from gradscope.report.tune import save_figure
 

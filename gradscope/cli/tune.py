@@ -20,6 +20,8 @@ TUNE_HELP = """Find the clip norm by measuring: a pilot, then short probes (grad
   gradscope tune --metric eval_loss train.py     ranked by the Trainer's eval_loss, not the training loss
   gradscope tune --metric acc --maximize --metric-regex 'val acc ([0-9.]+)' train.py
   gradscope tune --out runs/tune -- torchrun --nproc-per-node 2 train.py
+  gradscope tune --gpus-per-probe 2 --out runs/tune -- torchrun --nproc-per-node 2 train.py   8 GPUs: 4 at once
+  gradscope tune --executor ray --gpus-per-probe 1 --out /shared/runs/tune train.py          on a Ray cluster
 
 Every pilot and probe is a run directory under --out; run again with the same --out to resume.
 The script must be seeded for its probes to be comparable. Exit 1 when every candidate diverged.
@@ -37,7 +39,16 @@ def tune_command(
                                 "(everything after it, --steps included, goes to the module)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="T: the real training's length in optimizer steps."),
     budget: float = typer.Option(3.0, "--budget", help="B: total compute, in whole runs of T steps (pilot included)."),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Probes run in parallel processes."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Probes run at once (default: 1; "
+                                       "with --gpus-per-probe N, local: visible GPUs // N; ray: as many as fit)."),
+    executor: str = typer.Option("local", "--executor", help="Where the probes run: local (processes here) or ray "
+                                 "(tasks on a Ray cluster; pip install 'gradscope[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The Ray cluster (default: RAY_ADDRESS, "
+                                              "else a local Ray instance started for the run)."),
+    gpus_per_probe: int = typer.Option(0, "--gpus-per-probe", min=0, help="GPUs each probe gets (local: its own "
+                                       "CUDA_VISIBLE_DEVICES among the visible ones; ray: num_gpus)."),
+    cpus_per_probe: Optional[int] = typer.Option(None, "--cpus-per-probe", min=0, help="CPUs each probe reserves "
+                                                 "(ray: num_cpus, default 1; local: --jobs defaults to cores // N)."),
     candidates: Optional[str] = typer.Option(None, "--candidates", help="Thresholds to probe, a,b,... "
                                              "(default: around the pilot's norms)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the pilot and probes "
@@ -83,8 +94,17 @@ def tune_command(
         sys.stderr.write(f"gradscope tune: {msg}\n")
         sys.stderr.flush()
 
-    result = tune(target, out, steps=steps, budget=budget, jobs=jobs, candidates=taus, on_event=event,
-                  metric=metric, maximize=maximize, metric_regex=metric_regex)
+    from gradscope.executors import make_executor
+
+    runner = make_executor(executor, out=out, jobs=jobs, gpus_per_probe=gpus_per_probe, cpus_per_probe=cpus_per_probe,
+                           ray_address=ray_address, on_event=event)
+    try:
+        event(f"probes run on {runner.describe}")
+        result = tune(target, out, steps=steps, budget=budget, jobs=getattr(runner, "jobs", None) or 1,
+                      candidates=taus, on_event=event, executor=runner, metric=metric, maximize=maximize,
+                      metric_regex=metric_regex)
+    finally:
+        runner.close()
     if as_json:
         from gradscope.report.tune import dumps
 

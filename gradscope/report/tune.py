@@ -27,6 +27,10 @@ JSON schema "gradscope.tune/1" (NaN/inf never appear, null does)
                             diverged) one per fallback candidate probed
     seeded                  false when a probe differed from the pilot before anything was clipped
     snippets                as in `recommend` (null without a threshold)
+    wall_seconds            this tune's wall time, in seconds, connecting to a Ray cluster included (probes
+                            reused from an earlier tune cost none)
+    parallelism             the most pilot/probe runs that ran at once (0: every one was reused)
+    executor                "local" | "ray": where the probes ran
     pilot, figure, notes
 """
 from __future__ import annotations
@@ -65,14 +69,14 @@ def to_json(result) -> dict:
             "loss_se": _num(s.loss_se) if s else None, "start_loss": _num(s.start_loss) if s else None,
             "clip_fraction": _num(s.clip_fraction) if s else None,
             "mean_multiplier": _num(s.mean_multiplier) if s else None,
-            "diverged": bool(s.diverged) if s else c.failed is not None,
+            "diverged": bool(s.diverged) if s else False,  # a failed probe did not diverge: see "failed"
             "diverged_reason": s.diverged_reason if s else None,
             "failed": c.failed,
             "chosen": ch is not None and ch.clip_norm == c.clip_norm,
             "metric": _num(s.metric) if s and result.metric else None,
             "unranked": s.unranked if s else None,
             "probes": [{"run_dir": str(p.run_dir), "max_steps": p.max_steps, "steps_run": p.steps_run,
-                        "status": p.status, "reused": p.reused} for p in c.probes],
+                        "status": p.status, "reused": p.reused, "failure": p.failure} for p in c.probes],
         })
     rec = result.recommended_clip_norm
     kind = "none" if ch is None or ch.clip_norm is None else ("as-is" if ch.clip_norm == AS_IS else "clip")
@@ -99,6 +103,9 @@ def to_json(result) -> dict:
                    "kept": [_tau(t) for t in r["kept"]]} for r in result.rungs],
         "seeded": not result.unseeded_at,
         "snippets": snippets(rec) if rec is not None else None,
+        "wall_seconds": _num(result.wall_seconds),
+        "parallelism": result.parallelism,
+        "executor": result.executor,
         "pilot": str(result.pilot.run_dir),
         "figure": str(result.figure) if result.figure else None,
         "notes": list(result.notes),
@@ -179,6 +186,10 @@ def render(result, console=None) -> None:
         console.print(f"  why        {ch.reason}")
     console.print(f"  compute    {result.budget_spent:.2f} whole runs of {T} steps (budget {result.budget:g}; "
                   f"{result.steps_spent} optimizer steps, {result.steps_reused} of them reused)")
+    console.print(f"  wall time  {_duration(result.wall_seconds)}, "
+                  + (f"up to {result.parallelism} run{'s' if result.parallelism > 1 else ''} at once"
+                     if result.parallelism else "nothing run (every run reused)")
+                  + f" ({result.executor} executor)")
     console.print("  rungs      " + "; ".join(
         f"{len(r['candidates'])} at {r['steps']} steps -> " + (", ".join(_label(result, t) for t in r["kept"]) or "none")
         for r in result.rungs))
@@ -192,6 +203,14 @@ def render(result, console=None) -> None:
         console.print(f"  figure     {result.figure}")
     console.print(f"  runs       {result.out}/pilot and {result.out}/probe-*: `gradscope recommend`, `plot` and "
                   "`check` read each")
+
+
+def _duration(seconds: float) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
 def save_figure(result, path: Path) -> Path:
