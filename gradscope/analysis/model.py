@@ -170,6 +170,8 @@ class OptimizerAnalysis:
     whole_run: WholeRun | None = None
     caveats: list[str] = field(default_factory=list)  # what to weigh before applying the recommendation
     confidence: object = None          # confidence.Confidence: can one pilot tell? (None: not assessed)
+    adam_family: bool = False          # the optimizer normalises its update by a second moment (advice.py)
+    advice: object = None              # advice.Advice: the one line to act on (keep/change/add/tune)
 
     @property
     def regime(self) -> str:
@@ -191,6 +193,7 @@ class RunAnalysis:
     notes: list[str] = field(default_factory=list)
     status: str | None = None          # meta.json's status ("running": still being recorded), or the log's
     findings: list = field(default_factory=list)  # the clip audit's (analysis/audit.py Finding), this rank
+    status_line: str | None = None     # failed / interrupted / killed / still running: said first (advice.py)
 
     @property
     def main(self) -> OptimizerAnalysis:
