@@ -201,8 +201,9 @@ def test_max_spikes_rule_is_judged(capsys):
     assert code == 0 and "PASS max-spikes" in out
 
 
-def test_shipped_default_policy_turns_every_rule_off():
-    assert gate.load_policy() == gate.Policy()
+def test_shipped_default_policy_turns_every_rule_off_but_script_failed():
+    # issue 23: a run whose script failed fails by default (--fail-on script-failed in configs/check.yaml)
+    assert gate.load_policy() == gate.Policy(fail_on=(gate.SCRIPT_FAILED,))
 
 
 # ---------------------------------------------------------------- CI formats
@@ -243,7 +244,8 @@ def test_junit_all_pass(capsys, tmp_path):
     junit = tmp_path / "j.xml"
     assert check(capsys, SAMPLES / "healthy_transformer", "--junit", junit)[0] == 0
     suite = ET.parse(junit).getroot().find("testsuite")
-    assert suite.get("tests") == "1" and suite.get("failures") == "0"
+    # non-finite, and script-failed (on by default)
+    assert suite.get("tests") == "2" and suite.get("failures") == "0"
 
 
 def test_json_output(capsys):

@@ -22,7 +22,8 @@ REGIMES = ("always-clips", "never-clips", "healthy", "unclipped")
 # --fail-on names that are rules of their own, not regimes.
 DIVERGENCE = "divergence"  # the loss rose far above its running minimum and stayed (analysis/divergence.py)
 CLIP_BUGS = "clip-bugs"  # fail on any finding of the clip audit (analysis/audit.py)
-FAIL_ON_RULES = (DIVERGENCE, CLIP_BUGS)
+SCRIPT_FAILED = "script-failed"  # the recorded script exited with an error (meta.json status "failed")
+FAIL_ON_RULES = (DIVERGENCE, CLIP_BUGS, SCRIPT_FAILED)
 POLICY_FILE = "check.yaml"
 # Policy keys as written in YAML (dashes and underscores both accepted) -> Policy fields.
 _POLICY_KEYS = {
@@ -444,6 +445,8 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
         notes.extend(more)
     if CLIP_BUGS in policy.fail_on:
         checks.append(_check_clip_bugs(found, audit.audited(run), bool(broken)))
+    if SCRIPT_FAILED in policy.fail_on:
+        checks.append(_check_script_failed(run))
     if policy.max_clip_fraction is not None:
         checks.append(_check_clip_fraction(policy.max_clip_fraction, facts))
     if policy.max_spikes is not None:
@@ -452,6 +455,19 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
         checks.append(_check_skipped(policy.max_skipped_fraction, steps))
     return Verdict(checks=checks, non_finite=nf, notes=notes, steps=len(steps), divergence=divergence,
                    findings=found)
+
+
+def _check_script_failed(run) -> CheckResult:
+    """--fail-on script-failed: the script the run recorded ended with an error (meta.json status
+    "failed": a non-zero exit code, not a signal). Foreign logs carry no exit status: skipped."""
+    if run.source != "gradscope":
+        return CheckResult(SCRIPT_FAILED, SKIP, "a trainer's log records no exit status of its script")
+    meta = run.meta or {}
+    status, code = meta.get("status"), meta.get("exit_code")
+    if status == "failed":
+        return CheckResult(SCRIPT_FAILED, FAIL, f"the script failed (exit code {code}) after {len(run.steps)} "
+                                                "recorded steps: its figures are not those of a working training")
+    return CheckResult(SCRIPT_FAILED, PASS, f"the script did not fail (status {status})")
 
 
 def _check_divergence(run, policy: Policy) -> tuple[CheckResult, list[str], Any]:

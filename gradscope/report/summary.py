@@ -65,7 +65,8 @@ def summary_lines(run_dir: Path) -> list[str]:
         lines.append(f"  ranks: {len(ranks)} ({', '.join(map(str, ranks))}); figures above are rank {ranks[0]}")
     for note in audit.errors(run):
         lines.append(f"  note: {note}")
-    lines.append(f"  run saved in {run_dir}   next: gradscope recommend {run_dir}")
+    # A next step only when it can work: recommend needs recorded steps.
+    lines.append(f"  run saved in {run_dir}" + (f"   next: gradscope recommend {run_dir}" if not steps.empty else ""))
     return lines
 
 
