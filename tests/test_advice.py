@@ -252,3 +252,68 @@ def test_a_run_with_no_steps_suggests_no_recommend(tmp_path):
     assert p.returncode == 1
     assert "run saved in r" in p.stderr and "next:" not in p.stderr, p.stderr
     assert _gs("recommend", "r", cwd=tmp_path).returncode == 2  # what the hint would have led to
+
+
+# ----------------------------------------------------------------------------- item 5
+
+
+def _lr_warmup_run(d: Path, n: int, warm: int, clip: float) -> tuple[Path, np.ndarray]:
+    """A run written by hand: the learning rate rises for `warm` steps, then stays; norms large during
+    the warm-up (all clipped there), ordinary after it."""
+    rng = np.random.default_rng(7)
+    g = np.exp(rng.normal(0, 0.3, n))
+    g[:warm] *= 4.0
+    d.mkdir(parents=True)
+    rows = ["optimizer,step,grad_norm,loss,clip_max_norm,clipped,clip_value,skipped,loss_scale,lr,time"]
+    for i, v in enumerate(g):
+        lr = 1e-3 * min(1.0, (i + 1) / warm)
+        rows.append(f"0,{i},{float(v)!r},{2.0 - i / n!r},{clip!r},{int(v > clip)},nan,0,nan,{lr!r},{1.7e9 + i}")
+    (d / "steps-r0.csv").write_text("\n".join(rows) + "\n")
+    (d / "meta.json").write_text(json.dumps({"format": "gradscope-run", "format_version": 1,
+                                             "status": "completed", "exit_code": 0}))
+    return d, g
+
+
+def test_watch_counts_clipped_steps_as_recommend_does_and_waits_for_the_warm_up(tmp_path):
+    from gradscope.cli.watch import _Watcher
+    from gradscope.report.summary import summary_lines
+    from gradscope.report.watch import alerts, series_text
+
+    d, g = _lr_warmup_run(tmp_path / "r", 400, 60, 2.0)
+    _, doc = report(d)
+    assert doc["warmup_steps"] == 59  # the steps before the learning rate peaks
+    by_hand = int(np.count_nonzero(g[59:] > 2.0))
+    assert doc["clipped_steps"] == by_hand
+    w = _Watcher(d, 0)
+    w.poll()
+    view = w.view()
+    live, norm, loss = view.series[0]
+    assert (live.clipped_steps, live.steady_steps) == (by_hand, 400 - 59)
+    text = series_text(view, live, norm, loss)
+    assert f"clips {by_hand / 341:.1%} of steady-state steps ({by_hand} of 341)" in text
+    assert f"({doc['clipped_steps']} of {doc['steady_steps']})" in "\n".join(summary_lines(d))
+    # Only the warm-up recorded so far (the learning rate still rising): every step clipped, yet no
+    # "always-clips so far" alert until the warm-up is over.
+    part, _ = _lr_warmup_run(tmp_path / "early", 400, 60, 2.0)
+    lines = (part / "steps-r0.csv").read_text().splitlines()
+    (part / "steps-r0.csv").write_text("\n".join(lines[:50]) + "\n")
+    w = _Watcher(part, 0)
+    w.poll()
+    live = w.view().series[0][0]
+    assert live.warmup_open and live.regime_so_far is None
+    assert not any("so far" in a for a in alerts(live))
+
+
+def test_a_sampled_hf_log_counts_optimizer_steps_and_says_logged_points(tmp_path):
+    rng = np.random.default_rng(2)
+    hist = [{"loss": round(2.0 - i / 60, 4), "grad_norm": float(np.exp(rng.normal(0, 0.3))),
+             "learning_rate": 1e-4, "epoch": i / 50, "step": 10 * (i + 1)} for i in range(50)]
+    f = tmp_path / "trainer_state.json"
+    f.write_text(json.dumps({"global_step": 500, "max_steps": 500, "logging_steps": 10, "log_history": hist}))
+    text, doc = report(f, width=200)
+    assert doc["sampled"] is True and doc["steps"] == 50
+    covered = doc["steady_optimizer_steps"]
+    first = doc["steady_from_step"]
+    assert covered == 500 - first + 10  # the span the steady-state points cover, one stride past the last
+    assert not any("steady-state steps (at least" in r for r in doc["confidence_reasons"])  # 450 steps, not 45
+    assert f"{doc['steady_steps']} finite logged points" in text and f"covering {covered} optimizer steps" in text

@@ -202,9 +202,13 @@ def _analyze_series(
         caveats.append(raised)
     attach_layers(spikes, run.layers, rank, opt, cfg.spikes.top_layers)
     failed = run.source == "gradscope" and run.meta.get("status") == "failed"
-    conf = assess_confidence(sit.name, g, s.loss[valid], nonfinite.divergence_step, int(step[0]), len(g_s),
+    # A step is an optimizer step: a log of every k-th one covers more steps than it has points.
+    covered, points = steady_optimizer_steps(step_s, bool(run.meta.get("sampled"))), None
+    if covered != len(g_s):
+        points = len(g_s)
+    conf = assess_confidence(sit.name, g, s.loss[valid], nonfinite.divergence_step, int(step[0]), covered,
                              cfg.confidence, None if failed else tune_command(run.meta),
-                             tau=rec.clip_norm_rounded, g_steady=g_s)
+                             tau=rec.clip_norm_rounded, g_steady=g_s, steady_points=points)
     if failed:  # no tune command: it would repeat the arguments that made the script fail
         conf = Confidence(False, [f"the run's script failed (exit code {run.meta.get('exit_code')}): its norms are "
                                   "not those of a working training", *conf.reasons], None)
@@ -236,7 +240,18 @@ def _analyze_series(
         caveats=caveats,
         confidence=conf,
         adam_family=adam,
+        steady_optimizer_steps=covered,
     )
+
+
+def steady_optimizer_steps(step_s: np.ndarray, sampled: bool) -> int:
+    """The optimizer steps the steady state covers: its rows, or for a log of every k-th step (whose
+    step numbers are optimizer steps) the span they cover, one stride past the last logged point."""
+    n = len(step_s)
+    if not sampled or n < 2:
+        return n
+    stride = float(np.median(np.diff(step_s)))
+    return max(n, int(round(float(step_s[-1] - step_s[0]) + stride)))
 
 
 def _below_failed_threshold(rec: Recommendation, s: Series, th, meta: dict, nf, g_s: np.ndarray,

@@ -47,10 +47,12 @@ class Confidence:
 def assess_confidence(situation: str, g: np.ndarray, loss: np.ndarray, divergence_step: int | None,
                       first_step: int, steady_steps: int, cfg: ConfidenceConfig,
                       command: str | None = None, tau: float | None = None,
-                      g_steady: np.ndarray | None = None) -> Confidence:
+                      g_steady: np.ndarray | None = None, steady_points: int | None = None) -> Confidence:
     """g, loss: the finite, usable steps in order (loss may hold NaN); first_step: the step number
     of g[0]; divergence_step: first step of a non-finite end of run; command: `tune_command`'s;
-    tau: the recommendation as handed out (rounded); g_steady: the steady-state norms it is placed among."""
+    tau: the recommendation as handed out (rounded); g_steady: the steady-state norms it is placed among;
+    steady_points: for a log of every k-th step, the logged points behind steady_steps (which then counts
+    the optimizer steps they cover)."""
     reasons = []
     if situation in NORMALISING:
         soon = first_step + cfg.early_steps  # steps first_step .. soon are "at once"
@@ -76,7 +78,9 @@ def assess_confidence(situation: str, g: np.ndarray, loss: np.ndarray, divergenc
     if outside:
         reasons.append(outside)
     if steady_steps < cfg.min_steady_steps:
-        reasons.append(f"only {steady_steps} steady-state steps (at least {cfg.min_steady_steps} are needed to "
+        seen = (f"{steady_points} logged points covering {steady_steps} optimizer steps" if steady_points is not None
+                else f"{steady_steps}")
+        reasons.append(f"only {seen} steady-state steps (at least {cfg.min_steady_steps} are needed to "
                        "place a threshold among them)")
     if not reasons:
         return Confidence(True)

@@ -172,6 +172,7 @@ class OptimizerAnalysis:
     confidence: object = None          # confidence.Confidence: can one pilot tell? (None: not assessed)
     adam_family: bool = False          # the optimizer normalises its update by a second moment (advice.py)
     advice: object = None              # advice.Advice: the one line to act on (keep/change/add/tune)
+    steady_optimizer_steps: int | None = None  # optimizer steps the steady state covers (a sampled log: > steady_steps)
 
     @property
     def regime(self) -> str:

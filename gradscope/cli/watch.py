@@ -123,7 +123,8 @@ class _Watcher:
             step, g, loss = s["step"], s["grad_norm"], s["loss"]
             skipped = s["skipped"] > 0
             tr.update(step, g, skipped, self.cfg)
-            live = summarize(opt, step, g, loss, s["clip_max_norm"], skipped, s["time"], override, tr)
+            live = summarize(opt, step, g, loss, s["clip_max_norm"], skipped, s["time"], override, tr,
+                             lr=s["lr"], cfg=self.cfg)
             mark = live.first_bad[0] if live.first_bad else None
             norm = sparkline(step, g, log=True, mark_step=mark)
             has_loss = bool(np.isfinite(loss).any())

@@ -36,7 +36,9 @@ Per optimizer:
                          origin: null, or where `gradscope run --trace-nan` found the first non-finite
                          value: {step, phase ("input"|"forward"|"backward"|"loss"), module (str|null),
                          detail, optimizer, rank}}
-    warmup_steps        finite steps left out at the start
+    warmup_steps        finite steps left out at the start (rows: logged points for a sampled log)
+    steady_optimizer_steps  the optimizer steps the steady state covers: steady_steps, or for a log of every
+                        k-th step the span its logged points cover
     steady_steps        finite steps judged; steady_from_step: the first one's step number
     analysis_until_step step where a divergence began (statistics stop there), or null
     percentiles         {"p50", "p90", "p99", "max"} of steady-state grad norms
@@ -177,6 +179,7 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
         },
         "warmup_steps": o.warmup_steps,
         "steady_steps": o.steady_steps,
+        "steady_optimizer_steps": o.steady_optimizer_steps,
         "steady_from_step": o.steady_from_step,
         "analysis_until_step": o.analysis_until_step,
         "percentiles": o.percentiles,
@@ -400,8 +403,15 @@ def _head(o: OptimizerAnalysis, main: bool) -> list:
     from rich.text import Text
 
     head = Text()
-    head.append(f"{o.steps} steps", style="bold")
-    if o.steady_from_step is not None:
+    sampled = o.steady_optimizer_steps is not None and o.steady_optimizer_steps != o.steady_steps
+    head.append(f"{o.steps} logged points" if sampled else f"{o.steps} steps", style="bold")
+    if o.steady_from_step is not None and sampled:
+        head.append(
+            f"  warm-up {o.warmup_steps}, steady state {o.steady_steps} finite logged points from step "
+            f"{o.steady_from_step}, covering {o.steady_optimizer_steps} optimizer steps (the log holds every k-th "
+            "step: clip shares below are of the logged points)"
+        )
+    elif o.steady_from_step is not None:
         head.append(
             f"  warm-up {o.warmup_steps}, steady state {o.steady_steps} finite steps from step {o.steady_from_step}"
         )
