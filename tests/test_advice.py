@@ -317,3 +317,137 @@ def test_a_sampled_hf_log_counts_optimizer_steps_and_says_logged_points(tmp_path
     assert covered == 500 - first + 10  # the span the steady-state points cover, one stride past the last
     assert not any("steady-state steps (at least" in r for r in doc["confidence_reasons"])  # 450 steps, not 45
     assert f"{doc['steady_steps']} finite logged points" in text and f"covering {covered} optimizer steps" in text
+
+
+# ----------------------------------------------------------------------------- item 7
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_runs"
+
+
+def test_plot_reads_at_a_glance_raw_units_lr_range_smoothed_loss_small_heatmap(tmp_path):
+    from matplotlib.patches import Rectangle
+
+    from gradscope.report import plot
+    from gradscope.rundir import load_run
+
+    run = load_run(SAMPLES / "lstm_never_clips")  # layer norms recorded, a learning rate with a warm-up
+    a = analyze(run, load_config())
+    data = plot.plot_data(run, a)
+    fig = plot.build_figure(data)
+    ax_norm, ax_loss, ax_hist, ax_surv = fig.axes[:4]
+    s, o = data.series[0], a.main
+    r = o.recommendation
+    # the histogram: raw norms on a log axis, the judged tau drawn at its own value, whole-number counts
+    assert ax_hist.get_xscale() == "log" and "log10" not in ax_hist.get_xlabel()
+    xs = {round(float(ln.get_xdata()[0]), 9) for ln in ax_hist.get_lines()}
+    assert round(o.verdict.clip_norm, 9) in xs and round(r.clip_norm_rounded, 9) in xs
+    bars = [p for p in ax_hist.patches if isinstance(p, Rectangle) and not p.get_label().startswith("range")]
+    heights = np.array([p.get_height() for p in bars])
+    steady = s.steady()
+    assert int(heights.sum()) == len(steady[steady > 0])  # every judged step is in one bar
+    assert all(float(t).is_integer() for t in ax_hist.get_yticks())
+    # the range the data support, drawn where recommend says it is
+    for ax in (ax_norm, ax_hist):
+        spans = [p for p in ax.patches if p.get_label().startswith("range the data support")]
+        assert len(spans) == 1
+        p = spans[0]
+        if isinstance(p, Rectangle):
+            vals = (p.get_y(), p.get_y() + p.get_height()) if ax is ax_norm else (p.get_x(), p.get_x() + p.get_width())
+        else:
+            ext = p.get_xy()
+            vals = ext[:, 1] if ax is ax_norm else ext[:, 0]
+        assert min(vals) == pytest.approx(r.low) and max(vals) == pytest.approx(r.high)
+    # the learning rate, on the loss panel's own axis, as recorded
+    lr_lines = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == "learning rate"]
+    assert len(lr_lines) == 1
+    recorded = run.steps["lr"].to_numpy(dtype=float)
+    assert np.nanmax(lr_lines[0].get_ydata()) == pytest.approx(np.nanmax(recorded))
+    # the loss smoothed (a trailing mean, recomputed here) over the raw curve
+    smooth = [ln for ln in ax_loss.get_lines() if "mean of the last" in ln.get_label()]
+    assert len(smooth) == 1
+    w = int(smooth[0].get_label().split("mean of the last ")[1].split()[0])
+    loss = run.steps["loss"].to_numpy(dtype=float)
+    import pandas as pd
+
+    by_hand = pd.Series(loss).rolling(w, min_periods=1).mean().to_numpy()
+    x, y = smooth[0].get_xdata(), smooth[0].get_ydata()
+    steps = run.steps["step"].to_numpy()
+    for k in (0, len(x) // 2, len(x) - 1):
+        assert y[k] == pytest.approx(by_hand[np.searchsorted(steps, x[k])])
+    # the heatmap is the smallest panel: under a fifth of the figure's height
+    heat = next(ax for ax in fig.axes if ax.get_title(loc="left").startswith("per-parameter"))
+    assert heat.get_position().height < 0.2
+
+
+def test_many_clipped_steps_are_a_rug_not_dots_over_the_curve():
+    from gradscope.report import plot
+    from gradscope.rundir import load_run
+
+    run = load_run(SAMPLES / "lstm_always_clips")
+    a = analyze(run, load_config())
+    assert a.main.verdict.clipped_steps > plot.MAX_CLIP_DOTS
+    fig = plot.build_figure(plot.plot_data(run, a))
+    ax = fig.axes[0]
+    clipped = [c for c in ax.collections if c.get_label().startswith("clipped")]
+    assert clipped
+    for c in clipped:  # drawn along the panel's foot (axis coordinates in y), not at the norms
+        assert c.get_offset_transform() is not ax.transData
+        assert np.allclose(c.get_offsets()[:, 1], 0.0)
+    # few clipped steps stay dots on the curve
+    run = load_run(SAMPLES / "healthy_transformer")
+    a = analyze(run, load_config())
+    assert a.main.verdict.clipped_steps <= plot.MAX_CLIP_DOTS
+    ax = plot.build_figure(plot.plot_data(run, a)).axes[0]
+    dots = [c for c in ax.collections if c.get_label().startswith("clipped")]
+    assert dots and all(c.get_offset_transform() is ax.transData for c in dots)
+
+
+def _copy_run(src: Path, dst: Path, scale: float = 1.0) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    if scale != 1.0:
+        f = dst / "steps-r0.csv"
+        import pandas as pd
+
+        df = pd.read_csv(f)
+        df["loss"] = df["loss"] * np.linspace(1, scale, len(df))
+        df.to_csv(f, index=False)
+    return dst
+
+
+def test_compare_figure_log_loss_distinct_colours_legend_beside_labelled_taus(tmp_path, capsys, monkeypatch):
+    from matplotlib.colors import to_hex
+
+    from gradscope.analysis.compare import compare_rows
+    from gradscope.report import compare as report
+    from gradscope.rundir import load_run
+
+    runs = [_copy_run(SAMPLES / "healthy_transformer", tmp_path / f"r{i}", scale=1.0 if i else 1e4)
+            for i in range(12)]  # r0's loss climbs 10^4 x: a diverged run
+    rows = []
+    for p in runs:
+        run = load_run(p)
+        rows.extend(compare_rows(str(p), run, analyze(run, load_config())))
+    fig = report.build_figure(rows)
+    ax_n, ax_l = fig.axes[:2]
+    assert ax_l.get_yscale() == "log"
+    colours = [to_hex(ln.get_color()) for ln in ax_n.get_lines() if not ln.get_label().startswith("_")]
+    assert len(colours) == 12 and len(set(colours)) == 12
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    leg = fig.legends[0]
+    box = leg.get_window_extent(renderer)
+    for ax in (ax_n, ax_l):
+        assert not box.overlaps(ax.get_window_extent(renderer))
+    labels = [t.get_text() for t in ax_n.texts]
+    assert "max_norm 1.5 (12 runs)" in labels
+    # --json without -o: no figure written into the current directory
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--json", str(runs[1]), str(runs[2])])
+    assert e.value.code == 0
+    json.loads(capsys.readouterr().out)
+    assert not (tmp_path / report.DEFAULT_OUTPUT).exists()
