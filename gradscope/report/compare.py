@@ -53,7 +53,10 @@ def to_json(rows: list[CompareRow]) -> dict:
 
 
 def table_lines(rows: list[CompareRow]) -> list[str]:
-    """The table as plain aligned lines: nothing is cut, in a terminal or a CI log alike."""
+    """The table as plain aligned lines: nothing is cut, in a terminal or a CI log alike. update× is
+    left out ('-') for an Adam-family optimizer, where a clip does not scale the update."""
+    from gradscope.analysis.advice import normalises_update
+
     cols = ("run", "steps", "p50", "p90", "p99", "max", "max_norm", "clips", "update×", "final loss",
             "non-finite", "skipped", "situation")
     cells = []
@@ -63,7 +66,8 @@ def table_lines(rows: list[CompareRow]) -> list[str]:
         cells.append((
             r.run, str(r.steps), *(_f(p.get(k), ".4g") for k in ("p50", "p90", "p99", "max")),
             _f(r.clip_norm, "g"), f"{r.clip_fraction:.1%}" if r.clip_fraction is not None else "-",
-            _f(r.mean_multiplier, ".3f"), loss, str(r.non_finite), str(r.skipped),
+            "-" if normalises_update(r.optimizer_class) else _f(r.mean_multiplier, ".3f"), loss,
+            str(r.non_finite), str(r.skipped),
             r.situation or ("not judged" if r.error else "-"),
         ))
     from gradscope.report.table import aligned
@@ -78,7 +82,9 @@ def render(rows: list[CompareRow], file=None) -> None:
     print("gradscope compare", file=out)
     print("\n".join(table_lines(rows)), file=out)
     print(f"grad norm p50-max: steady-state percentiles (as `recommend` reports them); clips: share of "
-          f"steady-state steps above max_norm; update×: mean update multiplier; final loss: mean ± sd of the "
+          f"steady-state steps above max_norm; update×: mean update multiplier (SGD-style optimizers; '-' for "
+          f"Adam-family ones, where a clip caps the gradient fed into the moments and does not scale the update); "
+          f"final loss: mean ± sd of the "
           f"last {FINAL_FRACTION:.0%} of logged losses; skipped: loss-scaler overflows", file=out)
     for r in rows:
         if r.error:
