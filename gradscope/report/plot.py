@@ -485,7 +485,7 @@ def _draw_norms(ax, data: PlotData) -> None:
                     foot = ax.get_xaxis_transform() + ScaledTranslation(0, 3 / 72, ax.figure.dpi_scale_trans)
                     ax.scatter(xs, np.zeros(len(xs)), transform=foot, marker="|", s=30, color=CLIPPED_COLOR,
                                alpha=1.0 if face != "none" else 0.45, linewidths=0.8, zorder=3, clip_on=False,
-                               label=(lab + " (ticks)") if (i == 0 or multi) and lab else None)
+                               label=lab if (i == 0 or multi) and lab else None)
                     continue
                 ax.scatter(s.step[idx], g[idx], s=9, facecolors=face, edgecolors=CLIPPED_COLOR, zorder=3,
                            linewidths=0.8, label=lab if i == 0 or multi else None)
