@@ -451,3 +451,18 @@ def test_compare_figure_log_loss_distinct_colours_legend_beside_labelled_taus(tm
     assert e.value.code == 0
     json.loads(capsys.readouterr().out)
     assert not (tmp_path / report.DEFAULT_OUTPUT).exists()
+
+
+@pytest.mark.parametrize("status, signal, first", [
+    ("interrupted", "SIGINT", "the run was INTERRUPTED (SIGINT) after 600 optimizer steps recorded"),
+    ("killed", "SIGKILL", "the run was KILLED (SIGKILL) after 600 optimizer steps recorded"),
+    ("running", None, "the run is STILL RUNNING: 600 optimizer steps recorded so far"),
+])
+def test_an_interrupted_killed_or_running_run_says_so_first_and_is_still_judged(tmp_path, status, signal, first):
+    d = write_run(tmp_path / "r", norms(n=600, seed=6), clip=None, loss=falling(600))
+    meta = json.loads((d / "meta.json").read_text())
+    meta.update(status=status, signal=signal, exit_code=None if status == "running" else 130)
+    (d / "meta.json").write_text(json.dumps(meta))
+    text, doc = report(d)
+    assert text.splitlines()[1].startswith(first) and doc["status_line"].startswith(first)
+    assert doc["action"] == "add"  # judged on the steps it holds
