@@ -19,7 +19,7 @@ import numpy as np
 from gradscope import rundir
 from gradscope.errors import GradscopeError
 
-COLUMNS = ("step", "grad_norm", "loss", "clip_max_norm", "skipped", "time")
+COLUMNS = ("step", "grad_norm", "loss", "clip_max_norm", "skipped", "time", "lr")
 
 
 class _Grow:
@@ -156,7 +156,8 @@ class RunFollower:
             if s is None:
                 s = self.series[int(opt)] = SeriesData(int(opt))
             for c in COLUMNS:
-                s.cols[c].extend(pd.to_numeric(part[c], errors="coerce").to_numpy(dtype=float))
+                col = part[c] if c in part else pd.Series(float("nan"), index=part.index)
+                s.cols[c].extend(pd.to_numeric(col, errors="coerce").to_numpy(dtype=float))
         return len(df)
 
 

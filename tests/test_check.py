@@ -201,9 +201,9 @@ def test_max_spikes_rule_is_judged(capsys):
     assert code == 0 and "PASS max-spikes" in out
 
 
-def test_shipped_default_policy_turns_every_rule_off():
-    # every rule but `incomplete` (issue 26: an incomplete recording is never a PASS by default)
-    assert gate.load_policy() == gate.Policy(fail_on=(gate.INCOMPLETE,))
+def test_shipped_default_policy_turns_every_rule_off_but_incomplete_and_script_failed():
+    # issue 26: an incomplete recording is never a PASS by default; issue 23: nor a run whose script failed
+    assert gate.load_policy() == gate.Policy(fail_on=(gate.INCOMPLETE, gate.SCRIPT_FAILED))
 
 
 # ---------------------------------------------------------------- CI formats
@@ -245,7 +245,8 @@ def test_junit_all_pass(capsys, tmp_path):
     junit = tmp_path / "j.xml"
     assert check(capsys, SAMPLES / "healthy_transformer", "--junit", junit)[0] == 0
     suite = ET.parse(junit).getroot().find("testsuite")
-    assert suite.get("tests") == "2" and suite.get("failures") == "0"  # incomplete (issue 26), non-finite
+    # incomplete (issue 26), non-finite, script-failed (issue 23): all on by default
+    assert suite.get("tests") == "3" and suite.get("failures") == "0"
 
 
 def test_json_output(capsys):

@@ -14,15 +14,17 @@ from gradscope.cli import main
 STEP_HEADER = "optimizer,step,grad_norm,loss,clip_max_norm,clipped,clip_value,skipped,loss_scale,lr,time"
 
 
-def write_run(d: Path, g, clip=1.0, skipped=None, rank=0, optimizer=0, meta=True, layers=None) -> Path:
-    """A gradscope run directory written by hand in the documented format (rundir.py)."""
+def write_run(d: Path, g, clip=1.0, skipped=None, rank=0, optimizer=0, meta=True, layers=None, loss=None) -> Path:
+    """A gradscope run directory written by hand in the documented format (rundir.py); loss: one per
+    step (default 1.5 on every step: a run whose loss does not fall)."""
     d.mkdir(parents=True, exist_ok=True)
     skipped = np.zeros(len(g), int) if skipped is None else np.asarray(skipped, int)
     lines = [STEP_HEADER] if not (d / f"steps-r{rank}.csv").exists() else []
     for i, v in enumerate(g):
         c = "nan" if clip is None else repr(clip)
         clipped = int(clip is not None and np.isfinite(v) and v > clip)
-        lines.append(f"{optimizer},{i},{v!r},1.5,{c},{clipped},nan,{skipped[i]},nan,0.001,{1.7e9 + i}")
+        lo = 1.5 if loss is None else loss[i]
+        lines.append(f"{optimizer},{i},{v!r},{lo!r},{c},{clipped},nan,{skipped[i]},nan,0.001,{1.7e9 + i}")
     with open(d / f"steps-r{rank}.csv", "a") as f:
         f.write("\n".join(lines) + "\n")
     if meta:
@@ -129,9 +131,13 @@ def test_clip_norm_option_and_ranks(tmp_path, capsys):
 
 
 def test_human_report_has_verdict_recommendation_and_snippets(tmp_path, capsys):
-    d = write_run(tmp_path / "run", norms(), clip=100.0)
+    # A falling loss: a run that learns, so one pilot can tell (a flat loss leads with `gradscope tune`
+    # and has no paste lines: see test_verdict_line_*).
+    g = norms()
+    d = write_run(tmp_path / "run", g, clip=100.0, loss=[2.0 - i / len(g) for i in range(len(g))])
     code, out, _ = run_cli([d], capsys)
     assert code == 0
+    assert out.splitlines()[1].startswith("change max_norm 100 \u2192 ")
     for needle in ("never-clips", "recommend", "p50", "p99", "clip_grad_norm_", "max_grad_norm",
                    "gradient_clip_val", '"gradient_clipping"', "global_clipnorm", "ClipGradByGlobalNorm",
                    "--max_grad_norm", "spikes", "non-finite", "dead code"):

@@ -6,7 +6,8 @@ import dataclasses
 import numpy as np
 
 from gradscope.analysis.audit import errors as audit_errors, findings as audit_findings
-from gradscope.analysis.confidence import assess_confidence, tune_command
+from gradscope.analysis.advice import advise, normalises_update, status_line
+from gradscope.analysis.confidence import Confidence, assess_confidence, tune_command
 from gradscope.analysis.config import AnalysisConfig, Preset, get_preset, load_config
 from gradscope.analysis.judge import (
     classify_steps, in_force, judge, resolve_threshold, threshold_notes, warmup_length,
@@ -106,14 +107,20 @@ def analyze(
     notes.extend(f"skipped: {p}" for p in problems)
     found = [f for f in audit_findings(run, rank=chosen) if optimizer is None or f.optimizer == optimizer]
     notes.extend(audit_errors(run, rank=chosen))
+    failed = run.source == "gradscope" and run.meta.get("status") == "failed"
     for o in results:
         o.findings = [f for f in found if f.optimizer == o.optimizer]
-    if rank_local:
+    if rank_local:  # per-rank shard norms: no regime, no threshold, so no keep/change line either
         results = [_per_rank_only(o) for o in results]
+    for o in results:
+        o.advice = None if rank_local else advise(o, failed=failed)
+    head = status_line(run.meta.get("status"), run.meta.get("exit_code"), run.meta.get("signal"), len(steps)) \
+        if run.source == "gradscope" else None
     return RunAnalysis(
         path=where, source=run.source, rank=chosen, ranks=ranks, sampled=sampled, optimizers=results, notes=notes,
         status=run.meta.get("status"),
         findings=found,
+        status_line=head,
     )
 
 
@@ -186,7 +193,8 @@ def _analyze_series(
     notes.extend(threshold_notes(s, th))
     pct = percentiles(g_s, cfg.percentiles)
     p50 = pct["p50"] if "p50" in pct else None
-    verdict = judge(g_s, th, cfg, p50)
+    adam = normalises_update(cls)
+    verdict = judge(g_s, th, cfg, p50, adam=adam)
     spikes, spike_pos = find_spikes(x, level, mad, step, k, cfg)
     is_spike = np.zeros(len(x), dtype=bool)
     is_spike[spike_pos] = True
@@ -206,17 +214,26 @@ def _analyze_series(
     rec, capped = _below_failed_threshold(rec, s, th, run.meta, nonfinite, g_s, cfg)
     if capped:
         caveats.append(capped)
-    dr = drift(g_s, step_s, rec.clip_norm_rounded, cfg, normalising=sit.clip_norm is not None)
+    dr = drift(g_s, step_s, rec.clip_norm_rounded, cfg, normalising=sit.clip_norm is not None, adam=adam)
     if rec.situation == "stable" and dr is not None and dr.drifting:
         way = "fell" if dr.p50_ratio < 1 else "rose"
         rec = dataclasses.replace(rec, evidence=f"{rec.evidence}; the level itself {way} "
                                                 f"{max(dr.p50_ratio, 1 / dr.p50_ratio):.3g}x from early to late")
-    raised = _update_growth(verdict, rec, cfg)
+    raised = _update_growth(verdict, rec, cfg) if not adam else None
     if raised:
         caveats.append(raised)
     attach_layers(spikes, run.layer_norms, rank, opt, cfg.spikes.top_layers)
-    conf = assess_confidence(sit.name, g, s.loss[valid], nonfinite.divergence_step, int(step[0]), len(g_s),
-                             cfg.confidence, tune_command(run.meta))
+    failed = run.source == "gradscope" and run.meta.get("status") == "failed"
+    # A step is an optimizer step: a log of every k-th one covers more steps than it has points.
+    covered, points = steady_optimizer_steps(step_s, bool(run.meta.get("sampled"))), None
+    if covered != len(g_s):
+        points = len(g_s)
+    conf = assess_confidence(sit.name, g, s.loss[valid], nonfinite.divergence_step, int(step[0]), covered,
+                             cfg.confidence, None if failed else tune_command(run.meta),
+                             tau=rec.clip_norm_rounded, g_steady=g_s, steady_points=points)
+    if failed:  # no tune command: it would repeat the arguments that made the script fail
+        conf = Confidence(False, [f"the run's script failed (exit code {run.meta.get('exit_code')}): its norms are "
+                                  "not those of a working training", *conf.reasons], None)
     skipped = int(s.skipped.sum())
     top = int(np.argmax(g))
     return OptimizerAnalysis(
@@ -238,13 +255,25 @@ def _analyze_series(
         drift=dr,
         spikes=spikes,
         nonfinite=nonfinite,
-        preset=compare_preset(pre, rec, g_s, p50) if pre is not None else None,
+        preset=compare_preset(pre, rec, g_s, p50, adam=adam) if pre is not None else None,
         notes=notes,
         whole_run=WholeRun(steps=len(s), finite_steps=n_valid, min=float(g.min()), p50=float(np.median(g)),
                            max=float(g[top]), max_step=int(step[top])),
         caveats=caveats,
         confidence=conf,
+        adam_family=adam,
+        steady_optimizer_steps=covered,
     )
+
+
+def steady_optimizer_steps(step_s: np.ndarray, sampled: bool) -> int:
+    """The optimizer steps the steady state covers: its rows, or for a log of every k-th step (whose
+    step numbers are optimizer steps) the span they cover, one stride past the last logged point."""
+    n = len(step_s)
+    if not sampled or n < 2:
+        return n
+    stride = float(np.median(np.diff(step_s)))
+    return max(n, int(round(float(step_s[-1] - step_s[0]) + stride)))
 
 
 def _below_failed_threshold(rec: Recommendation, s: Series, th, meta: dict, nf, g_s: np.ndarray,

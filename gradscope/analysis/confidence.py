@@ -9,6 +9,12 @@ Measured in benchmarks/advice/ (see the README's "The advice benchmark"), one pi
   unclipped updates are too large, not by how much: runs whose pilots look alike want
   thresholds 0.45x and 1.1x their first gradient norm.
 - too short a run: fewer than `min_steady_steps` steady-state steps to place a threshold in.
+- a threshold outside the evidence: the recommendation (as rounded) lies above every norm the
+  pilot saw after its warm-up (it would never clip there: by gradscope's own definition, dead
+  code) or below every one of them (it would rescale every step). Such a number is not read
+  from the pilot's norms but extrapolated past them: a tanh RNN whose pilot was `stable` (max
+  11.8) got 19.3, and trained 2.08x worse than the best threshold, its instability coming later
+  in training than the pilot reached.
 - a run whose loss never fell, where the norms alone look fine (not a normalising situation):
   the mean of its last tenth of losses is not below the mean of its first tenth by
   `flat_loss_z` standard errors. Its norms can look perfectly `stable` (a CNN
@@ -40,9 +46,13 @@ class Confidence:
 
 def assess_confidence(situation: str, g: np.ndarray, loss: np.ndarray, divergence_step: int | None,
                       first_step: int, steady_steps: int, cfg: ConfidenceConfig,
-                      command: str | None = None) -> Confidence:
+                      command: str | None = None, tau: float | None = None,
+                      g_steady: np.ndarray | None = None, steady_points: int | None = None) -> Confidence:
     """g, loss: the finite, usable steps in order (loss may hold NaN); first_step: the step number
-    of g[0]; divergence_step: first step of a non-finite end of run; command: `tune_command`'s."""
+    of g[0]; divergence_step: first step of a non-finite end of run; command: `tune_command`'s;
+    tau: the recommendation as handed out (rounded); g_steady: the steady-state norms it is placed among;
+    steady_points: for a log of every k-th step, the logged points behind steady_steps (which then counts
+    the optimizer steps they cover)."""
     reasons = []
     if situation in NORMALISING:
         soon = first_step + cfg.early_steps  # steps first_step .. soon are "at once"
@@ -64,12 +74,32 @@ def assess_confidence(situation: str, g: np.ndarray, loss: np.ndarray, divergenc
     flat = _loss_did_not_fall(loss, cfg.flat_loss_z) if situation not in NORMALISING else None
     if flat:  # (a run that blew up or climbed is judged by how soon it did, above)
         reasons.append(flat)
+    outside = outside_evidence(tau, g_steady) if tau is not None and g_steady is not None else None
+    if outside:
+        reasons.append(outside)
     if steady_steps < cfg.min_steady_steps:
-        reasons.append(f"only {steady_steps} steady-state steps (at least {cfg.min_steady_steps} are needed to "
+        seen = (f"{steady_points} logged points covering {steady_steps} optimizer steps" if steady_points is not None
+                else f"{steady_steps}")
+        reasons.append(f"only {seen} steady-state steps (at least {cfg.min_steady_steps} are needed to "
                        "place a threshold among them)")
     if not reasons:
         return Confidence(True)
     return Confidence(False, reasons, command)
+
+
+def outside_evidence(tau: float, g_steady: np.ndarray) -> str | None:
+    """The reason, when tau lies outside the range of the steady-state norms (clips none or all)."""
+    if not len(g_steady):
+        return None
+    lo, hi = float(np.min(g_steady)), float(np.max(g_steady))
+    if tau >= hi:
+        return (f"the rule's {tau:g} lies above every norm the pilot saw after its warm-up (max {hi:.4g}): it would "
+                "never clip there, so the pilot does not show what it would cut (a pilot too short to show "
+                "later instability looks like this)")
+    if tau < lo:
+        return (f"the rule's {tau:g} lies below every norm the pilot saw after its warm-up (min {lo:.4g}): it would "
+                "rescale every step, by an amount one pilot cannot place")
+    return None
 
 
 def _loss_did_not_fall(loss: np.ndarray, z: float) -> str | None:

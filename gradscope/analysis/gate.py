@@ -24,10 +24,12 @@ DIVERGENCE = "divergence"  # the loss rose far above its running minimum and sta
 CLIP_BUGS = "clip-bugs"  # fail on any finding of the clip audit (analysis/audit.py)
 # The recording misses steps or files (rundir.recording_gaps): killed, a full disk, a cut or unreadable file.
 INCOMPLETE = "incomplete"
-FAIL_ON_RULES = (DIVERGENCE, CLIP_BUGS, INCOMPLETE)
-# Rules a --fail-on flag does not turn off when the config file has them on: an incomplete run is
-# never a PASS, whatever other rule is asked for (a config file without it turns it off).
-KEPT_BY_FLAGS = (INCOMPLETE,)
+SCRIPT_FAILED = "script-failed"  # the recorded script exited with an error (meta.json status "failed")
+# Rules a --fail-on flag does not turn off when the config file has them on: an incomplete run, or
+# one whose script failed, is never a PASS, whatever other rule is asked for (a config file without
+# them turns them off).
+KEPT_BY_FLAGS = (INCOMPLETE, SCRIPT_FAILED)
+FAIL_ON_RULES = (DIVERGENCE, CLIP_BUGS, INCOMPLETE, SCRIPT_FAILED)
 POLICY_FILE = "check.yaml"
 # Policy keys as written in YAML (dashes and underscores both accepted) -> Policy fields.
 _POLICY_KEYS = {
@@ -463,6 +465,8 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
         notes.extend(more)
     if CLIP_BUGS in policy.fail_on:
         checks.append(_check_clip_bugs(found, audit.audited(run), bool(broken)))
+    if SCRIPT_FAILED in policy.fail_on:
+        checks.append(_check_script_failed(run))
     if policy.max_clip_fraction is not None:
         checks.append(CheckResult("max-clip-fraction", SKIP, per_rank) if rank_local
                       else _check_clip_fraction(policy.max_clip_fraction, facts))
@@ -485,6 +489,19 @@ def _check_incomplete(run) -> CheckResult:
     if text:
         return CheckResult(INCOMPLETE, FAIL, text[len("incomplete recording: "):])
     return CheckResult(INCOMPLETE, PASS, "the recording is complete (every recording process closed it)")
+
+
+def _check_script_failed(run) -> CheckResult:
+    """--fail-on script-failed: the script the run recorded ended with an error (meta.json status
+    "failed": a non-zero exit code, not a signal). Foreign logs carry no exit status: skipped."""
+    if run.source != "gradscope":
+        return CheckResult(SCRIPT_FAILED, SKIP, "a trainer's log records no exit status of its script")
+    meta = run.meta or {}
+    status, code = meta.get("status"), meta.get("exit_code")
+    if status == "failed":
+        return CheckResult(SCRIPT_FAILED, FAIL, f"the script failed (exit code {code}) after {len(run.steps)} "
+                                                "recorded steps: its figures are not those of a working training")
+    return CheckResult(SCRIPT_FAILED, PASS, f"the script did not fail (status {status})")
 
 
 def _check_divergence(run, policy: Policy) -> tuple[CheckResult, list[str], Any]:

@@ -158,8 +158,10 @@ def threshold_notes(s: Series, th: Threshold) -> list[str]:
     return notes
 
 
-def judge(g: np.ndarray, th: Threshold, cfg: AnalysisConfig, p50: float | None = None) -> Verdict:
-    """The regime of the judged threshold on the steady-state norms g (finite, positive; p50 their median)."""
+def judge(g: np.ndarray, th: Threshold, cfg: AnalysisConfig, p50: float | None = None, adam: bool = False) -> Verdict:
+    """The regime of the judged threshold on the steady-state norms g (finite, positive; p50 their median).
+    adam: the optimizer normalises its update by a second moment (advice.normalises_update), where a clip
+    caps the gradient fed into the moment estimates and does not scale the update: no learning-rate words."""
     tau = th.clip_norm
     if tau is None:
         return Verdict(
@@ -179,11 +181,25 @@ def judge(g: np.ndarray, th: Threshold, cfg: AnalysisConfig, p50: float | None =
             f"Clipping never fired after warm-up: max_norm {tau:.4g} sits {to_max:.3g}x above the largest norm "
             f"({gmax:.4g}), so it is dead code here and only stops a spike {to_max:.3g}x bigger than anything seen."
         )
+    elif frac >= cfg.regime.always_fraction and adam:
+        regime = "always-clips"
+        meaning = (
+            f"{frac:.0%} of steps are clipped: every one of those gradients enters the moment estimates at length "
+            f"{tau:.4g}, so the optimizer sees a normalised gradient and no longer singles out spikes (the update, "
+            "divided by the second moment, is not scaled down by the clip)."
+        )
     elif frac >= cfg.regime.always_fraction:
         regime = "always-clips"
         meaning = (
             f"{frac:.0%} of steps are clipped: clipping has become gradient normalisation, shrinking the average "
             f"update to {mm:.2f}x, an effective learning-rate cut of {1 - mm:.0%} that no longer singles out spikes."
+        )
+    elif adam:
+        regime = "healthy"
+        meaning = (
+            f"Clipping caps {frac:.1%} of the gradients fed into the moment estimates"
+            + (" (the large ones) and leaves the rest untouched." if frac <= 0.1 else
+               ": still the larger ones, but more than the outliers.")
         )
     elif frac <= 0.1:
         regime = "healthy"

@@ -5,7 +5,11 @@ it has them: a spike is a step whose log-norm is at least spikes.z_threshold rob
 z-scores and spikes.min_ratio times above the median of the level.window finite steps before
 its anchor (the last multiple of ANCHOR_EVERY finite steps); "never-clips so far" / "always-clips so far" are the regimes of `recommend`
 (no step / at least half of the steps above the threshold) over the finite steps after the
-first 10% (the warm-up), once there are at least MIN_JUDGED of them.
+warm-up, once there are at least MIN_JUDGED of them and the warm-up is over. The warm-up and the
+clipped count are `recommend`'s (judge.warmup_length: the learning rate's own warm-up when it is
+recorded, else a share of the steps): "clips X%" is the share of steady-state finite steps above
+the threshold, the number `gradscope run`, `recommend`, `compare` and `plot` show. While the
+learning rate still rises at the last step, the warm-up is not over, and no regime alert is given.
 """
 from __future__ import annotations
 
@@ -105,12 +109,15 @@ class LiveSeries:
     last_grad_norm: float | None
     rolling: dict[str, float]            # p50, p90, p99 of the last ROLLING finite norms
     clip_norm: float | None              # the run's threshold (the most used recent max_norm)
-    rolling_clip_fraction: float | None  # of the last ROLLING finite steps
+    rolling_clip_fraction: float | None  # of the steady-state finite steps so far (recommend's count)
     skipped: int
     first_bad: tuple[int, str] | None    # (step, "loss" / "gradient" / "loss and gradient")
     regime_so_far: str | None            # "never-clips" / "always-clips" when it looks so, else None
     judged_fraction: float | None        # the clip fraction behind regime_so_far
     spikes: SpikeTracker = field(default_factory=SpikeTracker)
+    clipped_steps: int | None = None     # of steady_steps, above clip_norm (rolling_clip_fraction's count)
+    steady_steps: int | None = None
+    warmup_open: bool = False            # the learning rate still rises at the last step
 
 
 def _mode(v: np.ndarray) -> float | None:
@@ -123,7 +130,8 @@ def _mode(v: np.ndarray) -> float | None:
 
 def summarize(opt: int, step: np.ndarray, g: np.ndarray, loss: np.ndarray, clip: np.ndarray,
               skipped: np.ndarray, t: np.ndarray, clip_override: float | None, spikes: SpikeTracker,
-              rank_local: bool = False) -> LiveSeries:
+              rank_local: bool = False, lr: np.ndarray | None = None,
+              cfg: AnalysisConfig | None = None) -> LiveSeries:
     n = len(step)
     skipped = skipped.astype(bool)
     tail = slice(max(0, n - ROLLING), n)
@@ -138,7 +146,6 @@ def summarize(opt: int, step: np.ndarray, g: np.ndarray, loss: np.ndarray, clip:
     if len(tt) >= 2 and tt[-1] > tt[0]:
         rate = (len(tt) - 1) / (tt[-1] - tt[0])
     tau = clip_override if clip_override is not None else _mode(clip[tail])
-    frac = float(np.mean(gt[use] > tau)) if tau is not None and use.any() else None
 
     # The one bad-step rule (analysis/bad_steps.py), as the gate applies it.
     b = bad_steps.one_series(g, loss, skipped)
@@ -150,19 +157,29 @@ def summarize(opt: int, step: np.ndarray, g: np.ndarray, loss: np.ndarray, clip:
         what = " and ".join(q for q, m in (("loss", bad_loss), ("gradient", bad_grad)) if np.asarray(m)[i])
         first_bad = (int(step[i]), what)
 
-    regime, judged = None, None
-    if tau is not None and not rank_local:  # per-rank shard norms (norm_scope): no regime judged
-        valid = np.isfinite(g) & ~skipped & (g > 0)
+    regime, judged, frac, n_clip, n_steady, open_ = None, None, None, None, None, False
+    valid = np.isfinite(g) & ~skipped & (g > 0)
+    if tau is not None and valid.any():
+        from gradscope.analysis.config import load_config
+        from gradscope.analysis.judge import warmup_length
+
         gv = g[valid]
-        gv = gv[int(round(WARMUP_FRACTION * len(gv))):]
-        if len(gv) >= MIN_JUDGED:
-            judged = float(np.mean(gv > tau))
+        lv = lr[valid] if lr is not None and len(lr) == len(g) else np.full(len(gv), np.nan)
+        k, note = warmup_length(lv, step[valid], cfg if cfg is not None else load_config())
+        open_ = bool(note and "still rises at the last step" in note)
+        gv = gv[k:]
+        if len(gv):
+            n_steady, n_clip = len(gv), int(np.count_nonzero(gv > tau))
+            frac = n_clip / n_steady
+        if len(gv) >= MIN_JUDGED and not open_ and not rank_local:  # per-rank shard norms: no regime
+            judged = frac
             regime = "never-clips" if judged == 0 else ("always-clips" if judged >= 0.5 else None)
     last_g = float(g[-1]) if n else None
     return LiveSeries(
         optimizer=opt, rows=n, last_step=int(step[-1]) if n else None, steps_per_s=rate, last_grad_norm=last_g,
         rolling=rolling, clip_norm=tau, rolling_clip_fraction=frac, skipped=int(skipped.sum()),
         first_bad=first_bad, regime_so_far=regime, judged_fraction=judged, spikes=spikes,
+        clipped_steps=n_clip, steady_steps=n_steady, warmup_open=open_,
     )
 
 

@@ -171,6 +171,9 @@ class OptimizerAnalysis:
     caveats: list[str] = field(default_factory=list)  # what to weigh before applying the recommendation
     confidence: object = None          # confidence.Confidence: can one pilot tell? (None: not assessed)
     norm_scope: str = "global"         # "rank-local": per-rank shard norms, no regime or recommendation
+    adam_family: bool = False          # the optimizer normalises its update by a second moment (advice.py)
+    advice: object = None              # advice.Advice: the one line to act on (keep/change/add/tune)
+    steady_optimizer_steps: int | None = None  # optimizer steps the steady state covers (a sampled log: > steady_steps)
 
     @property
     def regime(self) -> str:
@@ -192,6 +195,7 @@ class RunAnalysis:
     notes: list[str] = field(default_factory=list)
     status: str | None = None          # meta.json's status ("running": still being recorded), or the log's
     findings: list = field(default_factory=list)  # the clip audit's (analysis/audit.py Finding), this rank
+    status_line: str | None = None     # failed / interrupted / killed / still running: said first (advice.py)
 
     @property
     def main(self) -> OptimizerAnalysis:

@@ -120,7 +120,7 @@ def normalising(sit, g_s: np.ndarray) -> Recommendation:
 
 
 def drift(g_s: np.ndarray, step_s: np.ndarray, tau: float, cfg: AnalysisConfig,
-          normalising: bool = False) -> Drift | None:
+          normalising: bool = False, adam: bool = False) -> Drift | None:
     """Early (first third) vs late (last third) of steady state; None when a third has < 3 steps.
     normalising: tau is meant to clip most steps (a run that blew up or grew unstable), so
     neither clipping most steps nor the pilot's drift, a symptom of its instability, is warned of."""
@@ -152,10 +152,11 @@ def drift(g_s: np.ndarray, step_s: np.ndarray, tau: float, cfg: AnalysisConfig,
             )
         if fe == 0 and ratio > 1:
             parts.append(f"early in the run it only stops spikes above {tau / me:.3g}x the early median")
+        act = "it normalises most gradients fed into the moment estimates" if adam else "it acts as a learning-rate cut"
         if cut_early and cut_late:
-            parts.append("it acts as a learning-rate cut early and late")
+            parts.append(f"{act} early and late")
         elif cut_early or cut_late:
-            parts.append(f"{'early' if cut_early else 'late'} in the run it acts as a learning-rate cut")
+            parts.append(f"{'early' if cut_early else 'late'} in the run {act}")
         if drifting:
             parts.append("one threshold cannot serve both: consider a threshold schedule")
         elif cut_early != cut_late:
@@ -171,7 +172,8 @@ def drift(g_s: np.ndarray, step_s: np.ndarray, tau: float, cfg: AnalysisConfig,
     )
 
 
-def compare_preset(preset: Preset, rec: Recommendation, g_s: np.ndarray, p50: float | None = None) -> PresetCheck:
+def compare_preset(preset: Preset, rec: Recommendation, g_s: np.ndarray, p50: float | None = None,
+                   adam: bool = False) -> PresetCheck:
     """Where the data-driven value sits relative to a model family's usual range, and why."""
     lo, hi = preset.low, preset.high
     tau = rec.clip_norm_rounded
@@ -196,8 +198,10 @@ def compare_preset(preset: Preset, rec: Recommendation, g_s: np.ndarray, p50: fl
         m_hi = mean_multiplier(g_s, hi)
         message = (
             f"The data suggest {tau:g}, above the {preset.name} range ({span}): this run's norms are large "
-            f"(p50 {p50:.3g}), and {hi:g} would clip {f_hi:.1%} of steps (average update x{m_hi:.2f}), "
-            + ("acting as a learning-rate cut rather than as spike protection." if f_hi >= 0.5
+            f"(p50 {p50:.3g}), and {hi:g} would clip {f_hi:.1%} of steps"
+            + ("" if adam else f" (average update x{m_hi:.2f})") + ", "
+            + (("normalising most gradients rather than protecting against spikes." if adam else
+                "acting as a learning-rate cut rather than as spike protection.") if f_hi >= 0.5
                else "cutting ordinary large steps, not only outliers.") + tail
         )
     else:

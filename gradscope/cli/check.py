@@ -25,7 +25,8 @@ a summary table lists them, and the exit status is the worst of them.
 
 Each run's lines end with one-line sparklines of its grad norm and loss, the first
 bad step marked. A GradScaler overflow step that was skipped is not a failure. Clipping bugs
-the clip audit found are printed as warnings (--fail-on clip-bugs fails on them). Policy rules come
+the clip audit found are printed as warnings (--fail-on clip-bugs fails on them). A run whose
+script failed fails (script-failed, on in configs/check.yaml). Policy rules come
 from configs/check.yaml, --config FILE, or the flags (flags win). Exit codes:
 0 every check passed, 1 a check failed, 2 bad input. Under GitHub Actions
 (GITHUB_ACTIONS=true) failures are printed as ::error annotations.
@@ -41,7 +42,8 @@ def check_command(
     fail_on: Optional[str] = typer.Option(
         None, "--fail-on", metavar="REGIMES",
         help="Fail on these regimes: always-clips,never-clips,unclipped,healthy; and/or divergence (the loss rose "
-             "above --divergence-factor x its running minimum for --divergence-steps logged steps); clip-bugs: on the clip audit's findings.",
+             "above --divergence-factor x its running minimum for --divergence-steps logged steps); clip-bugs: on the clip audit's findings; "
+             "script-failed: the recorded script exited with an error (on in configs/check.yaml; the flag replaces the file's list).",
     ),
     max_clip_fraction: Optional[float] = typer.Option(
         None, "--max-clip-fraction", min=0.0, max=1.0, help="Fail when more than this share of steps is clipped."

@@ -20,7 +20,8 @@ Per run (per optimizer when there are several): steps, steady-state grad-norm
 p50/p90/p99/max, the judged max_norm and its clip fraction, mean update
 multiplier, final-stretch loss (mean of the last 10% of logged losses),
 non-finite and skipped steps, situation. The figure overlays the norm (log
-scale) and loss curves, aligned by step (default: gradscope-compare.png).
+scale) and loss curves, aligned by step (default: gradscope-compare.png; with
+--json, a figure only when -o names one).
 """
 
 
@@ -46,6 +47,8 @@ def compare_command(
     from gradscope.report import compare as report
     from gradscope.report.plot import FORMATS
 
+    if as_json and out is None:
+        no_plot = True  # --json is for tools: a figure only where -o asks for one, never into the cwd
     target = out if out is not None else Path(report.DEFAULT_OUTPUT)
     if not no_plot and target.suffix.lower() not in FORMATS:
         raise GradscopeError(f"cannot write '{target}': choose a .png, .svg or .pdf file name")

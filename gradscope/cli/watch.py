@@ -129,7 +129,7 @@ class _Watcher:
             skipped = s["skipped"] > 0
             tr.update(step, g, skipped, self.cfg)
             live = summarize(opt, step, g, loss, s["clip_max_norm"], skipped, s["time"], override, tr,
-                             rank_local=rank_local)
+                             rank_local=rank_local, lr=s["lr"], cfg=self.cfg)
             mark = live.first_bad[0] if live.first_bad else None
             norm = sparkline(step, g, log=True, mark_step=mark)
             has_loss = bool(np.isfinite(loss).any())

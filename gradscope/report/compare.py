@@ -55,7 +55,10 @@ def to_json(rows: list[CompareRow]) -> dict:
 
 
 def table_lines(rows: list[CompareRow]) -> list[str]:
-    """The table as plain aligned lines: nothing is cut, in a terminal or a CI log alike."""
+    """The table as plain aligned lines: nothing is cut, in a terminal or a CI log alike. update× is
+    left out ('-') for an Adam-family optimizer, where a clip does not scale the update."""
+    from gradscope.analysis.advice import normalises_update
+
     metrics = any(r.metrics for r in rows)
     cols = ("run", "steps", "p50", "p90", "p99", "max", "max_norm", "clips", "update×", "final loss",
             "non-finite", "skipped", "situation") + (("last metrics",) if metrics else ())
@@ -66,7 +69,8 @@ def table_lines(rows: list[CompareRow]) -> list[str]:
         cells.append((
             r.run, str(r.steps), *(_f(p.get(k), ".4g") for k in ("p50", "p90", "p99", "max")),
             _f(r.clip_norm, "g"), f"{r.clip_fraction:.1%}" if r.clip_fraction is not None else "-",
-            _f(r.mean_multiplier, ".3f"), loss, str(r.non_finite), str(r.skipped),
+            "-" if normalises_update(r.optimizer_class) else _f(r.mean_multiplier, ".3f"), loss,
+            str(r.non_finite), str(r.skipped),
             r.situation or ("per-rank" if r.norm_scope == "rank-local" else "not judged" if r.error else "-"),
             *([_metric_cell(r)] if metrics else []),
         ))
@@ -87,7 +91,9 @@ def render(rows: list[CompareRow], file=None) -> None:
     print("gradscope compare", file=out)
     print("\n".join(table_lines(rows)), file=out)
     print(f"grad norm p50-max: steady-state percentiles (as `recommend` reports them); clips: share of "
-          f"steady-state steps above max_norm; update×: mean update multiplier; final loss: mean ± sd of the "
+          f"steady-state steps above max_norm; update×: mean update multiplier (SGD-style optimizers; '-' for "
+          f"Adam-family ones, where a clip caps the gradient fed into the moments and does not scale the update); "
+          f"final loss: mean ± sd of the "
           f"last {FINAL_FRACTION:.0%} of logged losses; skipped: loss-scaler overflows"
           + ("; last metrics: each reported name's last value @ the step it was reported after"
              if any(r.metrics for r in rows) else ""), file=out)
@@ -100,25 +106,46 @@ def render(rows: list[CompareRow], file=None) -> None:
             print(f"note: {r.run}: {RANK_LOCAL_NOTE}", file=out)
 
 
+def run_colors(n: int) -> list:
+    """n distinct colours: the qualitative palette up to its length, then tab20, then evenly spaced hues of
+    a perceptual map (a pilot and a probe never share a colour)."""
+    import matplotlib
+
+    if n <= len(COLORS):
+        return list(COLORS[:n])
+    if n <= 20:
+        cmap = matplotlib.colormaps["tab20"]
+        return [cmap(i) for i in range(n)]
+    cmap = matplotlib.colormaps["turbo"]
+    return [cmap(x) for x in np.linspace(0.02, 0.98, n)]
+
+
 def build_figure(rows: list[CompareRow]):
-    """Two panels sharing the step axis: grad norm (log scale) and loss, one colour per run."""
+    """Two panels sharing the step axis: grad norm and loss (log scales when positive), one distinct colour
+    per run, the legend beside the panels (never over the data), each judged max_norm a labelled dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.transforms import blended_transform_factory
 
     from gradscope.report.plot import downsample_minmax
 
     with_metrics = any(r.metric_series for r in rows)
     if with_metrics:  # a third panel: what the scripts reported (metrics-r*.csv)
-        fig, (ax_n, ax_l, ax_m) = plt.subplots(3, 1, figsize=(12, 9.5), sharex=True, constrained_layout=True)
+        fig = Figure(figsize=(13, 9.5), layout="constrained")
+        ax_n, ax_l, ax_m = fig.subplots(3, 1, sharex=True)
     else:
-        fig, (ax_n, ax_l) = plt.subplots(2, 1, figsize=(12, 7), sharex=True, constrained_layout=True)
+        fig = Figure(figsize=(13, 7), layout="constrained")
+        ax_n, ax_l = fig.subplots(2, 1, sharex=True)
+    colors = run_colors(len(rows))
     drawn_loss = False
+    pos_loss = True
+    taus: list[tuple[float, object, str]] = []
     for i, r in enumerate(rows):
         if r.curves is None or len(r.curves.step) == 0:
             continue
-        c = COLORS[i % len(COLORS)]
+        c = colors[i]
         step = r.curves.step
         g = r.curves.grad_norm
         pos = np.isfinite(g) & (g > 0)
@@ -130,24 +157,42 @@ def build_figure(rows: list[CompareRow]):
             ax_n.scatter(step[bad], np.full(int(bad.sum()), top), marker="x", color=c, s=18, zorder=3)
         if r.clip_norm is not None:
             ax_n.axhline(r.clip_norm, color=c, ls="--", lw=0.9, alpha=0.9)
+            taus.append((float(r.clip_norm), c, r.run))
         loss = r.curves.loss
         ok = np.isfinite(loss)
         if ok.any():
             x, y = downsample_minmax(step[ok], loss[ok])
             ax_l.plot(x, y, color=c, lw=0.8, alpha=0.85, label=r.run)
             drawn_loss = True
+            pos_loss &= bool((loss[ok] > 0).all())
+    # Each dashed line says what it is, at the right edge (one label per distinct value).
+    edge = blended_transform_factory(ax_n.transAxes, ax_n.transData)
+    seen: dict[str, list[str]] = {}
+    for v, c, run in taus:
+        seen.setdefault(f"{v:g}", []).append(run)
+    for v, c, run in taus:
+        key = f"{v:g}"
+        if key not in seen:
+            continue
+        names = seen.pop(key)
+        who = names[0] if len(names) == 1 else f"{len(names)} runs"
+        ax_n.text(0.995, v, f"max_norm {key} ({who})", transform=edge, ha="right", va="bottom", fontsize=8,
+                  color=c, clip_on=True)
     ax_n.set_yscale("log")
     ax_n.set_ylabel("grad norm (pre-clip, log)")
     ax_n.set_title("gradient norm (dashed: each run's judged max_norm; x: non-finite steps the loss scaler did not skip)",
                    fontsize=10)
-    ax_n.legend(fontsize=8, loc="best")
     ax_n.grid(True, which="both", alpha=0.25)
-    ax_l.set_ylabel("loss")
-    ax_l.set_xlabel("step")
-    ax_l.grid(True, alpha=0.25)
-    if drawn_loss:
-        ax_l.legend(fontsize=8, loc="best")
-    else:
+    ax_l.set_ylabel("loss (log)" if drawn_loss and pos_loss else "loss")
+    if drawn_loss and pos_loss:
+        ax_l.set_yscale("log")  # one diverged run must not flatten the others into a line
+    ax_l.set_xlabel("optimizer step")
+    ax_l.grid(True, which="both", alpha=0.25)
+    # The legend beside the panels: it lists every run and covers none of them.
+    handles, labels = ax_n.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8, title="runs", title_fontsize=8)
+    if not drawn_loss:
         ax_l.text(0.5, 0.5, "no loss logged", transform=ax_l.transAxes, ha="center", va="center")
     if with_metrics:
         styles = ("-", "--", ":", "-.")
@@ -156,7 +201,7 @@ def build_figure(rows: list[CompareRow]):
             for j, name in enumerate(names):
                 if name in r.metric_series:
                     x, y = r.metric_series[name]
-                    ax_m.plot(x, y, color=COLORS[i % len(COLORS)], ls=styles[j], lw=0.9, marker="o", ms=2.5,
+                    ax_m.plot(x, y, color=colors[i], ls=styles[j], lw=0.9, marker="o", ms=2.5,
                               label=f"{r.run}: {name}")
         ax_m.set_ylabel("reported metric")
         ax_m.set_title("metrics the scripts reported, at the step each was reported after (colour: run, line: name)",

@@ -1,9 +1,12 @@
 """`gradscope plot`: one headless figure of a run (matplotlib Agg), fast and honest at any length.
 
 Panels: gradient norm over steps (log scale) with the judged and recommended
-thresholds, clipped / skipped / non-finite steps marked; the loss; a histogram of
-log10 norms; the clip fraction as a function of the threshold; a per-layer heatmap
-when layer norms were recorded.
+thresholds and the range of thresholds the data support (shaded), clipped / skipped /
+non-finite steps marked (clipped steps as dots while few, as a rug of ticks along the
+panel's foot when many); the loss (raw, faint, and smoothed) with the learning rate on its
+own axis (the warm-up is judged from it); a histogram of the norms on a log scale in raw
+norm units (the same units as every other panel), integer counts; the clip fraction as a
+function of the threshold; a small per-layer heatmap when layer norms were recorded.
 
 Long runs are drawn from at most a few thousand points per series: each bin keeps
 its minimum and maximum (downsample_minmax), so a single-step spike in a million
@@ -24,8 +27,10 @@ import numpy as np
 MAX_METRICS = 6  # metric names drawn in the metrics panel
 MAX_BINS = 2000
 MAX_MARKERS = 2000
+MAX_CLIP_DOTS = 50  # more clipped steps than this are a rug of ticks, not dots over the curve
 HEATMAP_COLUMNS = 600
 HEATMAP_ROWS = 80
+HEATMAP_LABELLED = 12  # more layers than this: the heatmap's rows are not labelled (the panel stays small)
 TAU_GRID = 300
 
 COLORS = ("#1f77b4", "#9467bd", "#2ca02c", "#8c564b", "#e377c2", "#17becf")
@@ -34,6 +39,7 @@ RECOMMENDED_COLOR = "#2ca02c"
 CLIPPED_COLOR = "#ff7f0e"
 SKIPPED_COLOR = "#7f7f7f"
 NONFINITE_COLOR = "#000000"
+LR_COLOR = "#555555"
 FONT_MIN = 8.0  # no text smaller than this (points): labels must read at the figure's size
 LEGEND_FONT = 8.0
 FIG_WIDTH = 13.0  # inches
@@ -222,10 +228,12 @@ class Series:
     loss: np.ndarray
     clipped: np.ndarray
     skipped: np.ndarray
+    lr: np.ndarray | None = None    # the learning rate per step (None / NaN: not recorded)
     clip_norm: float | None = None  # the threshold judged
     clip_source: str | None = None
     recommended: float | None = None
     recommended_fraction: float | None = None
+    supported: tuple[float, float] | None = None  # the range of thresholds the data support (recommend's)
     judged_fraction: float | None = None
     regime: str | None = None
     steady_from: int | None = None  # first step the analyzer judged (after warm-up)
@@ -288,6 +296,7 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
             loss=s["loss"].to_numpy(dtype=float),
             clipped=s["clipped"].to_numpy(dtype=bool),
             skipped=s["skipped"].to_numpy(dtype=bool),
+            lr=s["lr"].to_numpy(dtype=float) if "lr" in s else None,
         )
         a = by_opt.get(int(opt_id))
         th = getattr(a, "threshold", None)
@@ -309,6 +318,9 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
         if rec is not None and getattr(rec, "clip_norm_rounded", None):
             ser.recommended = float(rec.clip_norm_rounded)
             ser.recommended_fraction = getattr(rec, "clip_fraction", None)
+            lo, hi = getattr(rec, "low", None), getattr(rec, "high", None)
+            if lo is not None and hi is not None and 0 < lo < hi:
+                ser.supported = (float(lo), float(hi))
         if a is not None:
             ser.judged_fraction = getattr(a, "clip_fraction", None)
             ser.regime = getattr(a, "regime", None)
@@ -525,13 +537,21 @@ def _draw_norms(ax, data: PlotData) -> None:
         if clipped.any():
             warm = clipped & (s.step < s.steady_from) if s.steady_from is not None else np.zeros_like(clipped)
             main_label, warm_label = _clipped_label(s, int(clipped.sum()), int(warm.sum()))
+            many = int(clipped.sum()) > MAX_CLIP_DOTS
             for sel, lab, face in ((clipped & ~warm, main_label, CLIPPED_COLOR), (warm, warm_label, "none")):
                 idx = np.flatnonzero(sel)
                 if not len(idx):
                     continue
-                if len(idx) > MAX_MARKERS:  # keep the biggest clipped steps and an even spread
-                    big = idx[np.argsort(-g[idx])[: MAX_MARKERS // 2]]
-                    idx = np.union1d(big, idx[:: max(1, len(idx) // (MAX_MARKERS // 2))])
+                if many:
+                    # Many clipped steps: a rug of ticks along the panel's foot, off the curve.
+                    from matplotlib.transforms import ScaledTranslation
+
+                    xs = thin_markers(s.step[idx])
+                    foot = ax.get_xaxis_transform() + ScaledTranslation(0, 3 / 72, ax.figure.dpi_scale_trans)
+                    ax.scatter(xs, np.zeros(len(xs)), transform=foot, marker="|", s=30, color=CLIPPED_COLOR,
+                               alpha=1.0 if face != "none" else 0.45, linewidths=0.8, zorder=3, clip_on=False,
+                               label=lab if (i == 0 or multi) and lab else None)
+                    continue
                 ax.scatter(s.step[idx], g[idx], s=9, facecolors=face, edgecolors=CLIPPED_COLOR, zorder=3,
                            linewidths=0.8, label=lab if i == 0 or multi else None)
         skipped = s.skipped
@@ -549,7 +569,8 @@ def _draw_norms(ax, data: PlotData) -> None:
     if any_pos:
         ax.set_yscale("log")
         pos = np.concatenate([s.grad_norm[np.isfinite(s.grad_norm) & (s.grad_norm > 0)] for s in data.series])
-        marks = [v for v in ((first.clip_norm, first.recommended) if first else ()) if v is not None and v > 0]
+        marks = [v for v in ((first.clip_norm, first.recommended, *(first.supported or ())) if first else ())
+                 if v is not None and v > 0]
         lo, hi = _log_limits([float(pos.min()), float(pos.max()), *marks])
         ax.set_ylim(lo, hi)
         _plain_log_ticks(ax.yaxis, lo, hi)
@@ -561,6 +582,9 @@ def _draw_norms(ax, data: PlotData) -> None:
     if first is not None:
         if any_pos:
             _threshold_lines(ax, first)
+            if first.supported is not None:
+                ax.axhspan(*first.supported, color=RECOMMENDED_COLOR, alpha=0.12, lw=0, zorder=1,
+                           label=f"range the data support: {_fmt(first.supported[0])} to {_fmt(first.supported[1])}")
         if first.clip_norm is None:
             # Words, not a swatch: there is no line to point at.
             words = ("no clip threshold: the run does not clip" if data.source == "gradscope"
@@ -587,6 +611,24 @@ def _draw_norms(ax, data: PlotData) -> None:
               ncol=2, framealpha=0.85)
 
 
+def smooth(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean of the finite values over `window` points (NaN where none yet): the loss's trend."""
+    ok = np.isfinite(y)
+    v = np.where(ok, y, 0.0)
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    n = np.concatenate([[0], np.cumsum(ok)])
+    i = np.arange(1, len(y) + 1)
+    lo = np.maximum(0, i - window)
+    cnt = n[i] - n[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, (c[i] - c[lo]) / np.maximum(cnt, 1), np.nan)
+
+
+def smooth_window(n: int) -> int:
+    """Points in the loss's smoothing window: about 2% of the run, at least 1, at most 500."""
+    return int(min(500, max(1, round(n / 50))))
+
+
 def _draw_loss(ax, data: PlotData) -> None:
     multi = len(data.series) > 1
     drawn = False
@@ -597,8 +639,15 @@ def _draw_loss(ax, data: PlotData) -> None:
         if not fin.any() and not np.isinf(loss).any():
             continue
         drawn = True
+        color = COLORS[i % len(COLORS)]
         x, y = downsample_minmax(s.step, np.where(fin, loss, np.nan))
-        ax.plot(x, y, lw=0.8, color=COLORS[i % len(COLORS)], label=s.label if multi else "loss")
+        w = smooth_window(int(fin.sum()))
+        ax.plot(x, y, lw=0.6, color=color, alpha=0.3 if w > 1 else 1.0,
+                label=(s.label + " (raw)" if multi else "loss (raw)") if w > 1 else (s.label if multi else "loss"))
+        if w > 1:
+            xs, ys = downsample_minmax(s.step, smooth(np.where(fin, loss, np.nan), w))
+            ax.plot(xs, ys, lw=1.4, color=color,
+                    label=(s.label + ", " if multi else "loss, ") + f"mean of the last {w} steps")
         if fin.any():
             ymins.append(np.nanmin(loss[fin]))
             ymaxs.append(np.nanmax(loss[fin]))
@@ -618,6 +667,8 @@ def _draw_loss(ax, data: PlotData) -> None:
             else:
                 pad = (hi - lo) * 0.15 or abs(hi) * 0.1 or 1.0
                 ax.set_ylim(lo - pad / 2, hi + pad)
+    _draw_lr(ax, data)
+    if drawn:
         ax.legend(loc="best", fontsize=LEGEND_FONT, framealpha=0.85)
     ax.set_ylabel("loss")
     ax.set_xlabel("optimizer step")
@@ -625,7 +676,23 @@ def _draw_loss(ax, data: PlotData) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def _draw_lr(ax, data: PlotData) -> None:
+    """The first series' learning rate on a twin axis (the warm-up is judged from it), when recorded."""
+    s = data.series[0] if data.series else None
+    if s is None or s.lr is None or not np.isfinite(s.lr).any():
+        return
+    twin = ax.twinx()
+    x, y = downsample_minmax(s.step, s.lr)
+    twin.plot(x, y, color=LR_COLOR, lw=1.0, ls=":", label="learning rate")
+    twin.set_ylabel("learning rate (dotted)", color=LR_COLOR)
+    twin.tick_params(axis="y", colors=LR_COLOR, labelsize=FONT_MIN)
+    top = float(np.nanmax(s.lr))
+    twin.set_ylim(0, top * 1.1 if top > 0 else 1.0)
+
+
 def _draw_hist(ax, data: PlotData) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     s = data.series[0] if data.series else None
     g = s.steady() if s is not None else np.array([])
     g = g[g > 0]
@@ -634,22 +701,28 @@ def _draw_hist(ax, data: PlotData) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     else:
-        lg = np.log10(g)
-        lo, hi = lg.min(), lg.max()
-        if hi - lo < 1e-9:
-            lo, hi = lo - 0.5, hi + 0.5
-        ax.hist(lg, bins=min(80, max(10, int(np.sqrt(len(lg))))), range=(lo, hi), color=COLORS[0], alpha=0.8)
-        marks = [math.log10(v) for v in (s.clip_norm, s.recommended) if v is not None and v > 0]
-        left, right = min([lo, *marks]), max([hi, *marks])
-        pad = (right - left) * 0.06 or 0.1
-        ax.set_xlim(left - pad, right + pad)  # a threshold line never sits on the axis
+        # Raw norms on a log axis (bins even in log): tau = 1.5 reads 1.5, as on every other panel.
+        lo, hi = float(g.min()), float(g.max())
+        if hi / lo < 1 + 1e-9:
+            lo, hi = lo / 3, hi * 3
+        bins = np.logspace(math.log10(lo), math.log10(hi), min(80, max(10, int(np.sqrt(len(g))))) + 1)
+        ax.hist(g, bins=bins, color=COLORS[0], alpha=0.8)
+        ax.set_xscale("log")
+        marks = [v for v in (s.clip_norm, s.recommended, *(s.supported or ())) if v is not None and v > 0]
+        left, right = _log_limits([lo, hi, *marks], pad=0.06)
+        ax.set_xlim(left, right)  # a threshold line never sits on the axis
+        _plain_log_ticks(ax.xaxis, left, right)
+        if s.supported is not None:
+            ax.axvspan(*s.supported, color=RECOMMENDED_COLOR, alpha=0.12, lw=0,
+                       label=f"range the data support: {_fmt(s.supported[0])} to {_fmt(s.supported[1])}")
         for v, c, ls, what in ((s.clip_norm, JUDGED_COLOR, "--", "judged τ"),
                                (s.recommended, RECOMMENDED_COLOR, "-.", "recommended τ")):
             if v is not None and v > 0:
-                ax.axvline(math.log10(v), color=c, ls=ls, lw=1.4, label=f"{what} = {_fmt(v)}")
+                ax.axvline(v, color=c, ls=ls, lw=1.4, label=f"{what} = {_fmt(v)}")
         if s.clip_norm is not None or s.recommended is not None:
             ax.legend(loc="best", fontsize=LEGEND_FONT, framealpha=0.85)
-    ax.set_xlabel("log10 gradient norm")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of steps: whole numbers
+    ax.set_xlabel("gradient norm (log scale)")
     ax.set_ylabel("steps")
     ax.set_title("distribution of norms" + _scope(s, data), loc="left", fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -677,11 +750,13 @@ def _draw_survival(ax, data: PlotData) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     else:
-        taus = tau_grid(g, s.clip_norm, s.recommended)
+        taus = tau_grid(g, s.clip_norm, s.recommended, *(s.supported or ()))
         ax.plot(taus, survival(g, taus) * 100, color=COLORS[0], lw=1.2)
         ax.set_xscale("log")
         ax.set_xlim(taus[0], taus[-1])
         _plain_log_ticks(ax.xaxis, float(taus[0]), float(taus[-1]))
+        if s.supported is not None:
+            ax.axvspan(*s.supported, color=RECOMMENDED_COLOR, alpha=0.12, lw=0, label="range the data support")
         for v, c, ls, what in ((s.clip_norm, JUDGED_COLOR, "--", "judged"),
                                (s.recommended, RECOMMENDED_COLOR, "-.", "recommended")):
             if v is not None and v > 0:
@@ -722,7 +797,7 @@ def _draw_heatmap(fig, ax, data: PlotData) -> None:
         ax.pcolormesh(edges, np.arange(len(names) + 1) - 0.5, np.ma.masked_invalid(grey),
                       cmap=ListedColormap([SKIPPED_COLOR]), shading="flat", rasterized=True)
     ax.set_ylim(len(names) - 0.5, -0.5)
-    if len(names) <= 40:
+    if len(names) <= HEATMAP_LABELLED:
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names, fontsize=FONT_MIN)
     else:
@@ -763,8 +838,9 @@ def build_figure(data: PlotData):
 
     with_layers = data.layers is not None
     n_names = 0 if not with_layers else len(data.layers.names)
-    # Labelled rows (up to 40) get 0.17 in each: room for FONT_MIN-point names.
-    heat_h = (max(2.2, 0.17 * n_names) if n_names <= 40 else 3.0) if with_layers else 0.0
+    # The least actionable panel: at most about a sixth of the figure. Labelled rows (up to
+    # HEATMAP_LABELLED) get 0.14 in each, room for FONT_MIN-point names; more rows are unlabelled.
+    heat_h = (max(1.2, 0.14 * n_names) if n_names <= HEATMAP_LABELLED else 1.6) if with_layers else 0.0
     with_metrics = data.metrics is not None
     heights = [3.4, 1.8, 2.6] + ([heat_h] if with_layers else []) + ([1.8] if with_metrics else [])
     fig = Figure(figsize=(FIG_WIDTH, sum(heights) + 1.1), dpi=100, layout="constrained")

@@ -11,7 +11,9 @@ plus these run-level keys:
     rank            the rank analysed (null for an empty table); ranks: every rank present
     sampled         true when the log holds only every k-th step
     status          the run's status: meta.json's ("running" while it is still being recorded,
-                    "completed", "failed", "interrupted", "killed") or the log's ("completed", "unknown")
+                    "completed", "stopped", "failed", "interrupted", "killed") or the log's ("completed", "unknown")
+    status_line     the report's first line when the run did not end cleanly (failed, interrupted, killed,
+                    still running), else null
     optimizers      list of per-optimizer objects (one per optimizer, by id)
     notes           run-level notes followed by the main optimizer's notes (strings)
     findings        the clip audit's findings on the rank analysed, every optimizer: a list of
@@ -34,7 +36,9 @@ Per optimizer:
                          origin: null, or where `gradscope run --trace-nan` found the first non-finite
                          value: {step, phase ("input"|"forward"|"backward"|"loss"), module (str|null),
                          detail, optimizer, rank}}
-    warmup_steps        finite steps left out at the start
+    warmup_steps        finite steps left out at the start (rows: logged points for a sampled log)
+    steady_optimizer_steps  the optimizer steps the steady state covers: steady_steps, or for a log of every
+                        k-th step the span its logged points cover
     steady_steps        finite steps judged; steady_from_step: the first one's step number
     analysis_until_step step where a divergence began (statistics stop there), or null
     percentiles         {"p50", "p90", "p99", "max"} of steady-state grad norms
@@ -56,6 +60,14 @@ Per optimizer:
     clipped_steps, mean_multiplier (mean of min(1, clip_norm/grad_norm)),
     clip_norm_to_max    clip_norm / largest steady-state norm; clip_norm_to_p50: / median
     meaning             one sentence on what the regime means for the user
+    action              what to do, the first line of the report: "keep" (the run's max_norm lies in the
+                        range the data support) | "change" (it does not: use recommended_clip_norm_rounded) |
+                        "add" (the run does not clip; clip at recommended_clip_norm_rounded) | "tune" (not
+                        confident: run tune_command) | "remove" (reserved; recommend never gives it) |
+                        null (no advice: no finite norm, or the run's script failed); advice: that line
+    adam_family         the optimizer normalises its update by a second moment (Adam, AdamW, NAdam, RMSprop,
+                        ...): there a clip caps the gradient fed into the moment estimates, and the
+                        mean_multiplier keys are the gradient's factor, not the update's
     recommended_clip_norm          exact float; recommended_clip_norm_rounded: 2-3 significant digits
                         (both null, with every recommended_* key, when no norm is finite: see meaning)
     recommended_clip_fraction, recommended_clipped_steps, recommended_mean_multiplier: what the
@@ -116,6 +128,9 @@ def snippets(clip_norm: float) -> dict[str, str]:
     }
 
 
+ADAM_WORDS = ("a clip caps the gradient fed into the moment estimates (the update, normalised by the second "
+              "moment, is not scaled by it)")
+
 SNIPPET_LABELS = {
     "pytorch": "PyTorch", "huggingface": "Hugging Face", "lightning": "Lightning", "deepspeed": "DeepSpeed",
     "keras": "Keras", "paddle": "Paddle", "ms-swift": "ms-swift",
@@ -167,6 +182,7 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
         },
         "warmup_steps": o.warmup_steps,
         "steady_steps": o.steady_steps,
+        "steady_optimizer_steps": o.steady_optimizer_steps,
         "steady_from_step": o.steady_from_step,
         "analysis_until_step": o.analysis_until_step,
         "percentiles": o.percentiles,
@@ -188,6 +204,9 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
         "clip_norm_to_p50": v.clip_norm_to_p50,
         "meaning": v.meaning,
         **_recommendation_json(r, rc),
+        "action": o.advice.action if o.advice is not None else None,
+        "advice": o.advice.line if o.advice is not None else None,
+        "adam_family": o.adam_family,
         "drift": None,
         "spikes": {
             "count": sp.count, "z_threshold": sp.z_threshold, "min_ratio": sp.min_ratio,
@@ -274,6 +293,7 @@ def to_json(result: RunAnalysis, config=None) -> dict:
         "ranks": result.ranks,
         "sampled": result.sampled,
         "status": result.status,
+        "status_line": result.status_line,
     }
     top.update({k: v for k, v in main.items() if k not in ("notes",)})
     top["notes"] = list(result.notes) + list(main["notes"])
@@ -312,8 +332,10 @@ _KIND = {
 
 
 def render(result: RunAnalysis, console=None, config=None) -> None:
-    """Print the report (rich) to console (default: stdout): a header, run-level notes, and one
-    panel per optimizer made of the sections in SECTIONS, in order."""
+    """Print the report (rich) to console (default: stdout): a header, the run's status when it did not end
+    cleanly, the verdict line of each optimizer (keep / change / add / run gradscope tune), the tune command
+    when that is the advice, run-level notes, one panel per optimizer made of the sections in SECTIONS, in
+    order, and last the paste lines (outside any box, never wrapped: a triple-click copies one working line)."""
     from rich.console import Console, Group
     from rich.panel import Panel
     from rich.text import Text
@@ -323,7 +345,20 @@ def render(result: RunAnalysis, console=None, config=None) -> None:
     if result.rank is not None and len(result.ranks) > 1:
         where += f", rank {result.rank} of {len(result.ranks)}"
     where += ")[/dim]"
-    console.print(f"[bold]gradscope recommend[/bold] {where}", highlight=False)
+    console.print(f"[bold]gradscope recommend[/bold] {where}", highlight=False, soft_wrap=True)
+    if result.status_line:
+        _line(console, Text(result.status_line, style="bold red" if result.status == "failed" else "bold yellow"))
+    many = len(result.optimizers) > 1
+    for o in result.optimizers:
+        a = o.advice
+        if a is None:
+            continue
+        t = Text(f"optimizer {o.optimizer}: " if many else "")
+        t.append(a.line, style=_ACTION_STYLE.get(a.action, "bold red"))
+        _line(console, t)
+        c = o.confidence
+        if a.action == "tune" and c is not None and c.tune_command:
+            _line(console, Text(f"  {c.tune_command}", style="bold"))
     for n in result.notes:
         console.print(Text(f"note: {n}", style="dim"))
     for o in result.optimizers:
@@ -332,6 +367,37 @@ def render(result: RunAnalysis, console=None, config=None) -> None:
             parts.extend(section(o, o is result.main))
         title = f"optimizer {o.optimizer}" + (f" ({o.optimizer_class})" if o.optimizer_class else "")
         console.print(Panel(Group(*parts), title=title, title_align="left", border_style=_REGIME_STYLE[o.regime]))
+    _paste(console, result.main)
+
+
+_ACTION_STYLE = {"keep": "bold green", "change": "bold cyan", "add": "bold cyan", "remove": "bold cyan",
+                 "tune": "bold yellow"}
+
+
+def _line(console, text) -> None:
+    """One line that must stay one line (a command, a paste line): no wrapping, no cropping."""
+    console.print(text, soft_wrap=True, no_wrap=True, overflow="ignore", crop=False, highlight=False)
+
+
+def paste_lines(o: OptimizerAnalysis) -> list[str]:
+    """The ready-to-paste settings for the advice's threshold: only when the advice is to change the
+    threshold or add one (not when it says keep, tune, or nothing: a failed run gets none)."""
+    a = o.advice
+    if o.recommendation is None or a is None or a.action not in ("change", "add"):
+        return []
+    width = max(len(v) for v in SNIPPET_LABELS.values())
+    return [f"{SNIPPET_LABELS[k]:<{width}}  {code}" for k, code in snippets(o.recommendation.clip_norm_rounded).items()]
+
+
+def _paste(console, o: OptimizerAnalysis) -> None:
+    from rich.text import Text
+
+    lines = paste_lines(o)
+    if not lines:
+        return
+    console.print(Text(f"paste (max_norm = {o.recommendation.clip_norm_rounded:g})", style="bold"))
+    for line in lines:
+        _line(console, Text(line))
 
 
 # Each section: (optimizer analysis, is it the main optimizer) -> renderables (possibly none).
@@ -341,8 +407,15 @@ def _head(o: OptimizerAnalysis, main: bool) -> list:
     from rich.text import Text
 
     head = Text()
-    head.append(f"{o.steps} steps", style="bold")
-    if o.steady_from_step is not None:
+    sampled = o.steady_optimizer_steps is not None and o.steady_optimizer_steps != o.steady_steps
+    head.append(f"{o.steps} logged points" if sampled else f"{o.steps} steps", style="bold")
+    if o.steady_from_step is not None and sampled:
+        head.append(
+            f"  warm-up {o.warmup_steps}, steady state {o.steady_steps} finite logged points from step "
+            f"{o.steady_from_step}, covering {o.steady_optimizer_steps} optimizer steps (the log holds every k-th "
+            "step: clip shares below are of the logged points)"
+        )
+    elif o.steady_from_step is not None:
         head.append(
             f"  warm-up {o.warmup_steps}, steady state {o.steady_steps} finite steps from step {o.steady_from_step}"
         )
@@ -404,8 +477,9 @@ def _verdict(o: OptimizerAnalysis, main: bool) -> list:
     if v.clip_norm is not None and v.clip_fraction is not None:
         line.append(
             f"  max_norm {v.clip_norm:g} ({_SOURCE.get(o.threshold.source, '?')}): clips {v.clip_fraction:.1%} "
-            f"({v.clipped_steps} steps), mean update multiplier {v.mean_multiplier:.3f}, "
-            f"{v.clip_norm_to_max:.3g}x the largest norm"
+            f"({v.clipped_steps} of {o.steady_steps} steady-state steps), "
+            + ("" if o.adam_family else f"mean update multiplier {v.mean_multiplier:.3f}, ")
+            + f"{v.clip_norm_to_max:.3g}x the largest norm"
         )
     return [line, Text(v.meaning, style="italic")]
 
@@ -419,14 +493,18 @@ def _recommendation(o: OptimizerAnalysis, main: bool) -> list:
                else "no finite gradient norm to base it on")
         return [Text(f"recommend  none ({why})", style="bold")]
     unsure = o.confidence is not None and not o.confidence.confident
-    rec = Text("recommend  ")
+    keep = o.advice is not None and o.advice.action == "keep"
+    rec = Text("data-driven  " if keep or unsure else "recommend  ")
     rec.append(f"max_norm = {r.clip_norm_rounded:g}", style="bold yellow" if unsure else "bold cyan")
     if unsure:
         rec.append(" (a guess: this run cannot tell, see below)")
+    elif keep:
+        rec.append(f" (max_norm {o.verdict.clip_norm:g} lies in the range the data support: no need to change it)")
     rec.append(
         f"  (exact {r.clip_norm:.6g}): would clip {r.clip_fraction:.1%} of steady-state steps "
-        f"({r.clipped_steps}), mean update multiplier {r.mean_multiplier:.3f}; "
-        f"{r.headroom:.3g}x the reference level {r.reference_level:.4g}"
+        f"({r.clipped_steps}), "
+        + (ADAM_WORDS + "; " if o.adam_family else f"mean update multiplier {r.mean_multiplier:.3f}; ")
+        + f"{r.headroom:.3g}x the reference level {r.reference_level:.4g}"
         + (" (the median steady-state norm)" if r.situation not in ("stable", "spiky") else
            " (the running median norm near the top of its steady-state range)" if r.basis is None
            else " (the running median norm)")
@@ -460,14 +538,14 @@ def _unsure(o: OptimizerAnalysis) -> list:
     if c is None or c.confident:
         return []
     line = Text("not confident  ", style="bold yellow")
+    if not c.tune_command and c.reasons and c.reasons[0].startswith("the run's script failed"):
+        line.append("; ".join(c.reasons) + ".")
+        return [line]
     line.append("; ".join(c.reasons) + ". One run cannot tell the threshold here: measure it with short probes "
-                "instead" + (":" if c.tune_command else " (`gradscope tune` on the training script)."))
-    out = [line]
-    if c.tune_command:
-        out.append(Text(f"  {c.tune_command}", style="bold"))
-        out.append(Text("  (from the run's working directory; add --steps T, the real training's length in "
-                        "optimizer steps, when this run was shorter)", style="dim"))
-    return out
+                "instead" + (" (the command above, from the run's working directory; add --steps T, the real "
+                             "training's length in optimizer steps, when this run was shorter)." if c.tune_command
+                             else " (`gradscope tune` on the training script)."))
+    return [line]
 
 
 def _drift(o: OptimizerAnalysis, main: bool) -> list:
@@ -532,21 +610,7 @@ def _notes(o: OptimizerAnalysis, main: bool) -> list:
     return [Text(f"note: {n}", style="dim") for n in o.notes]
 
 
-def _paste(o: OptimizerAnalysis, main: bool) -> list:
-    from rich.table import Table
-    from rich.text import Text
-
-    if not main or o.recommendation is None:
-        return []
-    sn = Table(box=None, pad_edge=False, show_edge=False, show_header=False)
-    sn.add_column(style="dim")
-    sn.add_column()
-    for k, code in snippets(o.recommendation.clip_norm_rounded).items():
-        sn.add_row(SNIPPET_LABELS[k], code)
-    return [Text("paste", style="bold"), sn]
-
-
-SECTIONS = (_head, _findings, _percentile_table, _verdict, _recommendation, _drift, _spikes, _nonfinite, _notes, _paste)
+SECTIONS = (_head, _findings, _percentile_table, _verdict, _recommendation, _drift, _spikes, _nonfinite, _notes)
 
 
 def render_summary(results: list, console=None) -> None:

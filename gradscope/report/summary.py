@@ -72,7 +72,8 @@ def summary_lines(run_dir: Path) -> list[str]:
 
     if norm_scope(run) == "rank-local":
         lines.append(f"  note: {RANK_LOCAL_NOTE}")
-    lines.append(f"  run saved in {run_dir}   next: gradscope recommend {run_dir}")
+    # A next step only when it can work: recommend needs recorded steps.
+    lines.append(f"  run saved in {run_dir}" + (f"   next: gradscope recommend {run_dir}" if not steps.empty else ""))
     return lines
 
 

@@ -62,7 +62,8 @@ def series_text(view: View, s: LiveSeries, norm: str, loss: str) -> str:
         parts.append(f"p50 {_f(s.rolling['p50'])} p90 {_f(s.rolling['p90'])} p99 {_f(s.rolling['p99'])} "
                      f"(last {min(s.rows, ROLLING)})")
     if s.clip_norm is not None and s.rolling_clip_fraction is not None:
-        parts.append(f"clips {s.rolling_clip_fraction:.1%} at max_norm {_f(s.clip_norm, 'g')}")
+        parts.append(f"clips {s.rolling_clip_fraction:.1%} of steady-state steps ({s.clipped_steps} of "
+                     f"{s.steady_steps}) at max_norm {_f(s.clip_norm, 'g')}")
     else:
         parts.append("no clipping")
     parts.append(f"skipped {s.skipped}")
@@ -112,7 +113,8 @@ def panel(view: View):
         if loss:
             t.add_row("loss", loss)
         if s.clip_norm is not None and s.rolling_clip_fraction is not None:
-            t.add_row("clipping", f"{s.rolling_clip_fraction:.1%} of the last {min(s.rows, ROLLING)} steps at "
+            t.add_row("clipping", f"{s.rolling_clip_fraction:.1%} of steady-state steps ({s.clipped_steps} of "
+                                  f"{s.steady_steps}) at "
                                   f"max_norm {_f(s.clip_norm, 'g')}")
         else:
             t.add_row("clipping", "none seen")
