@@ -126,6 +126,7 @@ def _full_disk_outcome(tmp_path, res, run_dir):
         assert rec.stdout.splitlines()[0].startswith("gradscope: incomplete recording: rank 0 stopped recording")
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_full_tmpfs_stops_the_recording_not_the_training(tmp_path):
     """A 32 KB tmpfs fills up mid-run: the training still finishes, exit 0, the run is incomplete."""
     mnt = tmp_path / "mnt"
@@ -151,6 +152,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_enospc_in_a_flush_never_reaches_the_script(tmp_path):
     """Any OSError in a flush (here ENOSPC from /dev/full): no traceback, the script's status, incomplete."""
@@ -246,6 +248,7 @@ USER_FILES = {
 }
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_force_removes_only_the_files_the_previous_run_names(tmp_path):
     r = gs("run", "--quiet", "--out", "r", TINY, "--steps", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -266,6 +269,7 @@ def test_force_removes_only_the_files_the_previous_run_names(tmp_path):
     ("process-r9.json", '{"results": [1, 2]}'),
     ("steps-r3.csv", "my own table\n"),
 ])
+@pytest.mark.slow  # real trainings in subprocesses
 def test_force_refuses_a_file_named_like_gradscope_s_that_no_record_claims(tmp_path, name, text):
     assert gs("run", "--quiet", "--out", "r", TINY, "--steps", "3", cwd=tmp_path).returncode == 0
     d = tmp_path / "r"
@@ -276,6 +280,7 @@ def test_force_refuses_a_file_named_like_gradscope_s_that_no_record_claims(tmp_p
     assert {f.name: f.read_bytes() for f in d.iterdir()} == before  # nothing removed, nothing written
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_force_never_overwrites_a_meta_json_that_is_not_gradscope_s(tmp_path):
     d = tmp_path / "r"
     d.mkdir()
@@ -286,6 +291,7 @@ def test_force_never_overwrites_a_meta_json_that_is_not_gradscope_s(tmp_path):
     assert sorted(f.name for f in d.iterdir()) == ["meta.json"]
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_force_refuses_a_run_still_recording(tmp_path):
     proc, _ = _start(tmp_path)
     try:
@@ -299,6 +305,7 @@ def test_force_refuses_a_run_still_recording(tmp_path):
 # ----------------------------------------------------------------------------- 4. the supervisor killed
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_kill_9_of_the_supervisor_takes_the_training_with_it(tmp_path):
     proc, progress = _start(tmp_path)
@@ -322,6 +329,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_watch_does_not_end_while_an_orphaned_training_goes_on(tmp_path):
     """The supervisor dies but the training survives it: watch --exit-on-end waits for the training."""
     (tmp_path / "ignores_term.py").write_text(IGNORES_TERM)
@@ -351,6 +359,7 @@ def test_watch_does_not_end_while_an_orphaned_training_goes_on(tmp_path):
 # ----------------------------------------------------------------------------- 5. incomplete is never a PASS
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_kill_9_of_the_training_is_incomplete_in_every_report(tmp_path):
     proc, _ = _start(tmp_path)
     os.kill(_child_pid(proc.pid), signal.SIGKILL)
@@ -406,12 +415,14 @@ def _copy(recorded, tmp_path) -> Path:
     return d
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_a_complete_recording_passes_incomplete(recorded):
     chk = _check(recorded)
     assert chk.returncode == 0, chk.stdout
     assert chk.stdout.splitlines()[0] == "PASS incomplete: the recording is complete (every recording process closed it)"
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_os_exit_mid_run_is_incomplete_though_meta_says_completed(tmp_path):
     (tmp_path / "os_exit.py").write_text(OS_EXIT)
     r = gs("run", "--quiet", "--out", "r", "--flush-steps", "7", "os_exit.py", TINY, "--steps", "400",
@@ -423,21 +434,25 @@ def test_os_exit_mid_run_is_incomplete_though_meta_says_completed(tmp_path):
     assert chk.returncode == 1 and chk.stdout.splitlines()[0].startswith("FAIL incomplete: rank 0's recording was not closed")
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_a_layers_file_cut_mid_file_is_incomplete(recorded, tmp_path):
     d = _copy(recorded, tmp_path)
-    layers = d / "layers-r0-o0.csv"
+    layers = d / "layers-r0-o0.f32"  # the layer store's rows (format version 2)
     data = layers.read_bytes()
-    layers.write_bytes(data[: len(data) // 2])  # cut mid-line, as a copy or a disk might
-    kept = len(data[: len(data) // 2].splitlines()) - 2  # the header and the partial line are not rows
+    layers.write_bytes(data[: len(data) // 2 + 1])  # cut mid-row, as a copy or a disk might
+    names = json.loads((d / "layers-r0-o0.json").read_text())["names"]
+    kept = (len(data) // 2 + 1) // (4 * len(names))  # whole float32 rows left; the partial one is not a row
+    assert 0 < kept < 300
     chk = _check(d)
     assert chk.returncode == 1
-    assert chk.stdout.splitlines()[0] == f"FAIL incomplete: layers-r0-o0.csv holds {kept} of the 300 rows rank 0 wrote (the file was cut)"
+    assert chk.stdout.splitlines()[0] == f"FAIL incomplete: layers-r0-o0.json holds {kept} of the 300 rows rank 0 wrote (the file was cut)"
 
 
 @pytest.mark.parametrize("damage, said", [
     ("delete", "process-r0.json is missing"),
     ("garbage", "process-r0.json cannot be read"),
 ])
+@pytest.mark.slow  # real trainings in subprocesses
 def test_a_missing_or_unreadable_process_file_fails_clip_bugs_too(recorded, tmp_path, damage, said):
     d = _copy(recorded, tmp_path)
     if damage == "delete":
@@ -450,6 +465,7 @@ def test_a_missing_or_unreadable_process_file_fails_clip_bugs_too(recorded, tmp_
         assert chk.stdout.splitlines()[0].startswith(f"FAIL incomplete: {said}")
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_a_config_without_incomplete_turns_it_off(recorded, tmp_path):
     d = _copy(recorded, tmp_path)
     (d / "process-r0.json").unlink()
@@ -481,6 +497,7 @@ def _watch(d, timeout=600):
     return gs("watch", "--exit-on-end", "--interval", "0.1", d, timeout=timeout)
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 @pytest.mark.parametrize("damage", ["unparseable", "unreadable"])
 def test_watch_ends_with_exit_2_on_a_damaged_meta_json(recorded, tmp_path, damage):
     d = _copy(recorded, tmp_path)
@@ -494,6 +511,7 @@ def test_watch_ends_with_exit_2_on_a_damaged_meta_json(recorded, tmp_path, damag
     assert _check(d).returncode == 2
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_watch_ends_when_meta_json_is_missing(recorded, tmp_path):
     d = _copy(recorded, tmp_path)
     (d / "meta.json").unlink()
@@ -502,6 +520,7 @@ def test_watch_ends_when_meta_json_is_missing(recorded, tmp_path):
     assert _check(d).returncode == 1
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 @pytest.mark.parametrize("damage", ["damaged", "unreadable"])
 def test_watch_exits_2_on_a_bad_steps_file_like_check(recorded, tmp_path, damage):
     d = _copy(recorded, tmp_path)
