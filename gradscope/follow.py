@@ -9,6 +9,7 @@ and replaced atomically: they are re-read whole.
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gradscope import rundir
+from gradscope.errors import GradscopeError
 
 COLUMNS = ("step", "grad_norm", "loss", "clip_max_norm", "skipped", "time")
 
@@ -75,20 +77,30 @@ class RunFollower:
 
     def poll(self) -> int:
         """Read what is new; returns the number of new step rows."""
-        self.meta = _read_json(self.path / rundir.META_FILE)
+        self.meta, self.meta_error = _read_meta(self.path / rundir.META_FILE)
         self.process = _read_json(self.path / rundir.process_file(self.rank))
         return self._read_steps()
 
+    meta_error: str | None = None  # meta.json is there but cannot be read or parsed
+
     def status(self) -> str | None:
-        """meta.json's status; a 'running' run whose supervisor is gone (same host) is 'killed'."""
+        """meta.json's status; when its supervisor is gone (same host) the training process's own
+        record decides (rundir.run_status): still alive -> 'running', closed -> its status, else 'killed'."""
         if self.meta is None:
             return None
-        status = self.meta.get("status")
-        if status == "running" and self.meta.get("host") == rundir.host_name():
-            pid = self.meta.get("launcher_pid")
-            if isinstance(pid, int) and not rundir._pid_alive(pid):
-                return "killed"
-        return status
+        return rundir.run_status(self.meta, [self.process] if self.process else [])[0]
+
+    def ended(self) -> bool:
+        """Nothing more will be written: the run ended, or its meta.json is damaged, or it has
+        none while what it holds was written by processes that are gone."""
+        if self.meta_error is not None:
+            return True
+        if self.meta is not None:
+            return self.status() != "running"
+        if self.process is not None:
+            return not rundir._process_alive(self.process)
+        # meta.json is claimed before anything is recorded: steps without it are a finished remnant
+        return self.steps_path.is_file()
 
     def _restart(self) -> None:
         self.series = {}
@@ -109,9 +121,12 @@ class RunFollower:
         self._inode = st.st_ino
         if st.st_size <= self._offset:
             return 0
-        with open(self.steps_path, "rb") as f:
-            f.seek(self._offset)
-            data = f.read(st.st_size - self._offset)
+        try:
+            with open(self.steps_path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(st.st_size - self._offset)
+        except OSError as e:  # as every other command: bad input, exit 2
+            raise GradscopeError(f"cannot read '{self.steps_path}': {e.strerror or e}") from None
         end = data.rfind(b"\n")
         if end < 0:
             return 0
@@ -127,7 +142,15 @@ class RunFollower:
     def _parse(self, data: bytes) -> int:
         import pandas as pd
 
-        df = pd.read_csv(io.BytesIO(data), names=self._header, header=None, dtype={"optimizer": "int64"})
+        from gradscope import validate
+
+        try:  # whole lines only ever reach here: a line that does not parse is damage
+            df = pd.read_csv(io.BytesIO(data), names=self._header, header=None, dtype={"optimizer": "int64"})
+            missing = [c for c in ("optimizer", *COLUMNS) if c not in df.columns]
+            if missing:
+                raise ValueError(f"no column {missing[0]}")
+        except (ValueError, pd.errors.ParserError) as e:
+            raise validate.steps_parse_error(self.steps_path, e) from None
         for opt, part in df.groupby("optimizer", sort=True):
             s = self.series.get(int(opt))
             if s is None:
@@ -135,6 +158,24 @@ class RunFollower:
             for c in COLUMNS:
                 s.cols[c].extend(pd.to_numeric(part[c], errors="coerce").to_numpy(dtype=float))
         return len(df)
+
+
+def _read_meta(path: Path) -> tuple[dict | None, str | None]:
+    """(meta.json, None), (None, None) when it is not there (or still empty: just claimed),
+    or (None, why) when it is there but cannot be read or parsed."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot read '{path}': {e.strerror or e}"
+    if not data.strip():
+        return None, None
+    try:
+        meta = json.loads(data)
+    except ValueError as e:
+        return None, f"cannot read '{path}': {e}"
+    return (meta, None) if isinstance(meta, dict) else (None, f"'{path}' is not a JSON object")
 
 
 def _read_json(path: Path) -> dict | None:

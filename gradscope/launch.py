@@ -10,6 +10,11 @@ each rank of ``torchrun`` gets its own recorder.
 This process stays as a small supervisor: it writes meta.json, forwards SIGTERM
 and SIGHUP, lets Ctrl-C reach the child through the terminal as it would
 anyway, and records the outcome even when the child is killed with SIGKILL.
+The training dies with its supervisor: on Linux the child asks the kernel for
+SIGTERM when the supervisor dies (PR_SET_PDEATHSIG), so a `kill -9` of
+`gradscope run` never leaves the training running orphaned; the recorder's
+SIGTERM handler then flushes and closes the recording, whose process files say
+how it ended (rundir.run_status).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from gradscope.capture.boot import (
     ENV_CLIP_NORM,
     ENV_TRACE_NAN,
     ENV_MAX_STEPS,
+    ENV_RUN_ID,
 )
 from gradscope.errors import GradscopeError
 
@@ -173,13 +179,14 @@ def run_recorded(
     except OSError as e:
         raise GradscopeError(f"cannot write in run directory '{run_dir}': {e.strerror or e}; choose another --out") from None
     env = child_env(run_dir, layer_stride, flush_steps, flush_seconds, stop_on_nan, clip_norm, trace_nan, max_steps)
+    env[ENV_RUN_ID] = meta["run_id"]
     if announce:
         from gradscope.capture.announce import ENV_ANNOUNCE
 
         env[ENV_ANNOUNCE] = repr(time.time())
 
     try:
-        child = subprocess.Popen(argv, env=env)
+        child = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent())
     except OSError as e:
         rundir.write_json_atomic(run_dir / rundir.META_FILE, rundir.finish_meta(meta, "failed", 2))
         raise GradscopeError(f"cannot start {argv[0]}: {e.strerror}") from None
@@ -209,8 +216,36 @@ def run_recorded(
     if status == "completed" and max_steps is not None and _stopped_by_step_limit(run_dir):
         status = "stopped"
     exit_code = returncode if returncode >= 0 else 128 - returncode
-    rundir.write_json_atomic(run_dir / rundir.META_FILE, rundir.finish_meta(meta, status, exit_code, sig_name))
+    try:  # in place if it must (a full disk): the status must not stay 'running', and the script's
+        # exit status is returned whatever happens here
+        rundir.write_json_atomic(run_dir / rundir.META_FILE, rundir.finish_meta(meta, status, exit_code, sig_name),
+                                 in_place_fallback=True)
+    except OSError as e:
+        print(f"gradscope: cannot write {run_dir / rundir.META_FILE}: {e.strerror or e}", file=sys.stderr)
     return returncode
+
+
+def _die_with_parent():
+    """A preexec_fn that makes the child receive SIGTERM when this supervisor dies (Linux
+    PR_SET_PDEATHSIG), or None where that does not exist. SIGTERM, not SIGKILL: the recorder
+    flushes and closes its recording, and a launcher (torchrun) passes it on to its ranks."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:  # in the child, between fork and exec: async-signal-safe calls only
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the supervisor died before the prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def _stopped_by_step_limit(run_dir: Path) -> bool:

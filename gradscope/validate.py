@@ -178,6 +178,8 @@ def check_process_counts(steps_path: str | Path, process: dict, df) -> None:
     """A process that ended normally wrote every row: fewer rows than it counted means the file was cut."""
     if not isinstance(process, dict) or not process.get("ended") or process.get("status") == "running":
         return
+    if process.get("recording_error"):  # it stopped writing on purpose (a full disk): incomplete, not cut
+        return
     for o in process.get("optimizers") or []:
         if not isinstance(o, dict) or not isinstance(o.get("steps"), int) or not isinstance(o.get("id"), int):
             continue

@@ -17,7 +17,7 @@ from gradscope.analysis.model import (
 from gradscope.analysis.recommend import _effect, compare_preset, drift, normalising, recommend
 from gradscope.analysis.situation import assess
 from gradscope.analysis.robust import percentiles, trailing_median_mad
-from gradscope.analysis.ranks import disagreement_note, missing_ranks
+from gradscope.analysis.ranks import compared_steps, disagreement_note, missing_ranks
 from gradscope.analysis.select import Series, choose_rank, split_optimizers
 from gradscope.analysis.spikes import attach_layers, find_spikes
 from gradscope.errors import GradscopeError
@@ -48,9 +48,16 @@ def analyze(
         raise GradscopeError(f"'{where}' has no optimizer steps (was anything recorded or logged?)")
     chosen, ranks = choose_rank(steps, rank, where)
     notes = [str(n) for n in (run.meta.get("notes") or [])]
+    if run.source == "gradscope" and run.meta.get("incomplete"):  # first: what the recording is missing
+        notes.insert(0, "incomplete recording: " + "; ".join(map(str, run.meta["incomplete"])))
     if len(ranks) > 1:
         note = disagreement_note(steps, chosen, cfg.ranks.rtol)
-        notes.append(note or f"{len(ranks)} ranks agree within {cfg.ranks.rtol:g} (relative); judging rank {chosen}")
+        shared = compared_steps(steps)
+        notes.append(note or (
+            f"{len(ranks)} ranks agree within {cfg.ranks.rtol:g} (relative) on the {shared} steps they share; "
+            f"judging rank {chosen}" if shared else
+            f"ranks {', '.join(map(str, ranks))} were not compared: no step was recorded by two replica ranks "
+            f"(a rank numbered 1000 or above is a second process recorded as the same rank); judging rank {chosen}"))
         steps = steps[steps["rank"] == chosen]
     if run.source == "gradscope" and run.meta.get("status") == "running":
         n = len(steps)

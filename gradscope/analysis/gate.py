@@ -22,7 +22,12 @@ REGIMES = ("always-clips", "never-clips", "healthy", "unclipped")
 # --fail-on names that are rules of their own, not regimes.
 DIVERGENCE = "divergence"  # the loss rose far above its running minimum and stayed (analysis/divergence.py)
 CLIP_BUGS = "clip-bugs"  # fail on any finding of the clip audit (analysis/audit.py)
-FAIL_ON_RULES = (DIVERGENCE, CLIP_BUGS)
+# The recording misses steps or files (rundir.recording_gaps): killed, a full disk, a cut or unreadable file.
+INCOMPLETE = "incomplete"
+FAIL_ON_RULES = (DIVERGENCE, CLIP_BUGS, INCOMPLETE)
+# Rules a --fail-on flag does not turn off when the config file has them on: an incomplete run is
+# never a PASS, whatever other rule is asked for (a config file without it turns it off).
+KEPT_BY_FLAGS = (INCOMPLETE,)
 POLICY_FILE = "check.yaml"
 # Policy keys as written in YAML (dashes and underscores both accepted) -> Policy fields.
 _POLICY_KEYS = {
@@ -227,6 +232,9 @@ def override(policy: Policy, **flags: Any) -> Policy:
     from dataclasses import replace
 
     given = {k: v for k, v in flags.items() if v is not None}
+    if "fail_on" in given:
+        kept = tuple(r for r in policy.fail_on if r in KEPT_BY_FLAGS and r not in given["fail_on"])
+        given["fail_on"] = kept + tuple(given["fail_on"])
     div = {k.replace("_", "-"): given[k] for k in ("divergence_factor", "divergence_steps") if k in given}
     for key, value in div.items():  # the same bounds as in the YAML file
         _divergence_settings({key.replace("-", "_"): value}, f"--{key}")
@@ -418,6 +426,8 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
         if note:
             notes.append(note)
 
+    if INCOMPLETE in policy.fail_on and run.source == "gradscope":  # first: what is missing comes first
+        checks.append(_check_incomplete(run))
     nf = find_non_finite(run)
     if nf is not None:
         checks.append(CheckResult("non-finite", FAIL, describe_non_finite(nf)))
@@ -452,6 +462,19 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
         checks.append(_check_skipped(policy.max_skipped_fraction, steps))
     return Verdict(checks=checks, non_finite=nf, notes=notes, steps=len(steps), divergence=divergence,
                    findings=found)
+
+
+def incomplete_text(run) -> str | None:
+    """One line saying what a gradscope recording is missing (rundir.recording_gaps), or None."""
+    gaps = [str(g) for g in ((getattr(run, "meta", None) or {}).get("incomplete") or [])]
+    return f"incomplete recording: {'; '.join(gaps)}" if gaps else None
+
+
+def _check_incomplete(run) -> CheckResult:
+    text = incomplete_text(run)
+    if text:
+        return CheckResult(INCOMPLETE, FAIL, text[len("incomplete recording: "):])
+    return CheckResult(INCOMPLETE, PASS, "the recording is complete (every recording process closed it)")
 
 
 def _check_divergence(run, policy: Policy) -> tuple[CheckResult, list[str], Any]:

@@ -59,6 +59,15 @@ def rank_disagreement(steps: Any, rtol: float = DISAGREEMENT_RTOL):
                                              "rank_min": "int64", "rank_max": "int64"})
 
 
+def compared_steps(steps: Any) -> int:
+    """How many (optimizer, step) pairs two replica ranks (< 1000) or more both recorded: what a
+    "ranks agree" sentence rests on (0: nothing was compared)."""
+    if steps is None or len(steps) == 0 or "rank" not in steps:
+        return 0
+    df = steps.loc[steps["rank"] < 1000, ["optimizer", "step"]]
+    return int((df.groupby(["optimizer", "step"]).size() >= 2).sum())
+
+
 def missing_ranks(run: Any) -> list[int]:
     """Ranks a run's processes say exist (``world_size``) but that recorded nothing.
 

@@ -62,4 +62,7 @@ def record(
     finally:
         rec.stop(status)
         if meta is not None:
-            rundir.write_json_atomic(path / rundir.META_FILE, rundir.finish_meta(meta, status, code))
+            try:  # in place if it must: a full disk must not leave the status 'running', nor raise here
+                rundir.write_json_atomic(path / rundir.META_FILE, rundir.finish_meta(meta, status, code), True)
+            except OSError as e:
+                print(f"gradscope: cannot write {path / rundir.META_FILE}: {e.strerror or e}", file=sys.stderr)

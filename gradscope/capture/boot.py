@@ -24,6 +24,7 @@ ENV_STOP_ON_NAN = "GRADSCOPE_STOP_ON_NAN"
 ENV_CLIP_NORM = "GRADSCOPE_CLIP_NORM"
 ENV_TRACE_NAN = "GRADSCOPE_TRACE_NAN"
 ENV_MAX_STEPS = "GRADSCOPE_MAX_STEPS"
+ENV_RUN_ID = "GRADSCOPE_RUN_ID"  # meta.json's run_id, into every process file of the run
 
 
 def checked_clip_norm(value: Any) -> float | None:

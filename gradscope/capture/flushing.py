@@ -5,6 +5,7 @@ Functions of the recorder (its first argument); the Recorder keeps them as metho
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 
 from gradscope import __version__, rundir
 from gradscope.capture import announce, distributed, rows as lean_rows
+from gradscope.capture.boot import ENV_RUN_ID
 from gradscope.capture.names import parameter_names
 from gradscope.capture.stopper import is_bad
 from gradscope.capture.writer import ProcessWriter
@@ -35,6 +37,11 @@ class Batch:
 def flush(rec: Any) -> None:
     """Launch the device-to-host copy of every pending row; write what has arrived."""
     rec._pending = 0
+    if rec._write_error is not None:  # nothing can be written any more: keep no rows either
+        for st in rec._states:
+            st.rows = []
+        rec._last_flush = time.monotonic()
+        return
     if rec._nantrace is not None:
         rec._nantrace.flush()  # before the rows' copies: their events cover it
     rec._last_flush = time.monotonic()
@@ -67,26 +74,51 @@ def flush(rec: Any) -> None:
 
 def drain(rec: Any, block: bool) -> None:
     wrote = rows_written = False
-    while rec._inflight:
-        batch = rec._inflight[0]
-        if batch.event is not None:
-            if block:
-                batch.event.synchronize()
-            elif not batch.event.query():
-                break  # not arrived yet; try again at the next flush
-        rec._inflight.pop(0)
-        write(rec, batch)
-        rows_written = True
-    if rec._nantrace is not None and rec._nantrace.resolve():
-        wrote = True  # the origin is known: into the process file now
-    if wrote or (rows_written and process_due(rec, block)):
-        write_process(rec)  # small, atomic: keeps step counts and optimizers current
+    current = None  # the batch being written
+    try:
+        while rec._inflight:
+            batch = rec._inflight[0]
+            if batch.event is not None:
+                if block:
+                    batch.event.synchronize()
+                elif not batch.event.query():
+                    break  # not arrived yet; try again at the next flush
+            current = rec._inflight.pop(0)
+            write(rec, current)
+            current, rows_written = None, True
+        if rec._nantrace is not None and rec._nantrace.resolve():
+            wrote = True  # the origin is known: into the process file now
+        if wrote or (rows_written and process_due(rec, block)):
+            write_process(rec)  # small, atomic: keeps step counts and optimizers current
+    except OSError as e:  # a full disk, a vanished directory: never the training's problem
+        stop_writing(rec, e, current.rows[0].step if current is not None and current.rows else None)
     if rec.stop_on_nan and rec._first_bad and rec._status == "running":
         # Values reach the host only here, so this is the earliest moment we can know,
         # without a per-step sync: within one flush interval of the bad step.
         print(f"gradscope: stopping the training (--stop-on-nan): {rec._first_bad}", file=sys.stderr)
         rec._status = "failed"
         raise SystemExit(1)
+
+
+def stop_writing(rec: Any, error: OSError, step: int | None = None) -> None:
+    """The run directory cannot be written: stop recording (say so once), let the training go on.
+
+    Rows are dropped from now on (flush keeps none); the process file is rewritten, in place
+    if it must, with "recording_error", so every reader says the recording is incomplete.
+    """
+    if rec._write_error is not None:
+        return
+    at = f" at step {step}" if step is not None else ""
+    rec._write_error = f"cannot write in {rec.run_dir}{at}: {error.strerror or error}"
+    print(f"gradscope: {rec._write_error}: recording stopped, the training goes on "
+          "(the run is marked incomplete)", file=sys.stderr, flush=True)
+    rec._inflight.clear()
+    for st in rec._states:
+        st.rows = []
+    try:
+        write_process(rec)
+    except OSError:
+        pass  # not even the process file: readers find it unclosed, which says as much
 
 
 def process_due(rec: Any, block: bool) -> bool:
@@ -147,11 +179,14 @@ def write(rec: Any, batch: Batch) -> None:
         layer_line = "%d" + ",%.9g" * len(st.names) + "\n"
         text = "".join(layer_line % (step, *row) for step, row in zip(batch.layer_steps, batch.layers.tolist()))
         rec._writer.write_layers_text(st.id, st.names, text)
+        st.layer_rows += len(batch.layer_steps)
 
 
 def write_process(rec: Any) -> None:
     if rec._writer is None:
         return
+    if rec._run_id is None:  # the run's id, as meta.json says it: --force removes this run's files by it
+        rec._run_id = os.environ.get(ENV_RUN_ID) or _meta_run_id(rec.run_dir)
     info = {
         "format": rundir.FORMAT_NAME,
         "format_version": rundir.FORMAT_VERSION,
@@ -166,6 +201,10 @@ def write_process(rec: Any) -> None:
         "started": iso(rec._started_at),
         "ended": iso(time.time()) if rec._closed or rec._status != "running" else None,
         "status": rec._status,
+        "run_id": rec._run_id,
+        # recording_gaps (rundir.py): closed only at a clean stop, after the last rows were written
+        "closed": bool(rec._closed) and rec._write_error is None,
+        "recording_error": rec._write_error,
         "layer_stride": rec.layer_stride,
         "flush_steps": rec.flush_steps,
         "flush_seconds": rec.flush_seconds,
@@ -179,6 +218,7 @@ def write_process(rec: Any) -> None:
                 "steps": st.steps,
                 "momentum": st.momentum,
                 "layers_file": rundir.layers_file(rec._writer.rank, st.id) if st.names else None,
+                "layer_rows": st.layer_rows,
             }
             for st in rec._states
         ],
@@ -190,7 +230,14 @@ def write_process(rec: Any) -> None:
     }
     if rec._nantrace is not None:
         info["nan_trace"] = rec._nantrace.info()
-    rec._writer.write_process(info)
+    rec._writer.write_process(info, in_place_fallback=rec._write_error is not None)
+
+
+def _meta_run_id(run_dir: str) -> str | None:
+    try:
+        return rundir.read_json(os.path.join(run_dir, rundir.META_FILE)).get("run_id") or ""
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

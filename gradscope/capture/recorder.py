@@ -103,6 +103,7 @@ class _OptState:
     ref: Any = None
     momentum: float | None = None  # SGD-style heavy-ball momentum: updates are ~1/(1-momentum) x lr x grad
     lean: Any = False  # rows.signature of its gradients once seen (None: its steps take the full path)
+    layer_rows: int = 0  # per-layer rows written to its layers file (process file: layer_rows)
 
 
 class Recorder:
@@ -169,6 +170,8 @@ class Recorder:
         self._writer: ProcessWriter | None = None
         self._started_at = time.time()
         self._closed = False
+        self._write_error: str | None = None  # the run directory could not be written: recording stopped
+        self._run_id: str | None = None
         self._status = "running"
         self._prev_sigterm: Any = None
         self._atexit: Callable | None = None
@@ -209,7 +212,11 @@ class Recorder:
             try:
                 self._flush()
                 self._drain(block=True)
-                self._write_process()
+                self._closed = True  # every row is written: the process file says closed
+                try:
+                    self._write_process()
+                except OSError as e:
+                    flushing.stop_writing(self, e)
             finally:
                 self._closed = True
                 self._on = False

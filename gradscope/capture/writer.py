@@ -63,10 +63,10 @@ class ProcessWriter:
         f.write(text)
         f.flush()
 
-    def write_process(self, info: dict) -> None:
+    def write_process(self, info: dict, in_place_fallback: bool = False) -> None:
         if self._steps is None:
             return  # nothing recorded by this process: leave no file
-        rundir.write_json_atomic(os.path.join(self.run_dir, rundir.process_file(self.rank)), info)
+        rundir.write_json_atomic(os.path.join(self.run_dir, rundir.process_file(self.rank)), info, in_place_fallback)
 
     @property
     def started(self) -> bool:

@@ -49,10 +49,15 @@ def compare_command(
     target = out if out is not None else Path(report.DEFAULT_OUTPUT)
     if not no_plot and target.suffix.lower() not in FORMATS:
         raise GradscopeError(f"cannot write '{target}': choose a .png, .svg or .pdf file name")
+    from gradscope.analysis.gate import incomplete_text
+
     inputs = find_inputs(runs)
     rows = []
     for p in inputs:
         loaded = open_any(p, format, column)  # unreadable input: exit 2, as in every command
+        missing = incomplete_text(loaded)
+        if missing:  # first, before the table: what a compared recording is missing
+            print(f"gradscope: {p}: {missing}", file=sys.stderr if as_json else sys.stdout, flush=True)
         try:
             from gradscope.analysis import analyze
 

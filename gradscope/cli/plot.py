@@ -42,6 +42,11 @@ def plot_command(
         from gradscope.validate import why_no_steps
 
         raise GradscopeError(f"nothing to plot: {why_no_steps(loaded)}", exit_code=2)
+    from gradscope.analysis.gate import incomplete_text
+
+    missing = incomplete_text(loaded)
+    if missing:  # the first line: what the plotted recording is missing
+        print(f"gradscope: {missing}", flush=True)
     analysis, why = analyze_quietly(loaded, clip_norm)
     data = plot.plot_data(loaded, analysis, clip_norm=clip_norm, name=str(run))
     if why:

@@ -63,6 +63,7 @@ def recommend_command(
         else:
             from gradscope.report.recommend import render
 
+            _say_incomplete(result)
             render(result, config=cfg)
         return 0
     return _recommend_many(inputs, one, cfg, as_json)
@@ -92,9 +93,21 @@ def _recommend_many(inputs: list[Path], one, cfg, as_json: bool) -> int:
     console = Console()
     for t, r, err in results:
         if r is not None:
+            _say_incomplete(r, console)
             report.render(r, console=console, config=cfg)
         else:
             console.print(f"[bold]gradscope recommend[/bold] {t}: [red]error[/red]: {err}", highlight=False)
         console.print()
     report.render_summary(results, console=console)
     return worst
+
+
+def _say_incomplete(result, console=None) -> None:
+    """The report's first line says what an incomplete recording is missing (analyze's first note)."""
+    note = next((n for n in getattr(result, "notes", []) or [] if str(n).startswith("incomplete recording:")), None)
+    if note is None:
+        return
+    if console is None:
+        print(f"gradscope: {note}", flush=True)
+    else:
+        console.print(f"gradscope: {note}", highlight=False, markup=False)

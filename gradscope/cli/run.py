@@ -34,7 +34,7 @@ def run_command(
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Run directory (default: gradscope_runs/<time>-<name>)."
     ),
-    force: bool = typer.Option(False, "--force", help="Reuse a non-empty run directory (removes only gradscope's files)."),
+    force: bool = typer.Option(False, "--force", help="Reuse a non-empty run directory: removes only the files of the run recorded there, by its own records."),
     layer_stride: int = typer.Option(1, "--layer-stride", min=0, help="Per-layer norms every N steps (0: off)."),
     flush_steps: int = typer.Option(100, "--flush-steps", min=1, help="Copy values to disk every N steps..."),
     flush_seconds: float = typer.Option(2.0, "--flush-seconds", min=0.0, help="...or every T seconds, whichever first."),

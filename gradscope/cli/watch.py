@@ -19,7 +19,9 @@ findings). Read from the run directory as it is flushed.
   gradscope watch runs/exp1                   (Ctrl-C to stop watching)
   gradscope watch runs/exp1 --exit-on-end     exit when the run ends, with `check`'s code
 
-RUN may not exist yet: watch waits for it. Without a terminal (a pipe, a CI log) it
+RUN may not exist yet: watch waits for it. A damaged or unreadable steps file is exit 2,
+as in every command; --exit-on-end also ends on a meta.json that cannot be read (exit 2) or
+that is missing once no recording process is alive. Without a terminal (a pipe, a CI log) it
 prints one plain line per update instead of the live display.
 """
 
@@ -92,8 +94,7 @@ class _Watcher:
 
     def poll(self) -> None:
         self.follower.poll()
-        status = self.follower.status()
-        self.ended = status not in (None, "running")
+        self.ended = self.follower.ended()
 
     def view(self):
         import numpy as np

@@ -21,6 +21,8 @@ def summary_lines(run_dir: Path) -> list[str]:
     meta = run.meta
     head = f"gradscope: {meta.get('status')} (exit code {meta.get('exit_code')})"
     lines = [head]
+    if meta.get("incomplete"):  # what the recording is missing, right under the outcome
+        lines.append("  incomplete recording: " + "; ".join(map(str, meta["incomplete"])))
     if steps.empty:
         lines.append("  no optimizer step was recorded (did the script import torch and call optimizer.step()?)")
     judged = _judged(run) if not steps.empty else {}
