@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from gsutil import gradscope, script
 
 from gradscope import rundir
 from gradscope.analysis import analyze
@@ -18,7 +19,6 @@ from gradscope.analysis.bad_steps import bad_steps
 from gradscope.analysis.gate import find_non_finite
 from gradscope.capture.writer import ProcessWriter
 from gradscope.report import plot
-from gsutil import gradscope, script
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_runs"
 
