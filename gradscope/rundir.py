@@ -492,7 +492,7 @@ class Run:
     """
 
     def __init__(self, path: Any, steps: Any, layers: Any = None, meta: dict | None = None,
-                 source: str = "gradscope", layer_norms: "LayerNorms | None" = None,
+                 source: str = "gradscope", layer_norms: LayerNorms | None = None,
                  metrics: Any = None) -> None:
         self.path = Path(path)
         self.metrics = metrics if metrics is not None else empty_metrics()  # rank, step, name, value
@@ -513,7 +513,7 @@ class Run:
         self._layers, self._layer_norms = value, None
 
     @property
-    def layer_norms(self) -> "LayerNorms":
+    def layer_norms(self) -> LayerNorms:
         if self._layer_norms is None:
             self._layer_norms = FrameLayerNorms(self.layers)
         return self._layer_norms
@@ -521,7 +521,7 @@ class Run:
     def __repr__(self) -> str:
         return f"Run(path={str(self.path)!r}, steps={len(self.steps)} rows, source={self.source!r})"
 
-    def rank(self, rank: int) -> "Run":
+    def rank(self, rank: int) -> Run:
         """The same run restricted to one rank."""
         steps = self.steps[self.steps["rank"] == rank].reset_index(drop=True)
         if self._layers is None and isinstance(self._layer_norms, StoreLayerNorms):
@@ -631,7 +631,7 @@ class StoreLayerNorms(LayerNorms):
         self._steps: dict = {}
 
     @classmethod
-    def open(cls, path: Path, rank: int | None = None) -> "StoreLayerNorms":
+    def open(cls, path: Path, rank: int | None = None) -> StoreLayerNorms:
         entries = {}
         for f in sorted(path.glob("layers-r*-o*.json"), key=lambda f: (_rank_of(f.name), f.name)):
             r = _rank_of(f.name)
@@ -652,7 +652,7 @@ class StoreLayerNorms(LayerNorms):
             entries[(r, o)] = (names, norms, steps, dtype, rows)
         return cls(path, entries)
 
-    def only_rank(self, rank: int) -> "StoreLayerNorms":
+    def only_rank(self, rank: int) -> StoreLayerNorms:
         return StoreLayerNorms(self.path, {k: v for k, v in self._entries.items() if k[0] == rank})
 
     def __bool__(self) -> bool:

@@ -266,6 +266,12 @@ def _optimizer_class(meta: dict, opt_id: int) -> str | None:
     return None
 
 
+def _any_loss(steps) -> bool:
+    from gradscope.analysis.bad_steps import loss_recorded
+
+    return bool(loss_recorded(steps).any())
+
+
 def _bad_masks(steps, source: str):
     """(bad loss, bad gradient, absorbed) boolean arrays over the steps table (analysis/bad_steps.py)."""
     from gradscope.analysis.bad_steps import bad_steps
@@ -447,6 +453,8 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
                    "steps the loss scaler skipped (nothing applied: harmless)")
         else:
             msg = f"{n} steps: every loss and gradient norm finite" if n else "no steps recorded"
+            if n and run.source == "gradscope" and not _any_loss(steps):
+                msg = f"{n} steps: every gradient norm finite (no loss recorded: no backward() gradscope saw)"
         checks.append(CheckResult("non-finite", PASS if n else SKIP, msg))
 
     found = audit.findings(run)
