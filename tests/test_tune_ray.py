@@ -80,8 +80,12 @@ def cluster():
     """A 2-CPU head node on 127.0.0.1, every port a free one, its own temp dir; `--block` keeps
     `ray start` in front, and its session holds the whole cluster: stopping it stops this cluster
     and no other (`ray stop` would stop every cluster on the machine). Ray gives its raylet 30 s to
-    start, which a loaded machine can miss: up to three tries."""
+    start, which a loaded machine can miss: up to three tries. Ray turns token authentication on
+    when ~/.ray/auth_token exists, a file other clusters on this machine may write at any moment:
+    this cluster and its drivers run without it (RAY_AUTH_MODE=disabled), on the loopback address."""
     head = None
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # inherited by `ray start` and every tune the tests start
     try:
         for _ in range(3):
             tmp = tempfile.mkdtemp(prefix="gsray", dir="/tmp")  # short: Ray's socket paths live under it
@@ -100,6 +104,10 @@ def cluster():
     finally:
         if head is not None:
             _stop_head(head)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 @pytest.fixture
