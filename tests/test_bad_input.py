@@ -135,7 +135,7 @@ def test_a_steps_file_cut_at_a_line_boundary_is_caught_by_the_process_count(caps
     assert recorded == len(lines) - 1 > 100
     code, _, err = cli(capsys, "check", d)
     assert code == 2
-    assert f"holds 100 steps of optimizer 0, but its process file says" in err and f"recorded {recorded}" in err
+    assert "holds 100 steps of optimizer 0, but its process file says" in err and f"recorded {recorded}" in err
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "hf"])
@@ -160,7 +160,7 @@ def test_foreign_log_with_an_impossible_norm_is_exit_2_naming_the_line(capsys, t
         hist = [{"step": s, "loss": 2 - s / 100, "grad_norm": 1 + s % 3 / 10} for s in range(1, n + 1)]
         hist[bad - 1]["grad_norm"] = float(text_value) if value[0] == "-" else text_value
         path.write_text(json.dumps({"global_step": n, "log_history": hist}, indent=2))
-        line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if f'"grad_norm": ' in t
+        line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if '"grad_norm": ' in t
                     and text_value in t)
     code, out, err = cli(capsys, "check", path)
     assert code == 2 and out == "", err

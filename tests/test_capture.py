@@ -318,7 +318,7 @@ def test_stop_on_nan_stops_within_one_flush_and_exits_1(tmp_path):
     run = gradscope.load_run(out)
     bad = ~np.isfinite(run.steps["loss"]) | ~np.isfinite(run.steps["grad_norm"])
     first_bad = int(run.steps["step"][bad].iloc[0])
-    assert f"non-finite" in res.stderr and f"at step {first_bad}" in res.stderr
+    assert "non-finite" in res.stderr and f"at step {first_bad}" in res.stderr
     stopped_after = int((tmp_path / "progress").read_text())
     assert stopped_after < first_bad + 5  # within one flush interval
     assert run.meta["status"] == "failed" and run.meta["exit_code"] == 1
@@ -355,7 +355,8 @@ def test_lean_path_writes_the_same_bytes_as_the_full_path(tmp_path, accum, strid
     name = "steps-r0.csv"
     lean = (tmp_path / "lean" / name).read_text().splitlines()
     full = (tmp_path / "full" / name).read_text().splitlines()
-    cut = (lambda line: line.rsplit(",", 1)[0])
+    def cut(line):
+        return (line.rsplit(",", 1)[0])
     assert [cut(l) for l in lean] == [cut(l) for l in full], name  # all but the wall-clock time
     for name in ("layers-r0-o0.f32", "layers-r0-o0.i64", "layers-r0-o0.json"):  # the layer store: same bytes
         assert (tmp_path / "lean" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name

@@ -27,13 +27,13 @@ def check(capsys, *args) -> tuple[int, str, str]:
 
 def by_hand(losses: list[float], k: float = FACTOR, m: int = STEPS, w: int = SMOOTH):
     """The documented rule, written out plainly: (start index, minimum index) or None."""
-    smooth, best, best_at, streak = [], math.inf, None, 0
+    smooth, best, _best_at, streak = [], math.inf, None, 0
     for i in range(len(losses)):
         window = [x if math.isfinite(x) else math.inf for x in losses[max(0, i - w + 1): i + 1]]
         s = statistics.median(window)
         smooth.append(s)
         if s < best:
-            best, best_at = s, i
+            best, _best_at = s, i
         streak = streak + 1 if s > k * best else 0
         if streak == m:
             start = i - m + 1

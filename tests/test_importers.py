@@ -252,7 +252,7 @@ def test_swift_logging_jsonl_counts_the_repeated_history_once(tmp_path):
 
 
 def test_swift_old_versions_doubled_lines_count_once(tmp_path):
-    f = write_swift(tmp_path, doubled=True, final=False)
+    write_swift(tmp_path, doubled=True, final=False)
     run = open_run(tmp_path)  # directory auto-detection
     assert run.source == "swift"
     assert list(run.steps["step"]) == [1, 5, 10]

@@ -266,7 +266,8 @@ def test_lightning_self_log_names_are_recorded_at_their_step(tmp_path):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 8, generator=g)
     y = x[:, :1] * 2 + torch.randn(64, 1, generator=g) * 0.1
-    make = lambda s: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[s], y[s]), batch_size=8)
+    def make(s):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[s], y[s]), batch_size=8)
     torch.manual_seed(0)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, val_check_interval=4, logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,

@@ -30,7 +30,7 @@ def test_stops_right_after_the_first_bad_step_even_with_a_long_flush_interval(tm
     assert after <= 2  # within two optimizer steps (on CPU: none)
     last_done = int((tmp_path / "progress").read_text())  # the script's own count of finished steps
     assert last_done <= first_bad + 1
-    assert f"non-finite" in res.stderr and f"at step {first_bad} of optimizer 0" in res.stderr
+    assert "non-finite" in res.stderr and f"at step {first_bad} of optimizer 0" in res.stderr
     meta = gradscope.load_run(out).meta
     assert meta["status"] == "failed" and meta["exit_code"] == 1
 

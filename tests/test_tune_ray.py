@@ -218,7 +218,8 @@ def test_ray_probes_equal_the_local_ones_and_a_ctrl_c_tune_resumes(cluster, driv
     for name in dirs:
         a, b = _steps_without_time(local / name), _steps_without_time(out / name)
         assert a == b and len(a["steps-r0.csv"]) > 1, name
-    strip = lambda j: [{k: v for k, v in c.items() if k != "probes"} for c in j["candidates"]]
+    def strip(j):
+        return [{k: v for k, v in c.items() if k != "probes"} for c in j["candidates"]]
     assert strip(jr) == strip(jl)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 REGIMES = ("never-clips", "always-clips", "healthy", "unclipped")
 
