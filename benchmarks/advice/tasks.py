@@ -20,6 +20,14 @@ Why these tasks: each is a classic place where clipping decides the outcome.
 - mf_rec:    matrix-factorisation recommender (embeddings), summed squared error, SGD: norms ~1000.
 - vae:       MLP variational autoencoder (negative ELBO, summed over dims), SGD with momentum: norms ~100.
 - gcn:       2-layer graph convolutional network, node classification on a random block-model graph, SGD.
+- gru_warmup: GRU sequence classifier, AdamW with a 60-step linear warm-up and cosine decay, the script's
+             own clip_grad_norm_(..., 1.0) (the issue-22 case).
+- noisy_mlp: MLP classifier on a small training set with noisy labels, SGD with momentum: it memorises, so
+             the threshold that trains best is not the one that generalises best.
+
+Tasks with `eval_every` report their held-out loss while they train (`heldout_loss` lines on stdout
+and, when gradscope has it, `gradscope.log_metric("heldout_loss", value)`), so that a tool can rank
+probes by it rather than by the training loss.
 """
 from __future__ import annotations
 
@@ -42,6 +50,10 @@ class Task:
     build: Callable  # seed -> (model, optimizer, next_batch(step) -> (x, y), heldout() -> loss, loss_fn)
     scale: float = 1.0  # where the family's norms sit: the grid of thresholds is placed around it
     benchmark: bool = True  # in the default benchmark
+    # the learning-rate multiplier at (step, steps); None: linear decay to 0 from step 0
+    schedule: Callable[[int, int], float] | None = None
+    script_clip: float | None = None  # the script's own clip_grad_norm_ max_norm when run as a script
+    eval_every: int = 0  # report the held-out loss every this many steps (0: only the final one)
 
 
 # Whole task families held out from the design of `recommend` and `tune`: the benchmark reports
@@ -51,7 +63,10 @@ class Task:
 # second held-out set, became design families once their recommend and tune figures had been seen
 # (tune's rules are changed after that, on them as design families); cnn and sum_mlp, the first
 # held-out pair, likewise before them, once their tune figures had been seen while tune was changed.
-HELDOUT_FAMILIES = ("vae", "gcn")
+# gru_warmup and noisy_mlp, the fourth held-out pair, were declared here (issue 22) before any
+# recommend or tune result on them existed; vae and gcn became design families then (their
+# recommend and tune figures had been seen).
+HELDOUT_FAMILIES = ("gru_warmup", "noisy_mlp")
 
 
 def _markov_text(seed: int, vocab: int, length: int, branching: int = 3) -> torch.Tensor:
@@ -562,6 +577,87 @@ def build_gcn(seed: int):
     return model, opt, batch_at, (feats, labelled(test_nodes)), nn.CrossEntropyLoss()
 
 
+# ----------------------------------------------------------------------------- GRU classifier, AdamW with warm-up
+
+
+class _GRUClassifier(nn.Module):
+    def __init__(self, vocab: int, hidden: int, classes: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 16)
+        self.gru = nn.GRU(16, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h, _ = self.gru(self.emb(x))
+        return self.head(h[:, -1])
+
+
+def warmup_cosine(warmup: int) -> Callable[[int, int], float]:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 at the last step
+    (transformers' get_cosine_schedule_with_warmup)."""
+    def at(step: int, steps: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return at
+
+
+def build_gru_warmup(seed: int):
+    """A GRU (64 units) classifying token sequences (length 24, 12 symbols) into 4 classes: the
+    class is which of 4 marker symbols occurs most often after the first 8 positions (ties to
+    the smaller), with 10% of the labels flipped; AdamW lr 3e-3, weight decay 0.01, batch 32,
+    a 60-step linear warm-up then cosine decay (the schedule), and the script's own
+    clip_grad_norm_(..., 1.0)."""
+    torch.manual_seed(seed)
+    vocab, length, classes = 12, 24, 4
+    gen = torch.Generator().manual_seed(160_000 + seed)
+
+    def data(g, n, noise=0.1):
+        x = torch.randint(0, vocab, (n, length), generator=g)
+        counts = torch.stack([(x[:, 8:] == c).sum(1) for c in range(classes)], 1).float()
+        y = (counts + 0.01 * torch.arange(classes, 0, -1)).argmax(1)
+        flip = torch.rand(n, generator=g) < noise
+        y = torch.where(flip, torch.randint(0, classes, (n,), generator=g), y)
+        return x, y
+
+    model = _GRUClassifier(vocab, 64, classes)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    test = data(torch.Generator().manual_seed(987), 1024, noise=0.0)
+    return model, opt, lambda step: data(gen, 32), test, nn.CrossEntropyLoss()
+
+
+# ----------------------------------------------------------------------------- memorising MLP (train and held-out disagree)
+
+
+def build_noisy_mlp(seed: int):
+    """A 3-layer ReLU MLP (20 -> 256 -> 256 -> 10) on 10 overlapping Gaussian classes in 20-D, 256
+    training points of which 30% carry a wrong label, minibatches of 32 (about 37 epochs in 300
+    steps), SGD lr 0.2 momentum 0.9, scored on 2048 clean points: it can memorise the noise, so
+    the threshold that trains best (clipping little) is not the one that generalises best."""
+    torch.manual_seed(seed)
+    d, classes, n_train = 20, 10, 256
+    g0 = torch.Generator().manual_seed(170_000)
+    centres = 1.2 * torch.randn(classes, d, generator=g0)
+
+    def data(g, n, noise):
+        y = torch.randint(0, classes, (n,), generator=g)
+        x = centres[y] + torch.randn(n, d, generator=g)
+        flip = torch.rand(n, generator=g) < noise
+        return x, torch.where(flip, torch.randint(0, classes, (n,), generator=g), y)
+
+    tx, ty = data(torch.Generator().manual_seed(171_000 + seed), n_train, 0.3)
+    gen = torch.Generator().manual_seed(172_000 + seed)
+
+    def batch_at(step):
+        i = torch.randint(0, n_train, (32,), generator=gen)
+        return tx[i], ty[i]
+
+    model = nn.Sequential(nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, classes))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    test = data(torch.Generator().manual_seed(986), 2048, 0.0)
+    return model, opt, batch_at, test, nn.CrossEntropyLoss()
+
+
 TASKS = {
     t.name: t
     for t in [
@@ -579,19 +675,26 @@ TASKS = {
         Task("conv1d", 300, build_conv1d),
         Task("vae", 300, build_vae, scale=100.0),
         Task("gcn", 300, build_gcn, scale=0.3),
+        Task("gru_warmup", 250, build_gru_warmup, schedule=warmup_cosine(60), script_clip=1.0, eval_every=25),
+        Task("noisy_mlp", 300, build_noisy_mlp, scale=0.3, eval_every=25),
     ]
 }
 
 
-def train(name: str, seed: int, clipper: Clipper | None = None, stop_at: int | None = None) -> float:
+def train(name: str, seed: int, clipper: Clipper | None = None, stop_at: int | None = None,
+          on_eval: Callable[[int, float], None] | None = None) -> float:
     """Train task `name` from `seed` and return the final held-out loss (inf when the weights or
-    the loss went non-finite). The learning rate decays linearly to zero over the task's steps, so
-    the final loss measures where training settled, not the noise of its last step; `stop_at`
-    ends early on the same schedule (a pilot)."""
+    the loss went non-finite). The learning rate follows the task's schedule (by default it decays
+    linearly to zero over the task's steps, so the final loss measures where training settled,
+    not the noise of its last step); `stop_at` ends early on the same schedule (a pilot).
+    `on_eval(step, heldout_loss)` is called every `eval_every` steps of a task that has it (step:
+    the optimizer steps made so far); evaluating changes nothing in the training (no_grad, no
+    random numbers drawn)."""
     task = TASKS[name]
     torch.set_num_threads(1)
     model, opt, batch_at, (tx, ty), loss_fn = task.build(seed)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / task.steps)
+    schedule = task.schedule or (lambda s, n: 1.0 - s / n)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, task.steps))
     params = [p for p in model.parameters()]
     for step in range(task.steps if stop_at is None else stop_at):
         x, y = batch_at(step)
@@ -602,22 +705,42 @@ def train(name: str, seed: int, clipper: Clipper | None = None, stop_at: int | N
             clipper(params)
         opt.step()
         sched.step()
+        if on_eval is not None and task.eval_every and (step + 1) % task.eval_every == 0:
+            with torch.no_grad():
+                on_eval(step + 1, float(loss_fn(model(tx), ty)))
     with torch.no_grad():
         final = float(loss_fn(model(tx), ty))
     return final if math.isfinite(final) else math.inf
 
 
+def _report_heldout(step: int, value: float) -> None:
+    """A held-out loss as a script reports it: a line on stdout, and gradscope's metric when the
+    installed gradscope has `log_metric` (a no-op outside gradscope)."""
+    print(f"step {step} heldout_loss {value:.6g}", flush=True)
+    try:
+        import gradscope
+        log = getattr(gradscope, "log_metric", None)
+    except ImportError:
+        log = None
+    if log is not None:
+        log("heldout_loss", value)
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Train one advice-benchmark task (unclipped unless --clip-norm).")
+    ap = argparse.ArgumentParser(description="Train one advice-benchmark task (unclipped unless --clip-norm, or "
+                                             "the task's own threshold for a task whose script clips).")
     ap.add_argument("--task", required=True, choices=sorted(TASKS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop-at", type=int, default=None, help="stop after this many steps (a pilot)")
-    ap.add_argument("--clip-norm", type=float, default=None)
+    ap.add_argument("--clip-norm", type=float, default=None,
+                    help="clip at this max_norm (0: no clipping); default: the task script's own (none for most)")
     a = ap.parse_args(argv)
+    tau = a.clip_norm if a.clip_norm is not None else TASKS[a.task].script_clip
     clipper = None
-    if a.clip_norm is not None:
-        clipper = lambda ps: torch.nn.utils.clip_grad_norm_(ps, a.clip_norm)  # noqa: E731
-    print(f"held-out loss {train(a.task, a.seed, clipper, a.stop_at):.6g}")
+    if tau:
+        clipper = lambda ps: torch.nn.utils.clip_grad_norm_(ps, tau)  # noqa: E731
+    on_eval = _report_heldout if TASKS[a.task].eval_every else None
+    print(f"held-out loss {train(a.task, a.seed, clipper, a.stop_at, on_eval):.6g}")
 
 
 if __name__ == "__main__":
