@@ -528,15 +528,25 @@ def _recommended(pr: ProbeRun) -> float | None:
 
 
 def _budget_for(T: int, n_cand: int, pilot_steps: int, first_min: int, sunk: int, as_is: bool) -> float | None:
-    """The smallest budget (to 0.01 run) whose plan has a first rung of ``first_min`` steps."""
-    for b100 in range(1, 2001):
-        b = b100 / 100
+    """The smallest budget (rounded up to 0.01 run, at most 100) whose plan has a first rung of
+    ``first_min`` steps (a bisection: a larger budget fits whatever a smaller one does)."""
+    def fits(b: float) -> bool:
         try:
             decide.plan(T, b - sunk / T, n_cand, pilot_steps=pilot_steps, as_is_in_pilot=as_is, first_min=first_min)
-            return b
+            return True
         except ValueError:
-            continue
-    return None
+            return False
+
+    lo, hi = 0, 10_000  # hundredths of a run
+    if not fits(hi / 100):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid / 100):
+            hi = mid
+        else:
+            lo = mid
+    return hi / 100
 
 
 def _last_line(log: Path) -> str:
