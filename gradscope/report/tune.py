@@ -159,18 +159,18 @@ def render(result, console=None) -> None:
         console.print(f"[bold]recommend  {what}[/bold]")
         if ch.runner_up is not None and ch.margin is not None:
             ru = _label(result, ch.runner_up)
-            taken = {"all-tied": "the threshold does not matter in this range",
+            taken = {"all-tied": "the clip norm does not matter in this range",
                      "middle-tied": "the middle threshold of the ties is taken",
-                     "largest-tied": "the largest tied threshold is taken (short probes favour small thresholds)",
+                     "largest-tied": "the largest tied threshold is taken, as short probes favour small thresholds",
                      }.get(ch.rule, "")
             if ch.rule in ("best", "only") and ch.margin >= 0:
                 sure = f"clear: the runner-up {ru} is {ch.margin:.1f} noise units worse"
             elif ch.margin >= 0:
-                sure = (f"not sure: the runner-up {ru} is only {ch.margin:.1f} noise units worse (a tie"
-                        + (f"; {taken})" if taken else ")"))
+                sure = f"not sure: the runner-up {ru} is only {ch.margin:.1f} noise units worse, a tie"
             else:
-                sure = (f"a tie: {ru} had a {-ch.margin:.1f} noise units lower loss, within the noise"
-                        + (f"; {taken}" if taken else ""))
+                sure = f"a tie: {ru} had a {-ch.margin:.1f} noise units lower loss, within the noise"
+            if taken and not sure.startswith("clear"):
+                sure += f": {taken}"
             console.print(f"  how sure   {sure}; compared at {ch.horizon} of {T} steps")
         console.print(f"  why        {ch.reason}")
     console.print(f"  compute    {result.budget_spent:.2f} whole runs of {T} steps (budget {result.budget:g}; "
