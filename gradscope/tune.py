@@ -375,6 +375,9 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
                 continue
             n = None if rung.steps >= T and T_source == "pilot" else rung.steps
             specs.append((t, n, probe_dir(out, t, n)))
+        before = sum(p.steps_run for p in runner.runs.values())
+        # what the budget must be for this rung's probes to run the whole training (the note below)
+        whole_budget = (before + T * sum(1 for t in alive if not (t == decide.AS_IS and _pilot_covers(longest, T)))) / T
         for pr in runner.run(specs):
             cands[pr.clip_norm].probes.append(pr)
         horizon = rung.steps
@@ -397,7 +400,7 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             choice = decide.choose(summaries, full_horizon=full, final=True,
                                    keep=decide.AS_IS if include_as_is and as_is_clip is not None else None)
             kept = [choice.clip_norm] if choice.clip_norm is not None else []
-            final_horizon = horizon
+            final_horizon, final_whole_budget = horizon, whole_budget
         else:
             kept = decide.survivors(summaries, counts[k + 1], full_horizon=full, carry=carry)
         rungs.append({"steps": horizon, "candidates": [s.clip_norm for s in summaries],
@@ -405,7 +408,7 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         say(f"rung {k + 1}: {len(summaries)} candidates at {horizon} steps; kept " +
             (", ".join(cands[t].label for t in kept) if kept else "none (every candidate diverged)"))
         if not kept:
-            final_horizon = horizon
+            final_horizon, final_whole_budget = horizon, whole_budget
             choice = _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source)
             break
         alive = kept
@@ -447,7 +450,7 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             "(torch.manual_seed, and the data order) and tune again")
     # final_horizon: the last planned rung's, set in its loop (a fallback after it adds rungs of its own)
     if choice is not None and choice.clip_norm is not None and final_horizon < T:
-        reach = math.ceil(the_plan.whole_budget * 100) / 100
+        reach = math.ceil(final_whole_budget * 100 - 1e-9) / 100
         result.notes.append(f"the finalists were compared at {final_horizon} of {T} steps, not the whole training"
                             + (f" (--budget {reach:.2f} would reach it)" if reach > budget else ""))
     if figure:
