@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from gradscope import rundir
 from gradscope.analysis import tune as decide
 from gradscope.errors import GradscopeError
@@ -229,8 +231,8 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         if T < 1:
             raise GradscopeError("the pilot made no optimizer step: nothing to tune "
                                  f"(see {out / 'logs' / 'pilot.log'})", 2)
-        why = decide.stopped_diverging(pilot.steps)
-        if why is not None and why != "no step recorded":
+        why = _ended_at_blow_up(pilot.steps)
+        if why is not None:
             raise GradscopeError(f"cannot learn the training's length: the pilot ended by itself after {T} steps "
                                  f"with {why} (a script that stops at a non-finite loss?); give the length with "
                                  "--steps T", 2)
@@ -494,6 +496,21 @@ def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out
                           "not" + ("" if steps == horizon else f" in the {steps} steps the budget left"))
             return got
         diverged.add(t)
+
+
+def _ended_at_blow_up(steps) -> str | None:
+    """Why a pilot that ran to its end looks like one that stopped at its blow-up (its length is
+    then not the training's): its last recorded step is its first non-finite one, or nothing
+    went non-finite but its loss or norms ran away (a script that breaks before recording the
+    non-finite step). None when it went on after a non-finite step, or shows no blow-up."""
+    s = decide._first_optimizer(steps)
+    if not len(s):
+        return None
+    skipped = s["skipped"].to_numpy(dtype=bool)
+    bad = (~np.isfinite(s["loss"].to_numpy(dtype=float)) | ~np.isfinite(s["grad_norm"].to_numpy(dtype=float))) & ~skipped
+    if bad.any():
+        return f"its first non-finite value at its last step ({int(s['step'].to_numpy()[-1])})" if bad.argmax() == len(bad) - 1 else None
+    return decide.stopped_diverging(s)
 
 
 def _stopped_short(pr: ProbeRun, horizon: int) -> bool:

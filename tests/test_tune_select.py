@@ -280,3 +280,15 @@ def test_plan_puts_the_first_rung_past_a_warmup_or_refuses():
     assert p.rungs[0].steps >= 120 and p.planned_steps <= 3000
     with pytest.raises(ValueError, match="first rung of 240 steps"):
         t.plan(250, 3, 9, pilot_steps=84, first_min=240)
+
+
+def test_a_whole_pilot_that_stopped_at_its_blow_up_does_not_give_t():
+    """Without --steps, T is the pilot's length: not when the pilot ended at its blow-up (a script
+    that breaks at its first non-finite loss), yes when it went on after a non-finite step."""
+    from gradscope.tune import _ended_at_blow_up
+
+    went_on = _steps(np.r_[np.linspace(3, 1, 110), np.full(10, np.inf)], np.r_[np.ones(110), np.full(10, np.inf)])
+    assert _ended_at_blow_up(went_on) is None
+    assert "last step (110)" in _ended_at_blow_up(_steps(np.r_[np.linspace(3, 1, 110), [np.nan]]))
+    assert _ended_at_blow_up(_steps(2.0 * 100.0 ** np.arange(14), 3 * 30.0 ** np.arange(14))) is not None
+    assert _ended_at_blow_up(_steps(np.linspace(3, 1, 50))) is None
