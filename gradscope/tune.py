@@ -232,10 +232,10 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             raise GradscopeError("the pilot made no optimizer step: nothing to tune "
                                  f"(see {out / 'logs' / 'pilot.log'})", 2)
         why = _ended_at_blow_up(pilot.steps)
-        if why is not None:
-            raise GradscopeError(f"cannot learn the training's length: the pilot ended by itself after {T} steps "
-                                 f"with {why} (a script that stops at a non-finite loss?); give the length with "
-                                 "--steps T", 2)
+        if why is not None:  # a training may end while blowing up; a script may also stop at its blow-up
+            early_note = (f"the pilot ended after {T} steps with {why}: if the script stops itself at a non-finite "
+                          f"loss, {T} is where it blew up, not the training's length; give it with --steps T")
+            say(early_note)
         try:
             the_plan = decide.plan(T, budget, n_cand, pilot_steps=T, as_is_in_pilot=include_as_is)
         except ValueError as e:
@@ -246,6 +246,8 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
                              f"{pilot.steps_run} steps{_last_line(out / 'logs' / 'pilot.log')}; "
                              f"see {out / 'logs' / 'pilot.log'}", 2)
     notes: list[str] = []
+    if T_source == "pilot" and why is not None:
+        notes.append(early_note)
     if _stopped_short(pilot, pilot.max_steps or 0):
         # A script that stops itself on a non-finite loss (`if not math.isfinite(loss): break`)
         # ends early after a blow-up: the as-is candidate diverged; any other early end means

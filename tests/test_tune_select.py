@@ -282,9 +282,10 @@ def test_plan_puts_the_first_rung_past_a_warmup_or_refuses():
         t.plan(250, 3, 9, pilot_steps=84, first_min=240)
 
 
-def test_a_whole_pilot_that_stopped_at_its_blow_up_does_not_give_t():
-    """Without --steps, T is the pilot's length: not when the pilot ended at its blow-up (a script
-    that breaks at its first non-finite loss), yes when it went on after a non-finite step."""
+def test_a_whole_pilot_that_ended_at_its_blow_up_is_told_apart():
+    """Without --steps, T is the pilot's length, with a note when the pilot ended at its blow-up (a
+    script that breaks at its first non-finite loss would look so), not when it went on after a
+    non-finite step."""
     from gradscope.tune import _ended_at_blow_up
 
     went_on = _steps(np.r_[np.linspace(3, 1, 110), np.full(10, np.inf)], np.r_[np.ones(110), np.full(10, np.inf)])
