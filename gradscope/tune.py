@@ -24,9 +24,11 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 from gradscope import rundir
 from gradscope.analysis import tune as decide
@@ -80,6 +82,8 @@ class TuneResult:
     steps_reused: int
     unseeded_at: dict = field(default_factory=dict)  # probe dir -> first step differing from the pilot
     notes: list = field(default_factory=list)
+    recommend_clip_norm: float | None = None  # `recommend`'s threshold on the pilot (carried into the finals)
+    warmup_steps: int | None = None  # the learning rate's warm-up, from the recorded lr (None: none seen)
     figure: Path | None = None
     metric: str | None = None  # --metric NAME: what the probes were ranked by (None: the training loss)
     maximize: bool = False
@@ -251,7 +255,10 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         s = decide.summarize(pr.steps, t, horizon)
         return decide.with_metric(s, pr.metrics, metric, horizon, maximize) if metric is not None else s
 
-    n_cand = (len(candidates) if candidates else len(decide.GRID_FACTORS)) + int(include_as_is)
+    # Recommend's threshold joins the placed candidates, and it and the script's own go on to the
+    # finals: planned for (the first plan sets the pilot's length; the rungs are re-planned later).
+    auto = not candidates
+    n_cand = (len(candidates) if candidates else len(decide.GRID_FACTORS) + 1) + int(include_as_is)
 
     # 1. The pilot: the script as it is. T given: as long as the first rung (it is the as-is
     #    candidate's first probe); otherwise to its end, which tells T. With --metric it runs the
@@ -290,6 +297,11 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         if T < 1:
             raise GradscopeError("the pilot made no optimizer step: nothing to tune "
                                  f"(see {out / 'logs' / 'pilot.log'})", 2)
+        why = _ended_at_blow_up(pilot.steps)
+        if why is not None:  # a training may end while blowing up; a script may also stop at its blow-up
+            early_note = (f"the pilot ended after {T} steps with {why}: if the script stops itself at a non-finite "
+                          f"loss, {T} is where it blew up, not the training's length; give it with --steps T")
+            say(early_note)
         try:
             the_plan = decide.plan(T, budget, n_cand, pilot_steps=T, as_is_in_pilot=include_as_is)
         except ValueError as e:
@@ -299,9 +311,42 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         raise GradscopeError(f"the pilot ended '{pilot.status}' (exit code {pilot.exit_code}) after "
                              f"{pilot.steps_run} steps{_last_line(out / 'logs' / 'pilot.log')}; "
                              f"see {out / 'logs' / 'pilot.log'}", 2)
-    if pilot.status == "completed" and steps is not None and pilot.max_steps and pilot.steps_run < pilot.max_steps:
-        raise GradscopeError(f"the training has only {pilot.steps_run} steps, fewer than its first probe's "
-                             f"{pilot.max_steps}: --steps {steps} is not its length", 2)
+    notes: list[str] = []
+    if T_source == "pilot" and why is not None:
+        notes.append(early_note)
+    if _stopped_short(pilot, pilot.max_steps or 0):
+        # A script that stops itself on a non-finite loss (`if not math.isfinite(loss): break`)
+        # ends early after a blow-up: the as-is candidate diverged; any other early end means
+        # --steps is not the training's length.
+        why = decide.stopped_diverging(pilot.steps)
+        if why is None:
+            raise GradscopeError(f"the training has only {pilot.steps_run} steps, fewer than its first probe's "
+                                 f"{pilot.max_steps}: --steps {steps} is not its length", 2)
+        say(f"the pilot stopped itself at step {pilot.steps_run} of {pilot.max_steps} after a blow-up ({why}): "
+            "the script as it is diverged")
+
+    # A learning-rate warm-up (from the recorded lr): its norms are not those of training after
+    # it. The pilot is run longer (doubling) until the warm-up is over, the candidates are placed
+    # from the norms after it, and the first rung reaches past it when the budget allows.
+    longest, extra_pilots = pilot, []
+    warm = decide.warmup(pilot.steps)
+    while (warm is not None and not warm[1] and T_source == "option" and not _stopped_short(longest, longest.max_steps or 0)):
+        nxt = min(T // 2, 2 * longest.steps_run)
+        spent_now = sum(p.steps_run for p in runner.runs.values())
+        if nxt <= longest.steps_run or spent_now + nxt > budget * T / 3:
+            break
+        say(f"the learning rate still rises at step {longest.steps_run - 1} (a warm-up): running the script as it "
+            f"is for {nxt} steps")
+        pr = runner.run([(decide.AS_IS, nxt, probe_dir(out, decide.AS_IS, nxt))])[0]
+        if pr.status not in FINISHED:
+            break
+        extra_pilots.append(pr)
+        longest = pr
+        warm = decide.warmup(pr.steps)
+    warmup_steps = warm[0] + 1 if warm is not None and warm[1] else None
+    if warm is not None and not warm[1]:
+        notes.append(f"the learning rate still rises at step {longest.steps_run - 1}, the end of the longest pilot "
+                     "the budget allows: the candidates are placed from norms inside its warm-up")
 
     horizons: list[int] = []
     if metric is not None:  # where the script reports it: the horizons are moved there
@@ -319,21 +364,65 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             r.steps = decide.align(r.steps, horizons)
 
     as_is_clip = _script_clip(pilot.steps)
-    if candidates:
-        taus = sorted(set(float(c) for c in candidates))
-    else:
-        taus = decide.candidates_from_pilot(pilot.steps, the_plan.rungs[0].steps)
-        if not taus:
-            raise GradscopeError("the pilot recorded no finite gradient norm to place the candidates around; "
-                                 "give them with --candidates", 2)
-    if include_as_is and as_is_clip is not None and as_is_clip in taus:
-        taus.remove(as_is_clip)  # the script's own threshold is the as-is candidate
+    start = warmup_steps if warmup_steps and longest.steps_run - warmup_steps >= 3 else 0
+    rec_tau = _recommended(longest) if auto else None
+    first_min = math.ceil(1.25 * warmup_steps) if warmup_steps else None
+
+    def placed(factors) -> list[float]:
+        if candidates:
+            return sorted(set(float(c) for c in candidates))
+        horizon = None if start else the_plan.rungs[0].steps
+        return decide.candidates_from_pilot(longest.steps, horizon, factors, start=start)
+
+    def with_extras(taus: list[float]) -> tuple[list[float], float | None]:
+        """The ladder plus recommend's threshold (a ladder step within 15% of it stands for it),
+        less the script's own threshold (that is the as-is candidate)."""
+        taus, rec = list(taus), None
+        if rec_tau is not None and rec_tau != as_is_clip:
+            near = [t for t in taus if abs(math.log(t / rec_tau)) <= math.log(1.15)]
+            rec = near[0] if near else rec_tau
+            if not near:
+                taus = sorted(taus + [rec_tau])
+        if include_as_is and as_is_clip is not None and as_is_clip in taus:
+            taus.remove(as_is_clip)
+        return taus, rec
+
+    taus, rec = with_extras(placed(decide.GRID_FACTORS))
+    if not taus and not candidates:
+        raise GradscopeError("the pilot recorded no finite gradient norm to place the candidates around; "
+                             "give them with --candidates", 2)
+    carry = tuple(t for t in ((decide.AS_IS if include_as_is and as_is_clip is not None else None), rec)
+                  if t is not None)
+    sunk = sum(p.steps_run for p in runner.runs.values()) - longest.steps_run  # pilots shorter than the longest
+    if first_min is not None and first_min > the_plan.rungs[0].steps:
+        fits = None
+        for factors in ((decide.GRID_FACTORS,) if candidates else (decide.GRID_FACTORS, decide.GRID_FACTORS[2:],
+                                                                     decide.GRID_FACTORS[3:6])):
+            ts, r = with_extras(placed(factors))
+            try:
+                fits = (ts, r, decide.plan(T, budget - sunk / T, len(ts) + int(include_as_is),
+                                           pilot_steps=longest.steps_run, as_is_in_pilot=include_as_is,
+                                           first_min=first_min))
+                break
+            except ValueError:
+                continue
+        if fits is not None:
+            taus, rec, the_plan = fits
+            carry = tuple(t for t in ((decide.AS_IS if include_as_is and as_is_clip is not None else None), rec)
+                          if t is not None)
+        else:
+            need = _budget_for(T, len(taus) + int(include_as_is), longest.steps_run, first_min, sunk, include_as_is)
+            notes.append(f"the first rung ({the_plan.rungs[0].steps} steps) ends inside the learning-rate warm-up "
+                         f"({warmup_steps} steps): a first rung past it ({first_min} steps) does not fit the budget"
+                         + (f" (--budget {need:.2f} would reach it)" if need else ""))
     cands = {t: Candidate(t, _label(t, None)) for t in taus}
     if include_as_is:
         cands[decide.AS_IS] = Candidate(decide.AS_IS, _label(decide.AS_IS, as_is_clip))
+        cands[decide.AS_IS].probes += [pilot, *extra_pilots]
     say(f"training length T = {T} steps ({'given' if T_source == 'option' else 'from the pilot'}); candidates "
         + ", ".join(c.label for c in cands.values()) + "; rungs "
-        + ", ".join(f"{r.keep} x {r.steps}" for r in the_plan.rungs))
+        + ", ".join(f"{r.keep} x {r.steps}" for r in the_plan.rungs)
+        + (f"; the learning rate warms up for {warmup_steps} steps" if warmup_steps else ""))
 
     # 2. The rungs (analysis/tune.py plan: every candidate, then three finalists).
     alive = list(cands)
@@ -346,21 +435,37 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
             alive = alive[: counts[0]]
         else:  # re-plan what is left: the budget not spent so far stretches the horizons that follow
             spent_now = sum(p.steps_run for p in runner.runs.values())
-            free_now = sum(1 for t in alive if t == decide.AS_IS and _pilot_covers(pilot, lengths[k]))
-            later = [len(alive) - free_now] + counts[k + 1:]
-            lengths[k:] = decide.stretch(lengths[k:], later, budget * T - spent_now, T)
-            lengths[k:] = [max(n, lengths[k - 1]) for n in lengths[k:]]
+
+            def fitted(alive: list) -> list[int]:
+                free_now = sum(1 for t in alive if t == decide.AS_IS and _pilot_covers(longest, lengths[k]))
+                later = [len(alive) - free_now] + counts[k + 1:]
+                return decide.stretch(lengths[k:], later, budget * T - spent_now, T)
+
+            ls = fitted(alive)
+            if ls[0] < lengths[k - 1] and len(alive) > counts[k]:
+                # the thresholds carried into the finals would leave them shorter than the first rung
+                dropped = alive[counts[k]:]
+                alive = alive[:counts[k]]
+                ls = fitted(alive)
+                notes.append("not carried into the finals for want of budget: "
+                             + ", ".join(cands[t].label for t in dropped))
+            lengths[k:] = [max(n, lengths[k - 1]) for n in ls]
         if horizons:  # to where the metric is reported, within what the budget left affords (never past it)
-            afford = lengths[k] if k == 0 else int((budget * T - spent_now) // max(1, later[0]))
+            afford = lengths[k] if k == 0 else int((budget * T - spent_now) // max(1, len(alive)))
             lengths[k] = max(decide.align(min(lengths[k], afford), horizons), lengths[k - 1] if k else 0)
-        rung = decide.Rung(lengths[k], counts[k])
+        rung = decide.Rung(lengths[k], len(alive) if k else counts[0])
         specs = []
         for t in alive:
-            if t == decide.AS_IS and _pilot_covers(pilot, rung.steps):
-                cands[t].probes.append(pilot) if pilot not in cands[t].probes else None
+            if t == decide.AS_IS and _pilot_covers(longest, rung.steps):
+                for p in (pilot, *extra_pilots):
+                    if p not in cands[t].probes:
+                        cands[t].probes.append(p)
                 continue
             n = None if rung.steps >= T and T_source == "pilot" else rung.steps
             specs.append((t, n, probe_dir(out, t, n)))
+        before = sum(p.steps_run for p in runner.runs.values())
+        # what the budget must be for this rung's probes to run the whole training (the note below)
+        whole_budget = (before + T * sum(1 for t in alive if not (t == decide.AS_IS and _pilot_covers(longest, T)))) / T
         for pr in runner.run(specs):
             cands[pr.clip_norm].probes.append(pr)
         horizon = rung.steps
@@ -373,19 +478,25 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
                 summaries.append(decide.ProbeSummary(t, pr.steps_run, 0, math.nan, math.nan, math.nan, math.nan,
                                                      math.nan, math.nan, True, c.failed))
                 continue
+            if _stopped_short(pr, horizon):
+                summaries.append(_stopped_summary(pr, t, horizon))
+                continue
             summaries.append(judge(pr, t, horizon))
         full = horizon >= T or (bool(horizons) and horizon >= decide.align(T, horizons))  # the metric's last report
         last = k == len(lengths) - 1
         if last:
-            choice = decide.choose(summaries, full_horizon=full)
+            choice = decide.choose(summaries, full_horizon=full, final=True,
+                                   keep=decide.AS_IS if include_as_is and as_is_clip is not None else None)
             kept = [choice.clip_norm] if choice.clip_norm is not None else []
+            final_horizon, final_whole_budget = horizon, whole_budget
         else:
-            kept = decide.survivors(summaries, counts[k + 1], full_horizon=full)
+            kept = decide.survivors(summaries, counts[k + 1], full_horizon=full, carry=carry)
         rungs.append({"steps": horizon, "candidates": [s.clip_norm for s in summaries],
                       "kept": kept, "summaries": summaries})
         say(f"rung {k + 1}: {len(summaries)} candidates at {horizon} steps; kept " +
             (", ".join(cands[t].label for t in kept) if kept else "none (every candidate diverged)"))
         if not kept:
+            final_horizon, final_whole_budget = horizon, whole_budget
             choice = _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out, T_source, judge,
                                        (lambda n: decide.align(n, horizons)) if horizons else (lambda n: n))
             break
@@ -397,10 +508,12 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         if pr is None:
             continue
         if pr.status in FINISHED:
-            horizon = min(pr.steps_run, max(p.max_steps or pr.steps_run for p in c.probes))
+            asked = max(p.max_steps or pr.steps_run for p in c.probes)
+            horizon = min(pr.steps_run, asked)
             if horizons:
                 horizon = decide.align(horizon, horizons)
-            c.summary = judge(pr, c.clip_norm, horizon)
+            c.summary = (_stopped_summary(pr, c.clip_norm, asked) if _stopped_short(pr, asked) else
+                         judge(pr, c.clip_norm, horizon))
         else:
             c.failed = c.failed or f"{pr.run_dir.name} ended '{pr.status}' (exit code {pr.exit_code})"
 
@@ -413,7 +526,8 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         out=out, total_steps=T, total_steps_source=T_source, budget=budget, plan=the_plan, pilot=pilot,
         candidates=sorted(cands.values(), key=lambda c: c.clip_norm), rungs=rungs, choice=choice,
         recommended_clip_norm=rec, as_is_clip_norm=as_is_clip, budget_spent=spent / T, steps_spent=spent,
-        steps_reused=reused, metric=metric, maximize=maximize,
+        steps_reused=reused, metric=metric, maximize=maximize, notes=notes, recommend_clip_norm=rec_tau,
+        warmup_steps=warmup_steps,
     )
     for pr in runner.runs.values():
         if pr is pilot or pr.steps is None or pr.status not in FINISHED:
@@ -431,9 +545,9 @@ def tune(target: Target, out: Path, *, steps: int | None = None, budget: float =
         result.notes.append(f"{metric} is first reported after step {horizons[0]}, past the first rung the budget "
                             f"planned: the probes ran to it, and the tune spent {spent / T:.2f} whole runs, more "
                             f"than --budget {budget:g}")
-    final_horizon = horizon  # the last planned rung's (a fallback after it adds rungs of its own)
+    # final_horizon: the last planned rung's, set in its loop (a fallback after it adds rungs of its own)
     if choice is not None and choice.clip_norm is not None and final_horizon < T:
-        reach = math.ceil(the_plan.whole_budget * 100) / 100
+        reach = math.ceil(final_whole_budget * 100 - 1e-9) / 100
         result.notes.append(f"the finalists were compared at {final_horizon} of {T} steps, not the whole training"
                             + (f" (--budget {reach:.2f} would reach it)" if reach > budget else ""))
     result.parallelism = getattr(runner, "parallelism", 0)
@@ -484,6 +598,77 @@ def _after_divergence(choice, rungs, horizon, T, budget, runner, cands, say, out
         diverged.add(t)
 
 
+def _ended_at_blow_up(steps) -> str | None:
+    """Why a pilot that ran to its end looks like one that stopped at its blow-up (its length is
+    then not the training's): its last recorded step is its first non-finite one, or nothing
+    went non-finite but its loss or norms ran away (a script that breaks before recording the
+    non-finite step). None when it went on after a non-finite step, or shows no blow-up."""
+    s = decide._first_optimizer(steps)
+    if not len(s):
+        return None
+    skipped = s["skipped"].to_numpy(dtype=bool)
+    bad = (~np.isfinite(s["loss"].to_numpy(dtype=float)) | ~np.isfinite(s["grad_norm"].to_numpy(dtype=float))) & ~skipped
+    if bad.any():
+        return f"its first non-finite value at its last step ({int(s['step'].to_numpy()[-1])})" if bad.argmax() == len(bad) - 1 else None
+    return decide.stopped_diverging(s)
+
+
+def _stopped_short(pr: ProbeRun, horizon: int) -> bool:
+    """The run ended by itself (status completed) before the steps it is judged at."""
+    return pr.status == "completed" and pr.steps_run < horizon
+
+
+def _stopped_summary(pr: ProbeRun, clip_norm: float, horizon: int) -> decide.ProbeSummary:
+    """A run that stopped itself before its horizon: diverged (a script that breaks on a
+    non-finite loss stops right after its blow-up), with what its steps show."""
+    s = decide.summarize(pr.steps, clip_norm)
+    why = decide.stopped_diverging(pr.steps)
+    reason = f"stopped itself at step {pr.steps_run} of {horizon}" + (f" ({why})" if why else "")
+    return replace(s, diverged=True, diverged_reason=reason)
+
+
+def _recommended(pr: ProbeRun) -> float | None:
+    """`recommend`'s threshold on a pilot (rounded as it pastes it), or None when it has none."""
+    from gradscope.analysis import analyze
+
+    try:
+        try:
+            run = rundir.load_run(pr.run_dir)
+        except GradscopeError:  # a runner that serves steps without a directory (the simulator)
+            import pandas as pd
+
+            layers = pd.DataFrame({"rank": [], "optimizer": [], "step": []}, dtype="int64")
+            run = rundir.Run(pr.run_dir, pr.steps, layers, {"status": pr.status, "exit_code": pr.exit_code})
+        result = analyze(run)
+    except GradscopeError:
+        return None
+    rec = result.optimizers[0].recommendation if result.optimizers else None
+    tau = getattr(rec, "clip_norm_rounded", None) if rec is not None else None
+    return float(tau) if tau is not None and math.isfinite(tau) and tau > 0 else None
+
+
+def _budget_for(T: int, n_cand: int, pilot_steps: int, first_min: int, sunk: int, as_is: bool) -> float | None:
+    """The smallest budget (rounded up to 0.01 run, at most 100) whose plan has a first rung of
+    ``first_min`` steps (a bisection: a larger budget fits whatever a smaller one does)."""
+    def fits(b: float) -> bool:
+        try:
+            decide.plan(T, b - sunk / T, n_cand, pilot_steps=pilot_steps, as_is_in_pilot=as_is, first_min=first_min)
+            return True
+        except ValueError:
+            return False
+
+    lo, hi = 0, 10_000  # hundredths of a run
+    if not fits(hi / 100):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid / 100):
+            hi = mid
+        else:
+            lo = mid
+    return hi / 100
+
+
 def _last_line(log: Path) -> str:
     try:
         lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
@@ -493,8 +678,9 @@ def _last_line(log: Path) -> str:
 
 
 def _pilot_covers(pilot: ProbeRun, steps: int) -> bool:
-    """The pilot ran the as-is candidate at least this long (a longer run's first steps are the same)."""
-    return pilot.steps_run >= steps or (pilot.max_steps is None and pilot.status == "completed")
+    """The pilot ran the as-is candidate at least this long (a longer run's first steps are the same),
+    or as long as it ever will (it ended by itself: diverged, see _stopped_short)."""
+    return pilot.steps_run >= steps or pilot.status == "completed"
 
 
 def _longest(c: Candidate) -> ProbeRun | None:

@@ -69,7 +69,10 @@ def test_plan_is_every_candidate_for_t_12_then_three_finalists_as_long_as_the_re
 def test_stretch_spends_a_saving_on_longer_horizons():
     ns = t.stretch([50, 100], [3, 2], remaining=600, total_steps=300)
     assert 3 * ns[0] + 2 * ns[1] <= 600 and ns[0] > 50
-    assert t.stretch([50, 100], [3, 2], remaining=100, total_steps=300) == [50, 100]  # nothing to stretch
+    assert t.stretch([50, 100], [3, 2], remaining=350, total_steps=300) == [50, 100]  # nothing to stretch
+    # more finalists than planned (thresholds carried into the finals): shortened to fit
+    ns = t.stretch([50, 100], [3, 2], remaining=100, total_steps=300)
+    assert 3 * ns[0] + 2 * ns[1] <= 100 and ns[1] > ns[0] > 0
 
 
 def test_summarize_matches_a_hand_computation():
@@ -207,3 +210,86 @@ def test_candidates_of_a_pilot_that_blew_up_sit_around_its_norm_before_the_blow_
     assert t.typical_norm(_steps(np.ones(30), falling)) == pytest.approx(np.median(falling))
     # a script that reports no loss is not taken for a blow-up
     assert not t.blew_up(_steps(np.full(10, np.nan), np.ones(10)))
+
+
+def test_finalists_all_within_the_noise_say_the_threshold_does_not_matter():
+    """Ties are an answer: every finalist within the noise of the others (none diverged) ->
+    the script's own threshold is kept when it is a finalist, else the largest; the reason says so."""
+    tied = [_summary(0.5, 1.00), _summary(1.0, 1.01), _summary(t.AS_IS, 1.005)]
+    kept = t.choose(tied, full_horizon=False, final=True, keep=t.AS_IS)
+    assert kept.clip_norm == t.AS_IS and kept.rule == "all-tied"
+    assert "does not matter in this range" in kept.reason and "script's own threshold is kept" in kept.reason
+    assert "0.5 to 1 and the script as it is" in kept.reason
+    # no threshold of the script's own: the largest (the script as is only at the whole training)
+    assert t.choose(tied, full_horizon=False, final=True).clip_norm == 1.0
+    assert t.choose(tied, full_horizon=True, final=True).clip_norm == t.AS_IS
+    assert "largest of them" in t.choose(tied, full_horizon=False, final=True).reason
+    # not the finals (the first rung), or one finalist clear of the others, or one diverged: not "all tied"
+    assert t.choose(tied, full_horizon=False).rule == "middle-tied"
+    clear = [_summary(0.5, 1.00), _summary(1.0, 1.01), _summary(2.0, 1.3)]
+    assert t.choose(clear, full_horizon=False, final=True).rule == "largest-tied"
+    gone = [_summary(0.5, 1.00), _summary(1.0, 1.01), _summary(2.0, 0.9, diverged=True)]
+    c = t.choose(gone, full_horizon=False, final=True, keep=2.0)
+    assert c.rule != "all-tied" and c.clip_norm == 1.0
+
+
+def test_the_scripts_own_and_recommends_threshold_are_carried_into_the_finals():
+    rows = [_summary(0.25, 0.50), _summary(0.5, 0.90), _summary(1.0, 1.0), _summary(2.0, 1.1), _summary(4.0, 3.0),
+            _summary(t.AS_IS, 2.0)]
+    assert t.survivors(rows, 3) == [0.25, 0.5, 1.0]
+    assert t.survivors(rows, 3, carry=(t.AS_IS, 4.0)) == [0.25, 0.5, 1.0, t.AS_IS, 4.0]
+    assert t.survivors(rows, 3, carry=(0.5,)) == [0.25, 0.5, 1.0]  # already a finalist
+    rows[-1] = _summary(t.AS_IS, 0.1, diverged=True)
+    assert t.AS_IS not in t.survivors(rows, 3, carry=(t.AS_IS,))  # a diverged one is not carried
+
+
+def _warmup_cosine(T, W, peak=3e-3):
+    s = np.arange(T)
+    return np.where(s < W, peak * (s + 1) / W, 0.5 * peak * (1 + np.cos(np.pi * (s - W) / (T - W))))
+
+
+def test_warmup_is_read_from_the_recorded_lr():
+    lr = _warmup_cosine(250, 60)
+    full = _steps(np.ones(250)).assign(lr=lr)
+    assert t.warmup(full) == (59, True)  # the peak at step 59: 60 warm-up steps
+    assert t.warmup(full.iloc[:21]) == (20, False)  # still rising at the pilot's end
+    decay = _steps(np.ones(50)).assign(lr=np.linspace(1, 0.1, 50))
+    assert t.warmup(decay) is None and t.warmup(_steps(np.ones(50))) is None  # no lr recorded: none
+    # candidates from the norms after the warm-up (0.08 during it, 0.9 after, as in issue 22)
+    g = np.where(np.arange(84) < 60, 0.08, 0.9)
+    pilot = _steps(np.ones(84), g).assign(lr=lr[:84])
+    assert t.typical_norm(pilot) == pytest.approx(0.08)
+    assert t.typical_norm(pilot, start=60) == pytest.approx(0.9)
+    c = t.candidates_from_pilot(pilot, None, start=60)
+    assert c[0] == pytest.approx(0.9 / 16, rel=0.03) and c[-1] == pytest.approx(3.6, rel=0.03)
+
+
+def test_a_run_that_stopped_itself_after_a_blow_up_is_diverged():
+    # a script that breaks at its first non-finite loss records the steps before it: they ran away
+    loss = 2.0 * 100.0 ** np.arange(14)
+    g = 3.0 * 30.0 ** np.arange(14)
+    assert t.stopped_diverging(_steps(loss, g)) is not None
+    spike = np.r_[np.linspace(2, 1, 30), 50.0]  # one last jump before the non-finite one
+    assert t.stopped_diverging(_steps(spike)) is not None
+    # a clean, shorter training says nothing of the kind
+    assert t.stopped_diverging(_steps(np.linspace(2, 1, 30))) is None
+
+
+def test_plan_puts_the_first_rung_past_a_warmup_or_refuses():
+    p = t.plan(1000, 3, 9, first_min=120)
+    assert p.rungs[0].steps >= 120 and p.planned_steps <= 3000
+    with pytest.raises(ValueError, match="first rung of 240 steps"):
+        t.plan(250, 3, 9, pilot_steps=84, first_min=240)
+
+
+def test_a_whole_pilot_that_ended_at_its_blow_up_is_told_apart():
+    """Without --steps, T is the pilot's length, with a note when the pilot ended at its blow-up (a
+    script that breaks at its first non-finite loss would look so), not when it went on after a
+    non-finite step."""
+    from gradscope.tune import _ended_at_blow_up
+
+    went_on = _steps(np.r_[np.linspace(3, 1, 110), np.full(10, np.inf)], np.r_[np.ones(110), np.full(10, np.inf)])
+    assert _ended_at_blow_up(went_on) is None
+    assert "last step (110)" in _ended_at_blow_up(_steps(np.r_[np.linspace(3, 1, 110), [np.nan]]))
+    assert _ended_at_blow_up(_steps(2.0 * 100.0 ** np.arange(14), 3 * 30.0 ** np.arange(14))) is not None
+    assert _ended_at_blow_up(_steps(np.linspace(3, 1, 50))) is None

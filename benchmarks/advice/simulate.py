@@ -38,6 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import torch  # noqa: E402
+
 import run as bench  # noqa: E402
 from tasks import HELDOUT_FAMILIES, TASKS, train  # noqa: E402
 
@@ -97,11 +99,13 @@ def _train_and_store(task, seed, tau, gz: Path, js: Path):
     import gradscope
 
     clip = None if tau is None or not math.isfinite(tau) else float(tau)
+    own = TASKS[task].script_clip  # the script's own clip_grad_norm_ (as is); --clip-norm replaces its max_norm
+    clipper = (lambda ps: torch.nn.utils.clip_grad_norm_(ps, own)) if own else None
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="gradscope-sim-") as tmp:
         run_dir = Path(tmp) / "run"
         with gradscope.record(run_dir, clip_norm=clip, layer_stride=0):
-            final = train(task, seed)  # inf when it went non-finite; the recorder keeps every row
+            final = train(task, seed, clipper)  # inf when it went non-finite; the recorder keeps every row
         files = list(run_dir.glob("steps-r*.csv"))
         if [f.name for f in files] != ["steps-r0.csv"]:
             raise RuntimeError(f"{task} seed {seed} tau {tau_key(tau)}: expected one steps-r0.csv, got {files}")

@@ -92,20 +92,69 @@ class Choice:
     runner_up: float | None = None
     margin: float | None = None  # (runner-up loss - chosen loss) / combined standard error
     reason: str = ""
+    # how the choice was made: "best" (clear of the others), "largest-tied" (the largest of ties with
+    # the best), "middle-tied" (the middle of three or more ties, before the whole training),
+    # "all-tied" (every finalist within the noise of the others: the threshold does not matter in
+    # their range), "fallback" (every finalist diverged), "only" (the only candidate left)
+    rule: str = "best"
 
 
 # ------------------------------------------------------------------------- candidates
 
 
-def typical_norm(steps, horizon: int | None = None) -> float | None:
+def warmup(steps) -> tuple[int, bool] | None:
+    """The learning-rate warm-up of optimizer 0, from its recorded ``lr``: (the step at which the
+    learning rate first reaches its maximum, whether a later step shows it stopped rising), or
+    None when there is none (the learning rate never rises above its first value, or is not
+    recorded on every step). With the maximum at the last step the warm-up may not be over."""
+    s = _first_optimizer(steps)
+    if len(s) < 2 or "lr" not in s.columns:
+        return None
+    lr = s["lr"].to_numpy(dtype=float)
+    if not np.isfinite(lr).all():
+        return None
+    top = float(np.max(lr))
+    tol = 1e-6 * abs(top)
+    if top <= lr[0] + tol:
+        return None
+    peak = int(np.argmax(lr >= top - tol))
+    return int(s["step"].to_numpy()[peak]), peak < len(lr) - 1
+
+
+def stopped_diverging(steps) -> str | None:
+    """Why a run that ended by itself before the steps asked of it is taken to have diverged
+    (a script that stops at its first non-finite loss, ``if not math.isfinite(loss): break``,
+    records the steps before it: their loss or norms ran away), or None when nothing in its
+    steps says so (a training shorter than the tune thinks)."""
+    s = _first_optimizer(steps)
+    if not len(s):
+        return "no step recorded"
+    summ = summarize(s, AS_IS)
+    if summ.diverged:
+        return summ.diverged_reason
+    if blew_up(s):
+        return "its gradient norms ran away"
+    loss = s["loss"].to_numpy(dtype=float)[~s["skipped"].to_numpy(dtype=bool)]
+    loss = loss[np.isfinite(loss)]
+    if len(loss) >= 3:
+        mid = float(np.median(loss))
+        if mid > 0 and loss[-1] > 2 * mid:
+            return f"its last loss was {loss[-1] / mid:.2g}x its median"
+    return None
+
+
+def typical_norm(steps, horizon: int | None = None, start: int = 0) -> float | None:
     """The norm level the candidates are placed around, from optimizer 0's first ``horizon`` steps:
     the median of its finite, positive, not-skipped norms; but when the pilot blew up (see
     :func:`blew_up`), the first of them, the level before the blow-up (the norms of a blow-up
     grow by orders of magnitude, and their median says nothing of the scale training needs;
-    `recommend`'s blew-up rule starts from the same first norm)."""
+    `recommend`'s blew-up rule starts from the same first norm). ``start``: the steps before it
+    are left out (a learning-rate warm-up, whose norms are not those of training after it)."""
     s = _first_optimizer(steps)
     if horizon is not None:
         s = s[s["step"] < horizon]
+    if start:
+        s = s[s["step"] >= start]
     g = s["grad_norm"].to_numpy(dtype=float)
     ok = np.isfinite(g) & (g > 0) & ~s["skipped"].to_numpy(dtype=bool)
     if not ok.any():
@@ -130,10 +179,10 @@ def blew_up(steps, cfg: SituationConfig = SituationConfig()) -> bool:
     return float(np.median(tail)) >= cfg.runaway_ratio * early
 
 
-def candidates_from_pilot(steps, horizon: int | None = None, factors=GRID_FACTORS) -> list[float]:
-    """Thresholds around the pilot's norm level (:func:`typical_norm`), rounded as the report
-    hands them out (so the probed value is the pasted one)."""
-    level = typical_norm(steps, horizon)
+def candidates_from_pilot(steps, horizon: int | None = None, factors=GRID_FACTORS, start: int = 0) -> list[float]:
+    """Thresholds around the pilot's norm level (:func:`typical_norm`, from step ``start`` on),
+    rounded as the report hands them out (so the probed value is the pasted one)."""
+    level = typical_norm(steps, horizon, start)
     if level is None:
         return []
     return sorted({round_sig(level * f) for f in factors})
@@ -142,7 +191,7 @@ def candidates_from_pilot(steps, horizon: int | None = None, factors=GRID_FACTOR
 # ------------------------------------------------------------------------- schedule
 
 
-def _counts(n: int) -> list[int]:
+def _counts(n: int, finalists: int = FINALISTS) -> list[int]:
     """Every candidate at the first rung, then three finalists (one rung when there are only three).
 
     Two rungs, not a halving ladder: a first rung a few steps long says nothing where every
@@ -153,11 +202,12 @@ def _counts(n: int) -> list[int]:
     ladder step in each direction. Three finalists at about 0.8 T ended better than two at the
     whole training (the choice and its better neighbour) in the simulator (README, "How tune's
     current rules were chosen")."""
-    return [n, FINALISTS] if n > FINALISTS else [n]
+    return [n, finalists] if n > finalists else [n]
 
 
 def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int | None = None,
-         as_is_in_pilot: bool = True, min_steps: int | None = None) -> Plan:
+         as_is_in_pilot: bool = True, min_steps: int | None = None, finalists: int = FINALISTS,
+         first_min: int | None = None) -> Plan:
     """The rungs that fit ``budget`` whole runs of ``total_steps`` (T).
 
     The pilot counts against the budget: ``pilot_steps`` None means the pilot is as long as the
@@ -171,13 +221,17 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
     otherwise the first rung is T/12 and the last as long as the rest allows, when that is at
     least three times the first; otherwise the last rung is the longest that fits with the first
     a third (or half) of it. Raises ValueError when not even the shortest probes fit.
+    ``finalists``: how many go on past the first rung (three, plus the thresholds carried into
+    the finals). ``first_min``: the first rung is at least this long (past a learning-rate
+    warm-up); ValueError when that does not fit.
     """
     T = int(total_steps)
     if T < 1 or n_candidates < 1:
         raise ValueError("nothing to plan")
-    counts = _counts(n_candidates)
+    counts = _counts(n_candidates, finalists)
     m = len(counts) - 1
     lo = min(T, min_steps if min_steps is not None else max(5, T // 50))
+    lo_first = max(lo, min(T, first_min or 0))
     allowed = budget * T
 
     def lengths(final: int, growth: float) -> list[int]:
@@ -192,7 +246,7 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
         return total
 
     # The whole training last; with two rungs, the first as long as the budget then allows.
-    first = max(lo, round(T * FIRST_RUNG))
+    first = max(lo_first, round(T * FIRST_RUNG))
     whole = [[T]] if m == 0 else ([n, T] for n in range(T // 2, first - 1, -1))
     chosen = next((ns for ns in whole if cost(ns) <= allowed), None)
     if chosen is None and m == 1:  # the first rung at T/12, the finalists as long as the rest allows
@@ -203,10 +257,12 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
     while chosen is None and final >= lo:  # a shorter last rung, growth 3 (2 for short trainings)
         for growth in (3, 2):
             ns = lengths(final, growth)
-            if ns[0] >= lo and cost(ns) <= allowed:
+            if ns[0] >= lo_first and cost(ns) <= allowed:
                 chosen = ns
                 break
         final = int(final * 0.95) if final > 20 else final - 1
+    if chosen is None and lo_first > lo:
+        raise ValueError(f"a first rung of {lo_first} steps does not fit a budget of {budget:g} whole runs")
     if chosen is None:
         need = cost(lengths(min(T, lo * 2 ** m), 2)) / T  # the shortest schedule this search tries
         raise ValueError(f"a budget of {budget:g} whole runs is too small for {n_candidates} candidates "
@@ -219,17 +275,28 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
 def stretch(lengths: list[int], counts: list[int], remaining: float, total_steps: int) -> list[int]:
     """The remaining rungs made as long as the remaining budget allows (all scaled by one factor,
     at most to the whole training): a rung that cost less than planned (the as-is candidate
-    came free with the pilot) lends its saving to the horizons that follow."""
+    came free with the pilot) lends its saving to the horizons that follow; more finalists than
+    planned (thresholds carried into the finals) shorten them to fit."""
     T = int(total_steps)
 
     def scaled(f: float) -> list[int]:
         return [min(T, max(n, round(n * f))) for n in lengths]
 
+    def shrunk(f: float) -> list[int]:
+        return [max(1, int(n * f)) for n in lengths]
+
     def cost(ns: list[int]) -> float:
         return sum(c * n for c, n in zip(counts, ns))
 
     if cost(lengths) > remaining:
-        return list(lengths)
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if cost(shrunk(mid)) <= remaining:
+                lo = mid
+            else:
+                hi = mid
+        return shrunk(lo)
     lo, hi = 1.0, max(1.0, T / max(1, min(lengths)))
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -337,7 +404,8 @@ def _tied(a: ProbeSummary, b: ProbeSummary, z: float = TIE_Z) -> bool:
     return abs(a.score - b.score) <= z * noise
 
 
-def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float = TIE_Z) -> Choice:
+def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float = TIE_Z,
+           final: bool = False, keep: float | None = None) -> Choice:
     """The candidate to keep among probes judged at the same horizon.
 
     The best loss wins, except that among the candidates tied with it (within ``z`` combined
@@ -346,6 +414,11 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
     (``full_horizon``): before that, the larger finite threshold is preferred in a tie, since
     an unclipped run that is fine so far may still blow up later. Diverged candidates are
     never chosen.
+
+    ``final``: these are the finalists. When none of them diverged and every one is within the
+    noise of the best (two or more), the threshold does not matter in their range: ``keep``
+    (the script's own threshold, AS_IS when the script clips, when it is a finalist) is taken,
+    else the largest of them (as above), and the reason says so (rule "all-tied").
     """
     ok = [s for s in summaries if not s.diverged and math.isfinite(s.score)]
     horizon = max((s.steps for s in summaries), default=0)
@@ -353,7 +426,7 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
         unranked = [s for s in summaries if not s.diverged and s.metric_name]
         return Choice(None, horizon, None, reason=(
             f"no candidate that did not diverge reported {unranked[0].metric_name} at its horizon" if unranked
-            else "every candidate diverged" if summaries else "no candidate"))
+            else "every candidate diverged" if summaries else "no candidate"), rule="none")
     best = min(ok, key=lambda s: (s.score, -s.clip_norm))
     ties = [s for s in ok if _tied(s, best, z)]
 
@@ -363,8 +436,12 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
         return s.clip_norm
 
     chosen = max(ties, key=size)
+    all_tied = final and len(ok) == len(summaries) and len(ok) > 1 and len(ties) == len(ok)
+    kept = next((s for s in ties if s.clip_norm == keep), None) if keep is not None else None
+    if all_tied and kept is not None:
+        chosen = kept
     finite = sorted((s for s in ties if math.isfinite(s.clip_norm)), key=lambda s: s.clip_norm)
-    middle = not full_horizon and len(ties) > MIDDLE_TIES and bool(finite)
+    middle = not all_tied and not full_horizon and len(ties) > MIDDLE_TIES and bool(finite)
     if middle:
         # A short probe that cannot tell three or more candidates apart favours neither end: the
         # middle of them goes on (the largest would bet on short-horizon bias running one way).
@@ -376,13 +453,24 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
         noise = math.sqrt(chosen.score_se ** 2 + runner.score_se ** 2)
         margin = (runner.score - chosen.score) / noise if noise > 0 else (
             math.inf if runner.score > chosen.score else 0.0)
-    if middle:
+    if all_tied:
+        rule = "all-tied"
+        span = sorted(s.clip_norm for s in ok)
+        rng = _range_words(span)
+        reason = (f"all {len(ok)} finalists ({rng}) are within the loss's noise of each other at {horizon} steps: "
+                  "the clip norm does not matter in this range; "
+                  + ("the script's own threshold is kept" if kept is not None else
+                     "the largest of them is taken (clipping least is the smallest change to the script)"))
+    elif middle:
+        rule = "middle-tied"
         reason = (f"{len(ties)} candidates within the loss's noise of the best at {horizon} steps; the middle "
                   "threshold among them is taken (a probe this short cannot tell them apart)")
     elif len(ties) > 1:
+        rule = "largest-tied"
         reason = (f"{len(ties)} candidates within the loss's noise of the best; the largest threshold "
                   "among them is taken (short probes favour small thresholds)")
     else:
+        rule = "best" if runner is not None else "only"
         reason = ("lowest loss, clear of the others by more than the loss's noise" if runner is not None else
                   "the only one that did not diverge" if len(summaries) > 1 else "only candidate")
     if best.metric_name:  # the words above name the loss; the ranking was by the metric (no noise estimate)
@@ -392,15 +480,26 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
                   f"best {name} at {horizon} steps (one value per probe: no noise estimate)"
                   if runner is not None else reason)
     return Choice(chosen.clip_norm, horizon, best.score, [s.clip_norm for s in ties],
-                  runner.clip_norm if runner else None, margin, reason)
+                  runner.clip_norm if runner else None, margin, reason, rule)
 
 
-def survivors(summaries: list[ProbeSummary], keep: int, *, full_horizon: bool = False) -> list[float]:
+def _range_words(taus: list[float]) -> str:
+    """'0.25 to 1 and the script as it is', for a reason line."""
+    finite = [t for t in taus if math.isfinite(t)]
+    words = f"{min(finite):g} to {max(finite):g}" if len(finite) > 1 else (f"{finite[0]:g}" if finite else "")
+    if any(not math.isfinite(t) for t in taus):
+        words = (words + " and " if words else "") + "the script as it is"
+    return words
+
+
+def survivors(summaries: list[ProbeSummary], keep: int, *, full_horizon: bool = False,
+              carry: tuple = ()) -> list[float]:
     """The ``keep`` candidates continued to the next rung: the choice of this rung, then its
     neighbours on the ladder of candidates that did not diverge, the one with the lower loss
     first (short-horizon bias can run either way: a small threshold is a learning-rate cut that
     helps early and hurts later, and a large one can look worse early and end better), then the
-    best losses."""
+    best losses; then every threshold in ``carry`` (the script's own, recommend's) that is a
+    candidate here and did not diverge, beyond ``keep``."""
     ok = sorted([s for s in summaries if not s.diverged and math.isfinite(s.score)], key=lambda s: s.score)
     if not ok:
         return []
@@ -417,6 +516,7 @@ def survivors(summaries: list[ProbeSummary], keep: int, *, full_horizon: bool = 
             break
         if s.clip_norm not in out:
             out.append(s.clip_norm)
+    out += [t for t in dict.fromkeys(carry) if t in loss and t not in out]
     return out
 
 
@@ -430,7 +530,9 @@ def fallback(rungs: list[list[ProbeSummary]], diverged: set) -> Choice | None:
     for summaries in reversed(rungs):
         left = [s for s in summaries if s.clip_norm < limit and not s.diverged and math.isfinite(s.score)]
         if left:
-            return choose(left, full_horizon=False)
+            back = choose(left, full_horizon=False)
+            back.rule = "fallback"
+            return back
     return None
 
 

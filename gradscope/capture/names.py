@@ -73,3 +73,41 @@ def parameter_names(params: list[torch.Tensor]) -> list[str]:
         seen.add(name)
         names.append(name)
     return names
+
+
+def clip_order(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters in the order the training's own clip would pass them to clip_grad_norm_,
+    whose float32 total norm depends on it (it stacks the per-tensor norms in that order).
+
+    The clip is usually `clip_grad_norm_(model.parameters(), ...)` (Hugging Face Trainer,
+    accelerate, the hand-written loop), while optimizers often split the parameters into groups
+    (weight decay and none): the order is that of the root module holding most of them, then any
+    others in the optimizer's order. When that root is a LightningModule, Lightning clips the
+    optimizer's parameters group by group (its precision plugin's main_params), and the
+    optimizer's order is kept. Found with a gc scan: call it once per optimizer, off the hot path.
+    """
+    wanted = {id(p) for p in params}
+    modules = [o for o in gc.get_objects() if issubclass(type(o), torch.nn.Module)]
+    children = {id(c) for m in modules for c in m.children()}
+    best: list[torch.Tensor] = []
+    holder = None
+    for root in modules:
+        if id(root) in children:
+            continue
+        try:
+            held = [p for p in root.parameters() if id(p) in wanted]
+        except Exception:  # a half-built or exotic module
+            continue
+        if len(held) > len(best):
+            best, holder = held, root
+    if holder is not None and _is_lightning(holder):
+        return list(params)
+    seen = {id(p) for p in best}
+    return best + [p for p in params if id(p) not in seen]
+
+
+def _is_lightning(module: torch.nn.Module) -> bool:
+    """A LightningModule (lightning.pytorch or pytorch_lightning), by its classes' names: capture
+    imports no framework."""
+    return any(c.__name__ == "LightningModule" and c.__module__.split(".")[0] in ("lightning", "pytorch_lightning")
+               for c in type(module).__mro__)

@@ -153,6 +153,7 @@ class Recorder:
         self._fused_warned = False
         self._applying = False  # inside our own --clip-norm call: not a call of the script's
         self._script_max_norms: list[float] = []  # what the script passed, replaced by clip_norm
+        self._clip_orders: dict[int, tuple] = {}  # id(optimizer) -> (its parameter ids, the order --clip-norm clips in, as indices)
         self._first_bad: str | None = None  # first non-finite step seen on the host
         self._stopper = NanStop() if stop_on_nan else None  # --stop-on-nan: looks at every step (stopper.py)
         self._nantrace = NanTrace() if trace_nan else None  # --trace-nan: module hooks (nantrace.py)
@@ -483,7 +484,7 @@ class Recorder:
                 print("gradscope: --clip-norm is not applied to a fused optimizer under GradScaler "
                       "(its gradients are unscaled inside step()); clip in the script instead", file=sys.stderr)
             return
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for p in self._clip_params(opt) if p.grad is not None]
         ids = {id(p.grad) for p in params}
         self._forget_stale()
         if not params or any(c.kind == "norm" and c.grad_ids & ids for c in self._clips):
@@ -575,6 +576,19 @@ class Recorder:
         total = orig(module, max_norm, norm_type)
         self._on_clip(params, "norm", max_norm, total if float(norm_type) == 2.0 else None, scope="global")
         return total
+    def _clip_params(self, opt: torch.optim.Optimizer) -> list:
+        """The optimizer's parameters in the order the trainer's own clip passes them (names.clip_order),
+        found once per optimizer and parameter set."""
+        listed = [p for g in opt.param_groups for p in g["params"]]
+        key = tuple(id(p) for p in listed)
+        cached = self._clip_orders.get(id(opt))
+        if cached is None or cached[0] != key:
+            from gradscope.capture.names import clip_order
+
+            at = {id(p): i for i, p in enumerate(listed)}
+            cached = (key, [at[id(p)] for p in clip_order(listed)])  # indices: no reference kept to a tensor
+            self._clip_orders[id(opt)] = cached
+        return [listed[i] for i in cached[1]]
 
     def _note_script_threshold(self, max_norm: float) -> None:
         if max_norm not in self._script_max_norms and len(self._script_max_norms) < 20:

@@ -22,7 +22,13 @@ JSON schema "gradscope.tune/1" (NaN/inf never appear, null does)
                             minus the chosen one's, in combined standard errors (null: no runner-up)
     ties                    thresholds within the loss's noise of the best at the final horizon
     horizon                 steps the finalists were compared at
-    reason                  why the chosen one won, in words (the report's "why" line; null: no choice)
+    reason                  why the chosen one won, in words (the report's "why" line; null: no choice);
+                            when every finalist is within the noise of the others it says "the clip
+                            norm does not matter in this range" (rule "all-tied")
+    rule                    how the choice was made: "best", "largest-tied", "middle-tied", "all-tied",
+                            "fallback", "only" (null: no choice)
+    recommend_clip_norm     `recommend`'s threshold on the pilot (carried into the finals; null: none)
+    warmup_steps            the learning-rate warm-up seen in the recorded lr (null: none)
     rungs                   [{steps, candidates, kept}]: the planned rungs, then (when every finalist
                             diverged) one per fallback candidate probed
     seeded                  false when a probe differed from the pilot before anything was clipped
@@ -99,6 +105,9 @@ def to_json(result) -> dict:
         "ties": [_tau(t) for t in ch.ties] if ch else [],
         "horizon": ch.horizon if ch else None,
         "reason": ch.reason if ch else None,
+        "rule": ch.rule if ch else None,
+        "recommend_clip_norm": _num(result.recommend_clip_norm),
+        "warmup_steps": result.warmup_steps,
         "rungs": [{"steps": r["steps"], "candidates": [_tau(t) for t in r["candidates"]],
                    "kept": [_tau(t) for t in r["kept"]]} for r in result.rungs],
         "seeded": not result.unseeded_at,
@@ -175,13 +184,18 @@ def render(result, console=None) -> None:
                           f"{ch.horizon} of {T} steps")
         elif ch.runner_up is not None and ch.margin is not None:
             ru = _label(result, ch.runner_up)
-            if ch.margin >= 2:
+            taken = {"all-tied": "the clip norm does not matter in this range",
+                     "middle-tied": "the middle threshold of the ties is taken",
+                     "largest-tied": "the largest tied threshold is taken, as short probes favour small thresholds",
+                     }.get(ch.rule, "")
+            if ch.rule in ("best", "only") and ch.margin >= 0:
                 sure = f"clear: the runner-up {ru} is {ch.margin:.1f} noise units worse"
             elif ch.margin >= 0:
-                sure = f"not sure: the runner-up {ru} is only {ch.margin:.1f} noise units worse (a tie)"
+                sure = f"not sure: the runner-up {ru} is only {ch.margin:.1f} noise units worse, a tie"
             else:
-                sure = (f"a tie: {ru} had a {-ch.margin:.1f} noise units lower loss, within the noise; the larger "
-                        "threshold is taken (short probes favour small thresholds)")
+                sure = f"a tie: {ru} had a {-ch.margin:.1f} noise units lower loss, within the noise"
+            if taken and not sure.startswith("clear"):
+                sure += f": {taken}"
             console.print(f"  how sure   {sure}; compared at {ch.horizon} of {T} steps")
         console.print(f"  why        {ch.reason}")
     console.print(f"  compute    {result.budget_spent:.2f} whole runs of {T} steps (budget {result.budget:g}; "
@@ -213,23 +227,37 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
-def save_figure(result, path: Path) -> Path:
-    """Each candidate's loss curve (its longest probe), chosen one bold; the finalists' horizon marked."""
-    import matplotlib
+def build_figure(result):
+    """Each candidate's training-loss curve (its longest probe), as a matplotlib Figure.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Readable by construction (issue 22's picture notes): a log step axis from 1 to T, so the
+    first rung (T/12) is not a knot in the corner; the y range from the curves' own values
+    (never below 0 for a non-negative loss) up to 1.5x the highest starting loss, curves that
+    leave it cut at the frame's top with a marker; a qualitative palette with line styles, so
+    neighbouring thresholds differ; curves identical to one already drawn (candidates that never
+    clipped) drawn once with all their labels; the rungs' horizons marked and labelled."""
+    from matplotlib.figure import Figure
     import numpy as np
 
     from gradscope.analysis.tune import _first_optimizer
 
+    fig = Figure(figsize=(8, 7.6 if result.metric else 4.8), dpi=110, layout="constrained")
     if result.metric:  # the metric the probes were ranked by, under the loss curves
-        fig, (ax, max_) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2))
+        ax, max_ = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     else:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        ax = fig.add_subplot(1, 1, 1)
     ch = result.choice
-    cmap = plt.get_cmap("viridis")
-    n = max(1, len(result.candidates) - 1)
+    T = result.total_steps
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf"]
+    styles = ["-", "--", "-.", (0, (1, 1))]
+    starts = [c.summary.start_loss for c in result.candidates
+              if c.summary is not None and math.isfinite(c.summary.start_loss)]
+    top = None
+    if starts:
+        hi = max(starts)
+        top = hi * 1.5 if hi > 0 else hi + abs(hi) * 0.5 + 1e-9
+    curves: list[tuple[np.ndarray, np.ndarray, list[str], bool, bool, int]] = []
     for i, c in enumerate(result.candidates):
         if not c.probes:
             continue
@@ -238,7 +266,7 @@ def save_figure(result, path: Path) -> Path:
         if s is None or not len(s):
             continue
         y = s["loss"].to_numpy(dtype=float)
-        x = s["step"].to_numpy()
+        x = s["step"].to_numpy() + 1  # optimizer steps made (1..T), for the log axis
         k = max(1, len(y) // 50)
         if k > 1:  # a centred running mean (no padding at the ends), so the curves can be told apart
             import pandas as pd
@@ -246,27 +274,61 @@ def save_figure(result, path: Path) -> Path:
             y = pd.Series(np.where(np.isfinite(y), y, np.nan)).rolling(k, min_periods=1, center=True).mean().to_numpy()
         chosen = ch is not None and ch.clip_norm == c.clip_norm
         diverged = c.summary is not None and c.summary.diverged
-        ax.plot(x, y, lw=2.4 if chosen else 1.0, color="black" if chosen else cmap(i / n),
-                ls=":" if diverged else "-",
-                label=c.label + (" (chosen)" if chosen else "") + (" (diverged)" if diverged else ""))
-    if ch is not None and ch.horizon:
-        ax.axvline(ch.horizon, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("optimizer step")
+        label = c.label + (" (chosen)" if chosen else "") + (" (diverged)" if diverged else "")
+        same = next((cv for cv in curves if len(cv[0]) == len(x) and np.array_equal(cv[1], y, equal_nan=True)), None)
+        if same is not None:  # the very same curve (never clipped): drawn once, with both labels
+            same[2].append(label)
+            continue
+        curves.append((x, y, [label], chosen, diverged, i))
+    drawn = 0
+    for x, y, labels, chosen, diverged, i in curves:
+        out = np.zeros(len(y), bool) if top is None else ~(y <= top)  # NaN/inf/too high: outside the frame
+        cut = int(np.argmax(out)) if out.any() else len(y)
+        xs, ys = x[:cut], y[:cut]
+        color = "black" if chosen else palette[drawn % len(palette)]
+        ls = "-" if chosen else styles[(drawn // len(palette)) % len(styles)] if not diverged else ":"
+        if not chosen:
+            drawn += 1
+        label = labels[0] if len(labels) == 1 else " = ".join(labels) + " (same curve)"
+        ax.plot(xs, ys, lw=2.4 if chosen else 1.3, color=color, ls=ls, label=label)
+        if cut < len(y) and top is not None:  # it leaves the frame: cut there, marked at the top
+            ax.plot([x[cut]], [top], marker="^", color=color, ls="none", clip_on=False)
+    marks = []
+    if result.rungs:
+        marks.append((result.rungs[0]["steps"], "first rung"))
+    if ch is not None and ch.horizon and (not marks or ch.horizon != marks[0][0]):
+        marks.append((ch.horizon, "finalists" if len(result.rungs) > 1 else "compared"))
+    for n, what in marks:
+        ax.axvline(n, color="grey", lw=0.8, ls="--")
+        ax.annotate(f"{what}: {n} steps", xy=(n, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                    ha="right", va="top", fontsize=7, color="dimgrey")
+    ax.set_xscale("log")
+    ax.set_xlim(1, max(T, 2))
+    ax.set_xlabel("optimizer step (log scale)")
     ax.set_ylabel("training loss")
-    ax.set_title(f"gradscope tune: loss of each candidate clip norm (T = {result.total_steps})")
-    finite = []
-    for c in result.candidates:
-        if c.summary is not None and math.isfinite(c.summary.start_loss):
-            finite.append(c.summary.start_loss)
-    if finite:
-        top = max(finite)
-        ax.set_ylim(top=top * 1.5 if top > 0 else top + abs(top) * 0.5 + 1e-9)
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_title(f"gradscope tune: loss of each candidate clip norm (T = {T})")
+    vals = np.concatenate([cv[1][np.isfinite(cv[1])] for cv in curves]) if curves else np.array([])
+    if top is not None and len(vals):
+        vals = vals[vals <= top]
+    if len(vals):
+        lo = float(vals.min())
+        hi = top if top is not None else float(vals.max())
+        pad = 0.05 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-9
+        bottom = lo - pad
+        if lo >= 0:
+            bottom = max(0.0, bottom)  # a loss that is never negative: no axis below 0
+        ax.set_ylim(bottom, hi)
+    ax.legend(fontsize=7, ncol=2)
     if result.metric:
-        _metric_panel(max_, result, cmap, n)
-    fig.tight_layout()
+        n_c = max(1, len(result.candidates))
+        _metric_panel(max_, result, lambda f: palette[int(round(f * n_c)) % len(palette)], n_c)
+    return fig
+
+
+def save_figure(result, path: Path) -> Path:
+    """The figure of :func:`build_figure`, written to ``path`` (PNG)."""
+    fig = build_figure(result)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
