@@ -957,7 +957,8 @@ def load_run(path: str | os.PathLike, rank: int | None = None) -> Run:
                 f"{FORMAT_VERSION} (upgrade gradscope)"
             )
 
-    processes, unreadable = [], []
+    processes: list[dict] = []
+    unreadable: list[str] = []
     for f in sorted(_own(p, "process-r*.json"), key=lambda f: _rank_of(f.name)):
         try:
             proc = read_json(f)

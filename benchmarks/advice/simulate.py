@@ -69,6 +69,9 @@ def _parse(data: bytes):
     import pandas as pd
 
     df = pd.read_csv(io.BytesIO(data), dtype=rundir._STEP_DTYPES)
+    # format version 2: an empty loss field is "no loss recorded" (load_run's optional column)
+    raw = pd.read_csv(io.BytesIO(data), usecols=["loss"], dtype=str, keep_default_na=False, na_filter=False)["loss"]
+    df[rundir.LOSS_RECORDED] = (raw.str.strip() != rundir.NO_LOSS).to_numpy()
     df.insert(0, "rank", 0)
     return rundir.normalize_steps(df)
 

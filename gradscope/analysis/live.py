@@ -70,11 +70,11 @@ class SpikeTracker:
 
             windows = sliding_window_view(x, w)  # row r = x[r : r + w]
             for a in range(0, len(full), 4096):  # in blocks: no huge (anchors x window) array
-                j = full[a: a + 4096]
-                win = windows[anchors[j] - w - base]
+                block = full[a: a + 4096]
+                win = windows[anchors[block] - w - base]
                 lev = np.median(win, axis=1)
-                lev_a[j] = lev
-                mad_a[j] = np.median(np.abs(win - lev[:, None]), axis=1)
+                lev_a[block] = lev
+                mad_a[block] = np.median(np.abs(win - lev[:, None]), axis=1)
         key = pos - pos % every
         at = np.searchsorted(anchors, key)
         have = at < len(anchors)

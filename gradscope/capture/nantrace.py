@@ -45,7 +45,8 @@ class _Call:
     __slots__ = ("mod", "in_ok", "in_slot", "gout_ok", "window")
 
     def __init__(self, mod: int, in_ok: Any, window: int) -> None:
-        self.mod, self.in_ok, self.in_slot, self.gout_ok, self.window = mod, in_ok, None, None, window
+        self.mod, self.in_ok, self.gout_ok, self.window = mod, in_ok, None, window
+        self.in_slot: int | None = None
 
 
 class _Probe:
@@ -60,7 +61,9 @@ class _Probe:
     __slots__ = ("trace", "consumers", "producers")
 
     def __init__(self, trace: "NanTrace") -> None:
-        self.trace, self.consumers, self.producers = trace, [], []
+        self.trace = trace
+        self.consumers: list = []
+        self.producers: list = []
 
     def __call__(self, grad: torch.Tensor) -> None:
         tr = self.trace
@@ -231,7 +234,7 @@ class NanTrace:
         # A module made anew every step (`nn.Softmax(-1)(x)` inline) frees its index when it dies,
         # so the registry holds live modules only and does not grow with the step count.
         idx = self._free.pop() if self._free else len(self._mods)
-        ref = weakref.ref(module, lambda _, i=idx, k=key: self._release(i, k))
+        ref = weakref.ref(module, lambda _, i=idx, k=key: self._release(i, k))  # type: ignore[misc]
         loss = isinstance(module, torch.nn.modules.loss._Loss)
         if idx == len(self._mods):
             self._mods.append(ref)

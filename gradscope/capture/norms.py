@@ -23,7 +23,7 @@ def per_tensor_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if _has_foreach_support(group, device):
             norms = torch._foreach_norm(group, 2.0)
         else:
-            norms = [torch.linalg.vector_norm(t, 2.0) for t in group]
+            norms = tuple(torch.linalg.vector_norm(t, 2.0) for t in group)
         for i, n in zip(indices, norms):
             out[i] = n
     return out  # type: ignore[return-value]

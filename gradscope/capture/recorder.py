@@ -90,7 +90,7 @@ class _Row:
     lr: Any  # float, or a tensor for tensor learning rates
     time: float
     values: torch.Tensor | None  # [grad_norm, loss, clipped, skipped, loss_scale] on the device; None: lean row
-    layers: torch.Tensor | None
+    layers: Any  # per-layer norms on the device; lean rows: True (filled in at flush) or None
     norms: Any = None  # distributed.GlobalNorms still being reduced across ranks (gloo): see _resolve
     taken: torch.Tensor | None = None  # lean rows (rows.py): per-tensor norms then losses; values at flush
     n_norms: int = 0  # lean rows: how many of `taken` are norms
@@ -530,7 +530,7 @@ class Recorder:
             st.norm_scope = "rank-local"
             return
         self._fsdp1_on = True
-        st.names = lay.names
+        st.names = lay.names  # type: ignore[union-attr]  # a Layout here: UNKNOWN returned above
 
     def _sharded_states(self, grad_ids: set) -> list:
         """Optimizers with FSDP1-sharded gradients among ``grad_ids``."""
@@ -624,7 +624,8 @@ class Recorder:
     def _const(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self._consts.get(device)
         if c is None:
-            c = tuple(torch.full((), v, dtype=torch.float32, device=device) for v in (float("nan"), 0.0, 1.0))
+            nan_, zero_, one_ = (torch.full((), v, dtype=torch.float32, device=device) for v in (float("nan"), 0.0, 1.0))
+            c = (nan_, zero_, one_)
             self._consts[device] = c  # type: ignore[assignment]
         return c  # type: ignore[return-value]
 
