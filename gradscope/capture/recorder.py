@@ -697,16 +697,7 @@ class Recorder:
                 vector = vector / grad_scale.to(device, non_blocking=True)
 
             # Loss: everything passed to backward() since this optimizer's previous step.
-            start = st.loss_from - self._loss_base
-            losses = self._losses[max(0, start):]
-            if not losses:
-                loss = nan
-            elif len(losses) == 1:
-                loss = losses[0].float()
-            else:
-                loss = torch.stack([v.float().to(losses[0].device, non_blocking=True) for v in losses]).sum()
-            st.loss_from = self._loss_base + len(self._losses)
-            self._trim_losses()
+            loss, losses = self._take_loss(st, nan)
 
             clip_max_norm = clip.threshold if clip is not None and clip.kind == "norm" else float("nan")
             clip_value = clip.threshold if clip is not None and clip.kind == "value" else float("nan")
@@ -767,16 +758,7 @@ class Recorder:
                 total = total.detach().reshape(()).to(wide)
             else:
                 total = torch.tensor(_NAN if total is None else float(total), dtype=wide)
-            start = st.loss_from - self._loss_base
-            losses = self._losses[max(0, start):]
-            if not losses:
-                loss = nan
-            elif len(losses) == 1:
-                loss = losses[0].float()
-            else:
-                loss = torch.stack([v.float().to(losses[0].device, non_blocking=True) for v in losses]).sum()
-            st.loss_from = self._loss_base + len(self._losses)
-            self._trim_losses()
+            loss, losses = self._take_loss(st, nan)
             if not clip_max_norm > 0:  # DeepSpeed's gradient_clipping 0: no clip
                 clip_max_norm = _NAN
             clipped = (total > clip_max_norm).to(wide) if clip_max_norm == clip_max_norm else zero
@@ -797,6 +779,20 @@ class Recorder:
             st.steps += 1
             self._devices.add(str(device))
             self._pending += 1
+
+    def _take_loss(self, st: _OptState, nan: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The step's loss (the sum of what reached backward() since the optimizer's previous step,
+        on the device; ``nan`` when nothing did) and those values; consumes them."""
+        losses = self._losses[max(0, st.loss_from - self._loss_base):]
+        if not losses:
+            loss = nan
+        elif len(losses) == 1:
+            loss = losses[0].float()
+        else:
+            loss = torch.stack([v.float().to(losses[0].device, non_blocking=True) for v in losses]).sum()
+        st.loss_from = self._loss_base + len(self._losses)
+        self._trim_losses()
+        return loss, losses
 
     def _record_lean(self, st: _OptState, param_groups: list) -> bool:
         """The common step's row without its host-side bookkeeping (rows.py); False: not one."""
