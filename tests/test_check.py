@@ -233,10 +233,11 @@ def test_junit_file_parses_and_counts_match(capsys, tmp_path):
     suite = root.find("testsuite")
     assert suite.get("name") == "gradscope"
     cases = suite.findall("testcase")
-    # `incomplete` first: on by default, kept by --fail-on (issue 26)
-    assert [c.get("name") for c in cases] == ["incomplete", "non-finite", "fail-on", "max-skipped-fraction"]
+    # `incomplete` first and `script-failed`: on by default, both kept by --fail-on (issues 26, 23)
+    assert [c.get("name") for c in cases] == ["incomplete", "non-finite", "fail-on", "script-failed",
+                                              "max-skipped-fraction"]
     failures = [c for c in cases if c.find("failure") is not None]
-    assert int(suite.get("tests")) == len(cases) == 4
+    assert int(suite.get("tests")) == len(cases) == 5
     assert int(suite.get("failures")) == len(failures)
     assert "step 31" in cases[1].find("failure").get("message")
 
