@@ -126,11 +126,12 @@ def test_layer_table_has_the_users_names_and_full_parameter_norms(recorded, case
     """No _fsdp_wrapped_module or _flat_param in the names; each column is the norm of the full
     original parameter's gradient (reduced across ranks), on every rank, never NaN."""
     run_dir, out = recorded
+    store = gradscope.load_run(run_dir).layer_norms  # the layer store (format version 2)
     for rank in (0, 1):
-        layers = pd.read_csv(run_dir / f"layers-r{rank}-o{CASES.index(case)}.csv")
-        assert list(layers.columns) == ["step", *USER_NAMES]
+        o = CASES.index(case)
+        assert store.names(rank, o) == USER_NAMES
         ref = pd.DataFrame(_ref(out, case, rank)["layers"])[USER_NAMES].to_numpy()
-        got = layers[USER_NAMES].to_numpy()
+        got = store.rows(rank, o, slice(None))
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, ref, rtol=1e-5)
 
@@ -241,6 +242,7 @@ def _rank_local_run(tmp_path: Path, n: int = 60) -> Path:
             "clip_calls": {"clip_grad_norm_": n}, "clip_thresholds": {"clip_grad_norm_": [0.5]},
             "clip_audit": {"findings": [], "error": None},
             "norm_scope": "rank-local", "layer_norm_scope": "rank-local",
+            "closed": True, "recording_error": None,  # a clean stop wrote it (rundir.recording_gaps)
         }))
     (d / rundir.META_FILE).write_text(json.dumps({"format": rundir.FORMAT_NAME, "format_version": rundir.FORMAT_VERSION,
                                                   "status": "completed", "exit_code": 0, "command": ["train.py"]}))
