@@ -11,7 +11,8 @@ For each task family (tasks.py) and seed:
 2. an unclipped pilot (the first 25 % of the steps, same schedule) is recorded by `gradscope run`,
    `gradscope recommend --json` reads it, and a full training uses the recommended tau;
 3. `gradscope tune --steps T` (when this gradscope has it) searches with its own probes, at its
-   default budget, and a full training uses its tau;
+   default budget, and a full training uses its tau (a task whose script reports its held-out
+   loss while training, `eval_every`, is tuned with `--metric heldout_loss`, as its user would);
 4. tau = 1.0, AutoClip and ZClip train the same task for comparison;
 5. the grid-best tau nudged 10 % either way (x1.1 and /1.1): the yardstick's own resolution.
 The table gives mean final held-out loss / grid-best's per task (inf when a seed diverged:
@@ -207,14 +208,17 @@ def tune_available(root: Path) -> bool:
 def _tune_job(job):
     """`gradscope tune` at its default budget; its directory is kept, so a rerun resumes it."""
     root, task, seed, jobs = job
-    key = f"tune-{_tune_fingerprint()}"  # the result of this very tune code on this task and seed
+    # a task whose script reports its held-out loss while it trains is tuned as a user would tune
+    # it: ranked by that metric (issue 22's `--metric`); every other task by its training loss
+    metric = ["--metric", "heldout_loss"] if TASKS[task].eval_every else []
+    key = f"tune-{_tune_fingerprint()}" + ("-metric" if metric else "")  # this very tune code's result
     hit = cached(root, task, seed, key)
     if hit is not None:
         return task, seed, hit
     out = root / "tune" / f"{task}-s{seed}"
     t0 = time.time()
     p = _gradscope("tune", "--steps", str(TASKS[task].steps), "--jobs", str(jobs), "--out", str(out), "--json",
-                   *_task_args(task, seed), cwd=root)
+                   *metric, *_task_args(task, seed), cwd=root)
     if p.returncode != 0:
         return task, seed, {"error": f"tune failed ({p.returncode}): {p.stderr.strip()[-300:]}"}
     doc = json.loads(p.stdout)

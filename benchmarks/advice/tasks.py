@@ -674,7 +674,10 @@ TASKS = {
         Task("mf_rec", 400, build_mf_rec, scale=1000.0),
         Task("conv1d", 300, build_conv1d),
         Task("vae", 300, build_vae, scale=100.0),
-        Task("gcn", 300, build_gcn, scale=0.3),
+        # gcn reports its held-out loss while it trains (added at issue 22, before any tune result
+        # with --metric on it existed): issue 22 names it as the family whose training and held-out
+        # losses order the thresholds oppositely; evaluating changes nothing in its training
+        Task("gcn", 300, build_gcn, scale=0.3, eval_every=25),
         Task("gru_warmup", 250, build_gru_warmup, schedule=warmup_cosine(60), script_clip=1.0, eval_every=25),
         Task("noisy_mlp", 300, build_noisy_mlp, scale=0.3, eval_every=25),
     ]
