@@ -286,10 +286,10 @@ def test_a_whole_pilot_that_ended_at_its_blow_up_is_told_apart():
     """Without --steps, T is the pilot's length, with a note when the pilot ended at its blow-up (a
     script that breaks at its first non-finite loss would look so), not when it went on after a
     non-finite step."""
-    from gradscope.tune import _ended_at_blow_up
+    from gradscope.analysis.tune import ended_at_blow_up
 
     went_on = _steps(np.r_[np.linspace(3, 1, 110), np.full(10, np.inf)], np.r_[np.ones(110), np.full(10, np.inf)])
-    assert _ended_at_blow_up(went_on) is None
-    assert "last step (110)" in _ended_at_blow_up(_steps(np.r_[np.linspace(3, 1, 110), [np.nan]]))
-    assert _ended_at_blow_up(_steps(2.0 * 100.0 ** np.arange(14), 3 * 30.0 ** np.arange(14))) is not None
-    assert _ended_at_blow_up(_steps(np.linspace(3, 1, 50))) is None
+    assert ended_at_blow_up(went_on) is None
+    assert "last step (110)" in ended_at_blow_up(_steps(np.r_[np.linspace(3, 1, 110), [np.nan]]))
+    assert ended_at_blow_up(_steps(2.0 * 100.0 ** np.arange(14), 3 * 30.0 ** np.arange(14))) is not None
+    assert ended_at_blow_up(_steps(np.linspace(3, 1, 50))) is None
