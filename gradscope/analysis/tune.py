@@ -7,7 +7,8 @@ Steps tables in (the columns of a gradscope run), dataclasses out. The orchestra
   norm when the pilot blew up).
 - :func:`plan`: two rungs that fit the budget: every candidate probed for T/12, then three
   finalists as long as the rest of the budget allows (the whole training when it reaches that).
-- :func:`summarize`: a probe's loss over its last stretch (level and spread), clip fraction,
+- :func:`summarize`: a probe's loss over its last stretch (level and spread), clip fraction (of the
+  steady state, as `recommend` counts it: :func:`steady_clip_fraction`),
   mean update multiplier, divergence.
 - :func:`choose`: among probes of one horizon, the best loss; candidates within the loss's
   noise of it are ties. At the whole training the largest tied threshold wins (clipping less
@@ -28,8 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradscope.analysis.bad_steps import bad_steps
-from gradscope.analysis.config import SituationConfig
-from gradscope.analysis.robust import round_sig
+from gradscope.analysis.config import SituationConfig, load_config
+from gradscope.analysis.judge import classify_steps, resolve_threshold, warmup_length
+from gradscope.analysis.robust import clip_fraction, round_sig
+from gradscope.analysis.select import split_optimizers
 
 AS_IS = math.inf  # the candidate "the script as it is" (no --clip-norm): ranks as the largest threshold
 
@@ -93,7 +96,7 @@ class ProbeSummary:
     loss_spread: float  # standard deviation of the loss around its linear trend over the stretch
     loss_se: float  # loss_spread / sqrt(window): the noise of `loss`
     start_loss: float  # mean loss over the first stretch
-    clip_fraction: float  # share of steps with grad_norm > clip_norm
+    clip_fraction: float  # share of steady-state steps with grad_norm > clip_norm (steady_clip_fraction)
     mean_multiplier: float  # mean of min(1, clip_norm / grad_norm): how much of the update survives
     diverged: bool
     diverged_reason: str | None = None
@@ -483,7 +486,7 @@ def summarize(steps, clip_norm: float, horizon: int | None = None) -> ProbeSumma
         t = tau[fin]
         has = np.isfinite(t)
         mult = np.where(has, np.minimum(1.0, np.where(has, t, 1.0) / g[fin]), 1.0)
-        clip_fraction = float(np.mean(s["clipped"].to_numpy(dtype=bool)[fin]))
+        clip_fraction = steady_clip_fraction(s, clip_norm)
         mean_multiplier = float(np.mean(mult))
     else:
         clip_fraction, mean_multiplier = (0.0, 1.0) if fin.any() else (math.nan, math.nan)
@@ -497,6 +500,26 @@ def summarize(steps, clip_norm: float, horizon: int | None = None) -> ProbeSumma
         reason = f"loss rose {mean / start:.2g}x" if start > 0 else f"loss rose to {mean:.3g} from {start:.3g}"
     return ProbeSummary(clip_norm, n, len(last), mean, spread, se, start, clip_fraction, mean_multiplier,
                         reason is not None, reason)
+
+
+def steady_clip_fraction(steps, clip_norm: float) -> float:
+    """The share of steady-state steps a probe clipped, counted as `recommend`, `compare` and `watch`
+    count it: the valid steps (judge.classify_steps), less the warm-up the analysis detects
+    (judge.warmup_length, default config), above the threshold (judge.resolve_threshold: the
+    probe's ``clip_norm``, or for AS_IS the script's own; robust.clip_fraction). ``steps``: one
+    optimizer's rows in step order."""
+    s = split_optimizers(steps, None, "probe")[0]
+    _, valid, _ = classify_steps(s)
+    k, _ = warmup_length(s.lr[valid], s.step[valid], _config())
+    override = clip_norm if math.isfinite(clip_norm) else None
+    tau = resolve_threshold(s, None, {"clip_norm_override": override}).clip_norm
+    return clip_fraction(s.grad_norm[valid][k:], tau) if tau is not None else 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _config():
+    """The shipped analysis defaults (what `compare` and `recommend` judge with when not given --config)."""
+    return load_config()
 
 
 def unseeded(pilot_steps, probe_steps) -> int | None:

@@ -10,6 +10,7 @@ JSON schema "gradscope.tune/1" (NaN/inf never appear, null does)
                             {clip_norm (null: as is), label, steps (horizon of the figures),
                              loss, loss_spread, loss_se, start_loss, clip_fraction, mean_multiplier,
                              diverged, diverged_reason, failed, chosen,
+                             clip_fraction: of the steady state, as `recommend` and `compare` count it,
                              metric (with --metric: its value after the horizon's last step, null: none),
                              unranked (with --metric: why a probe that did not diverge has no value, else null),
                              probes: [{run_dir, max_steps, steps_run, status, reused}]}
