@@ -35,7 +35,7 @@ def tuned(tmp_path_factory):
     task, seed = "logreg", 0
     target = Target("script", str(_HERE / "tasks.py"), ["--task", task, "--seed", str(seed)])
     factory = functools.partial(sim.SimRunner, task=task, seed=seed, root=root / "cache")
-    res = tune(target, root / "out", steps=sim.TASKS[task].steps, runner_factory=factory, figure=False)
+    res = tune(target, root / "out", steps=sim.TASKS[task].steps, runner_factory=factory)
     from rich.console import Console
 
     buf = io.StringIO()
@@ -90,7 +90,7 @@ def test_the_how_sure_line_names_the_rule_that_chose():
         cands = [Candidate(s.clip_norm, f"{s.clip_norm:g}" if math.isfinite(s.clip_norm) else "as is (none)",
                            summary=s) for s in rows]
         res = TuneResult(out=Path("x"), total_steps=300, total_steps_source="option", budget=3.0, plan=None,
-                         pilot=None, candidates=cands, rungs=[{"steps": 100, "candidates": [], "kept": []}],
+                         pilot=None, candidates=cands, rungs=[decide.RungOutcome(100, [], [])],
                          choice=ch, recommended_clip_norm=ch.clip_norm, as_is_clip_norm=None, budget_spent=3.0,
                          steps_spent=900, steps_reused=0)
         buf = io.StringIO()
@@ -132,8 +132,7 @@ def test_the_figure_is_readable():
         cands.append(Candidate(tau, "as is (none)" if tau == decide.AS_IS else f"{tau:g}", [pr], s))
     ch = decide.Choice(0.5, 300, float(ce[-60:].mean()), [0.5], 1.0, 3.0, "lowest loss", "best")
     res = TuneResult(out=Path("x"), total_steps=T, total_steps_source="option", budget=3.0, plan=None, pilot=None,
-                     candidates=cands, rungs=[{"steps": 25, "candidates": [], "kept": []},
-                                              {"steps": 300, "candidates": [], "kept": []}],
+                     candidates=cands, rungs=[decide.RungOutcome(25, [], []), decide.RungOutcome(300, [], [])],
                      choice=ch, recommended_clip_norm=0.5, as_is_clip_norm=None, budget_spent=3.0,
                      steps_spent=900, steps_reused=0)
     fig = build_figure(res)

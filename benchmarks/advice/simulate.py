@@ -158,7 +158,7 @@ def simulate(task: str, seed: int, root: Path = SIM_ROOT, **tune_kwargs) -> dict
     t0 = time.time()
     target = Target("script", str(HERE / "tasks.py"), ["--task", task, "--seed", str(seed)])
     factory = functools.partial(SimRunner, task=task, seed=seed, root=root)
-    kw = {"steps": TASKS[task].steps, "jobs": 1, "figure": False, **tune_kwargs}
+    kw = {"steps": TASKS[task].steps, "jobs": 1, **tune_kwargs}
     with tempfile.TemporaryDirectory(prefix="gradscope-simtune-") as out:
         res = tune(target, Path(out), runner_factory=factory, **kw)
     found = res.choice is not None and res.choice.clip_norm is not None
@@ -173,8 +173,8 @@ def simulate(task: str, seed: int, root: Path = SIM_ROOT, **tune_kwargs) -> dict
         "choice": None if not found else ("as-is" if not math.isfinite(res.choice.clip_norm) else "clip"),
         "budget_spent": res.budget_spent,
         "candidates": [name(c.clip_norm) for c in res.candidates],
-        "rungs": [{"steps": r["steps"], "candidates": [name(t) for t in r["candidates"]],
-                   "kept": [name(t) for t in r["kept"]]} for r in res.rungs],
+        "rungs": [{"steps": r.steps, "candidates": [name(t) for t in r.candidates],
+                   "kept": [name(t) for t in r.kept]} for r in res.rungs],
         "seconds": round(time.time() - t0, 2),
     }
 

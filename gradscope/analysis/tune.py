@@ -7,7 +7,8 @@ Steps tables in (the columns of a gradscope run), dataclasses out. The orchestra
   norm when the pilot blew up).
 - :func:`plan`: two rungs that fit the budget: every candidate probed for T/12, then three
   finalists as long as the rest of the budget allows (the whole training when it reaches that).
-- :func:`summarize`: a probe's loss over its last stretch (level and spread), clip fraction,
+- :func:`summarize`: a probe's loss over its last stretch (level and spread), clip fraction (of the
+  steady state, as `recommend` counts it: :func:`steady_clip_fraction`),
   mean update multiplier, divergence.
 - :func:`choose`: among probes of one horizon, the best loss; candidates within the loss's
   noise of it are ties. At the whole training the largest tied threshold wins (clipping less
@@ -21,14 +22,17 @@ Steps tables in (the columns of a gradscope run), dataclasses out. The orchestra
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from gradscope.analysis.bad_steps import bad_steps
-from gradscope.analysis.config import SituationConfig
-from gradscope.analysis.robust import round_sig
+from gradscope.analysis.config import SituationConfig, load_config
+from gradscope.analysis.judge import classify_steps, resolve_threshold, warmup_length
+from gradscope.analysis.robust import clip_fraction, round_sig
+from gradscope.analysis.select import split_optimizers
 
 AS_IS = math.inf  # the candidate "the script as it is" (no --clip-norm): ranks as the largest threshold
 
@@ -45,6 +49,32 @@ MIN_WINDOW = 5
 class Rung:
     steps: int  # horizon of this rung's probes (optimizer steps of optimizer 0)
     keep: int  # candidates probed at this rung
+
+
+@dataclass
+class RungOutcome:
+    """A rung as it ran: its horizon, the candidates probed, those kept (the next rung's, or the
+    choice at the last), and each candidate's figures there (in the order probed)."""
+    steps: int
+    candidates: list[float]
+    kept: list[float]
+    summaries: list[ProbeSummary] = field(default_factory=list)
+
+
+@dataclass
+class Placement:
+    """The candidate thresholds of a tune and those carried into the finals."""
+    thresholds: list[float]  # the finite candidates (the script's own threshold is the as-is candidate)
+    recommend: float | None  # recommend's threshold as probed (a ladder step within 15% stands for it)
+    carry: tuple[float, ...]  # carried into the finals beyond the three: AS_IS (the script clips), recommend's
+
+
+@dataclass
+class Stretched:
+    """The horizons left after a rung that cost less (or more) than planned, and who runs them."""
+    lengths: list[int]  # every rung's horizon (those before this rung as they ran)
+    alive: list[float]  # the candidates probed at this rung
+    dropped: list[float]  # thresholds carried into the finals but left out for want of budget
 
 
 @dataclass
@@ -66,7 +96,7 @@ class ProbeSummary:
     loss_spread: float  # standard deviation of the loss around its linear trend over the stretch
     loss_se: float  # loss_spread / sqrt(window): the noise of `loss`
     start_loss: float  # mean loss over the first stretch
-    clip_fraction: float  # share of steps with grad_norm > clip_norm
+    clip_fraction: float  # share of steady-state steps with grad_norm > clip_norm (steady_clip_fraction)
     mean_multiplier: float  # mean of min(1, clip_norm / grad_norm): how much of the update survives
     diverged: bool
     diverged_reason: str | None = None
@@ -179,6 +209,45 @@ def blew_up(steps, cfg: SituationConfig = SituationConfig()) -> bool:
     return float(np.median(tail)) >= cfg.runaway_ratio * early
 
 
+def script_clip(steps) -> float | None:
+    """The script's own max_norm when the pilot clipped (the as-is candidate is that threshold)."""
+    s = _first_optimizer(steps)
+    tau = s["clip_max_norm"].dropna() if len(s) else s
+    return float(tau.mode().iloc[0]) if len(tau) else None
+
+
+def ended_at_blow_up(steps) -> str | None:
+    """Why a pilot that ran to its end looks like one that stopped at its blow-up (its length is
+    then not the training's): its last recorded step is its first non-finite one, or nothing
+    went non-finite but its loss or norms ran away (a script that breaks before recording the
+    non-finite step). None when it went on after a non-finite step, or shows no blow-up."""
+    s = _first_optimizer(steps)
+    if not len(s):
+        return None
+    skipped = s["skipped"].to_numpy(dtype=bool)
+    bad = (~np.isfinite(s["loss"].to_numpy(dtype=float)) | ~np.isfinite(s["grad_norm"].to_numpy(dtype=float))) & ~skipped
+    if bad.any():
+        return f"its first non-finite value at its last step ({int(s['step'].to_numpy()[-1])})" if bad.argmax() == len(bad) - 1 else None
+    return stopped_diverging(s)
+
+
+def placement(ladder: list[float], recommend: float | None, script: float | None, as_is: bool) -> Placement:
+    """The candidates: the ``ladder`` plus ``recommend``'s threshold (a ladder step within 15% of
+    it stands for it), less the ``script``'s own threshold when the script as it is is a
+    candidate (``as_is``: that is the as-is candidate); carried into the finals: the script as
+    it is when it clips, and recommend's threshold."""
+    taus, rec = list(ladder), None
+    if recommend is not None and recommend != script:
+        near = [t for t in taus if abs(math.log(t / recommend)) <= math.log(1.15)]
+        rec = near[0] if near else recommend
+        if not near:
+            taus = sorted(taus + [recommend])
+    if as_is and script is not None and script in taus:
+        taus.remove(script)
+    carry = tuple(t for t in ((AS_IS if as_is and script is not None else None), rec) if t is not None)
+    return Placement(taus, rec, carry)
+
+
 def candidates_from_pilot(steps, horizon: int | None = None, factors=GRID_FACTORS, start: int = 0) -> list[float]:
     """Thresholds around the pilot's norm level (:func:`typical_norm`, from step ``start`` on),
     rounded as the report hands them out (so the probed value is the pasted one)."""
@@ -234,42 +303,101 @@ def plan(total_steps: int, budget: float, n_candidates: int, *, pilot_steps: int
     lo_first = max(lo, min(T, first_min or 0))
     allowed = budget * T
 
-    def lengths(final: int, growth: float) -> list[int]:
-        return [max(1, min(T, round(final / growth ** (m - k)))) for k in range(m + 1)]
-
-    def cost(ns: list[int]) -> int:
-        pilot = ns[0] if pilot_steps is None else pilot_steps
-        total = pilot
-        for k, (c, n) in enumerate(zip(counts, ns)):
-            free = as_is_in_pilot and k == 0 and n <= pilot
-            total += (c - int(free)) * n
-        return total
-
-    # The whole training last; with two rungs, the first as long as the budget then allows.
+    cost = functools.partial(_cost, counts, pilot_steps, as_is_in_pilot)
     first = max(lo_first, round(T * FIRST_RUNG))
-    whole = [[T]] if m == 0 else ([n, T] for n in range(T // 2, first - 1, -1))
-    chosen = next((ns for ns in whole if cost(ns) <= allowed), None)
-    if chosen is None and m == 1:  # the first rung at T/12, the finalists as long as the rest allows
-        final = min(T, int((allowed - cost([first, 0])) // counts[1]))
-        if final >= 3 * first:
-            chosen = [first, final]
-    final = T
-    while chosen is None and final >= lo:  # a shorter last rung, growth 3 (2 for short trainings)
-        for growth in (3, 2):
-            ns = lengths(final, growth)
-            if ns[0] >= lo_first and cost(ns) <= allowed:
-                chosen = ns
-                break
-        final = int(final * 0.95) if final > 20 else final - 1
+    chosen = _whole_last(T, counts, first, allowed, cost) or _shorter_last(T, m, lo, lo_first, allowed, cost)
     if chosen is None and lo_first > lo:
         raise ValueError(f"a first rung of {lo_first} steps does not fit a budget of {budget:g} whole runs")
     if chosen is None:
-        need = cost(lengths(min(T, lo * 2 ** m), 2)) / T  # the shortest schedule this search tries
+        need = cost(_lengths(T, m, min(T, lo * 2 ** m), 2)) / T  # the shortest schedule this search tries
         raise ValueError(f"a budget of {budget:g} whole runs is too small for {n_candidates} candidates "
                          f"over {T} steps (at least {need:.2f} needed)")
     return Plan(rungs=[Rung(n, c) for n, c in zip(chosen, counts)], total_steps=T, budget=budget,
                 pilot_steps=chosen[0] if pilot_steps is None else pilot_steps, planned_steps=cost(chosen),
                 whole_budget=cost([T] if m == 0 else [first, T]) / T)
+
+
+def _cost(counts: list[int], pilot_steps: int | None, as_is_in_pilot: bool, ns: list[int]) -> int:
+    """Steps a schedule of rungs ``ns`` costs, the pilot included (see :func:`plan`)."""
+    pilot = ns[0] if pilot_steps is None else pilot_steps
+    total = pilot
+    for k, (c, n) in enumerate(zip(counts, ns)):
+        free = as_is_in_pilot and k == 0 and n <= pilot
+        total += (c - int(free)) * n
+    return total
+
+
+def _lengths(T: int, m: int, final: int, growth: float) -> list[int]:
+    """Rungs growing by ``growth`` up to a last rung of ``final`` steps."""
+    return [max(1, min(T, round(final / growth ** (m - k)))) for k in range(m + 1)]
+
+
+def _whole_last(T: int, counts: list[int], first: int, allowed: float, cost) -> list[int] | None:
+    """The whole training last; with two rungs, the first as long as the budget then allows (or at
+    ``first``, T/12, with the finalists as long as the rest allows, when that is 3x the first)."""
+    m = len(counts) - 1
+    whole = [[T]] if m == 0 else ([n, T] for n in range(T // 2, first - 1, -1))
+    chosen = next((ns for ns in whole if cost(ns) <= allowed), None)
+    if chosen is None and m == 1:
+        final = min(T, int((allowed - cost([first, 0])) // counts[1]))
+        if final >= 3 * first:
+            chosen = [first, final]
+    return chosen
+
+
+def _shorter_last(T: int, m: int, lo: int, lo_first: int, allowed: float, cost) -> list[int] | None:
+    """The longest last rung (down to ``lo`` steps) that fits, growth 3 (2 for short trainings)."""
+    final = T
+    while final >= lo:
+        for growth in (3, 2):
+            ns = _lengths(T, m, final, growth)
+            if ns[0] >= lo_first and cost(ns) <= allowed:
+                return ns
+        final = int(final * 0.95) if final > 20 else final - 1
+    return None
+
+
+def budget_for(total_steps: int, n_candidates: int, pilot_steps: int, first_min: int, sunk: int,
+               as_is: bool) -> float | None:
+    """The smallest budget (rounded up to 0.01 run, at most 100) whose plan has a first rung of
+    ``first_min`` steps, ``sunk`` steps already spent on pilots the plan does not count (a
+    bisection: a larger budget fits whatever a smaller one does)."""
+    T = total_steps
+
+    def fits(b: float) -> bool:
+        try:
+            plan(T, b - sunk / T, n_candidates, pilot_steps=pilot_steps, as_is_in_pilot=as_is, first_min=first_min)
+            return True
+        except ValueError:
+            return False
+
+    lo, hi = 0, 10_000  # hundredths of a run
+    if not fits(hi / 100):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid / 100):
+            hi = mid
+        else:
+            lo = mid
+    return hi / 100
+
+
+def restretch(lengths: list[int], counts: list[int], k: int, alive: list[float], remaining: float,
+              total_steps: int, as_is_free: bool) -> Stretched:
+    """Rung ``k`` (> 0) and those after it re-planned with the ``remaining`` budget (:func:`stretch`),
+    ``alive`` the candidates left for it (the script as it is costs nothing when ``as_is_free``:
+    the pilot covers the horizon). When the thresholds carried beyond the finalists would leave
+    the finals shorter than the rung before, they are dropped."""
+    def fitted(alive: list[float]) -> list[int]:
+        free = sum(1 for t in alive if t == AS_IS and as_is_free)
+        return stretch(lengths[k:], [len(alive) - free] + counts[k + 1:], remaining, total_steps)
+
+    ls, dropped = fitted(alive), []
+    if ls[0] < lengths[k - 1] and len(alive) > counts[k]:
+        dropped, alive = alive[counts[k]:], alive[:counts[k]]
+        ls = fitted(alive)
+    return Stretched(lengths[:k] + [max(n, lengths[k - 1]) for n in ls], alive, dropped)
 
 
 def stretch(lengths: list[int], counts: list[int], remaining: float, total_steps: int) -> list[int]:
@@ -358,7 +486,7 @@ def summarize(steps, clip_norm: float, horizon: int | None = None) -> ProbeSumma
         t = tau[fin]
         has = np.isfinite(t)
         mult = np.where(has, np.minimum(1.0, np.where(has, t, 1.0) / g[fin]), 1.0)
-        clip_fraction = float(np.mean(s["clipped"].to_numpy(dtype=bool)[fin]))
+        clip_fraction = steady_clip_fraction(s, clip_norm)
         mean_multiplier = float(np.mean(mult))
     else:
         clip_fraction, mean_multiplier = (0.0, 1.0) if fin.any() else (math.nan, math.nan)
@@ -372,6 +500,26 @@ def summarize(steps, clip_norm: float, horizon: int | None = None) -> ProbeSumma
         reason = f"loss rose {mean / start:.2g}x" if start > 0 else f"loss rose to {mean:.3g} from {start:.3g}"
     return ProbeSummary(clip_norm, n, len(last), mean, spread, se, start, clip_fraction, mean_multiplier,
                         reason is not None, reason)
+
+
+def steady_clip_fraction(steps, clip_norm: float) -> float:
+    """The share of steady-state steps a probe clipped, counted as `recommend`, `compare` and `watch`
+    count it: the valid steps (judge.classify_steps), less the warm-up the analysis detects
+    (judge.warmup_length, default config), above the threshold (judge.resolve_threshold: the
+    probe's ``clip_norm``, or for AS_IS the script's own; robust.clip_fraction). ``steps``: one
+    optimizer's rows in step order."""
+    s = split_optimizers(steps, None, "probe")[0]
+    _, valid, _ = classify_steps(s)
+    k, _ = warmup_length(s.lr[valid], s.step[valid], _config())
+    override = clip_norm if math.isfinite(clip_norm) else None
+    tau = resolve_threshold(s, None, {"clip_norm_override": override}).clip_norm
+    return clip_fraction(s.grad_norm[valid][k:], tau) if tau is not None else 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _config():
+    """The shipped analysis defaults (what `compare` and `recommend` judge with when not given --config)."""
+    return load_config()
 
 
 def unseeded(pilot_steps, probe_steps) -> int | None:
@@ -448,31 +596,9 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
         chosen = finite[len(finite) // 2]
     others = [s for s in ok if s is not chosen]
     runner = min(others, key=lambda s: s.score) if others else None
-    margin = None
-    if runner is not None:
-        noise = math.sqrt(chosen.score_se ** 2 + runner.score_se ** 2)
-        margin = (runner.score - chosen.score) / noise if noise > 0 else (
-            math.inf if runner.score > chosen.score else 0.0)
-    if all_tied:
-        rule = "all-tied"
-        span = sorted(s.clip_norm for s in ok)
-        rng = _range_words(span)
-        reason = (f"all {len(ok)} finalists ({rng}) are within the loss's noise of each other at {horizon} steps: "
-                  "the clip norm does not matter in this range; "
-                  + ("the script's own threshold is kept" if kept is not None else
-                     "the largest of them is taken (clipping least is the smallest change to the script)"))
-    elif middle:
-        rule = "middle-tied"
-        reason = (f"{len(ties)} candidates within the loss's noise of the best at {horizon} steps; the middle "
-                  "threshold among them is taken (a probe this short cannot tell them apart)")
-    elif len(ties) > 1:
-        rule = "largest-tied"
-        reason = (f"{len(ties)} candidates within the loss's noise of the best; the largest threshold "
-                  "among them is taken (short probes favour small thresholds)")
-    else:
-        rule = "best" if runner is not None else "only"
-        reason = ("lowest loss, clear of the others by more than the loss's noise" if runner is not None else
-                  "the only one that did not diverge" if len(summaries) > 1 else "only candidate")
+    rule = "all-tied" if all_tied else "middle-tied" if middle else "largest-tied" if len(ties) > 1 else (
+        "best" if runner is not None else "only")
+    reason = _reason(rule, ok, ties, horizon, kept is not None, len(summaries))
     if best.metric_name:  # the words above name the loss; the ranking was by the metric (no noise estimate)
         name = best.metric_name
         reason = (reason.replace("within the loss's noise of the best", f"with {name} equal to the best")
@@ -480,7 +606,38 @@ def choose(summaries: list[ProbeSummary], *, full_horizon: bool = True, z: float
                   f"best {name} at {horizon} steps (one value per probe: no noise estimate)"
                   if runner is not None else reason)
     return Choice(chosen.clip_norm, horizon, best.score, [s.clip_norm for s in ties],
-                  runner.clip_norm if runner else None, margin, reason, rule)
+                  runner.clip_norm if runner else None, _margin(chosen, runner), reason, rule)
+
+
+def _margin(chosen: ProbeSummary, runner: ProbeSummary | None) -> float | None:
+    """The runner-up's score minus the chosen one's, in combined standard errors (None: no runner-up)."""
+    if runner is None:
+        return None
+    noise = math.sqrt(chosen.score_se ** 2 + runner.score_se ** 2)
+    if noise > 0:
+        return (runner.score - chosen.score) / noise
+    return math.inf if runner.score > chosen.score else 0.0
+
+
+def _reason(rule: str, ok: list[ProbeSummary], ties: list[ProbeSummary], horizon: int, kept_own: bool,
+            n_summaries: int) -> str:
+    """Why :func:`choose` took its candidate, in words (the loss's; ``kept_own``: the script's own
+    threshold was kept among all-tied finalists)."""
+    if rule == "all-tied":
+        rng = _range_words(sorted(s.clip_norm for s in ok))
+        return (f"all {len(ok)} finalists ({rng}) are within the loss's noise of each other at {horizon} steps: "
+                "the clip norm does not matter in this range; "
+                + ("the script's own threshold is kept" if kept_own else
+                   "the largest of them is taken (clipping least is the smallest change to the script)"))
+    if rule == "middle-tied":
+        return (f"{len(ties)} candidates within the loss's noise of the best at {horizon} steps; the middle "
+                "threshold among them is taken (a probe this short cannot tell them apart)")
+    if rule == "largest-tied":
+        return (f"{len(ties)} candidates within the loss's noise of the best; the largest threshold "
+                "among them is taken (short probes favour small thresholds)")
+    if rule == "best":
+        return "lowest loss, clear of the others by more than the loss's noise"
+    return "the only one that did not diverge" if n_summaries > 1 else "only candidate"
 
 
 def _range_words(taus: list[float]) -> str:

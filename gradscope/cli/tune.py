@@ -62,20 +62,12 @@ def tune_command(
                                                "in every line the script writes; its first group is --metric's value."),
 ) -> int:
     from gradscope import launch
-    from gradscope.cli.run import _classify, check_metric_options
+    from gradscope.cli.run import check_metric_options
+    from gradscope.executors import make_executor
+    from gradscope.report.tune import dumps, render, save
     from gradscope.tune import tune
 
-    args = list(ctx.args)
-    if module and args:
-        # -m is a flag here, so that option parsing stops at the module's name, as python -m does:
-        # `gradscope tune -m pkg.train --steps 50` hands --steps 50 to the module, not to tune.
-        target = launch.Target("module", args[0], args[1:])
-    elif module:
-        raise GradscopeError("-m needs a module name (gradscope tune -m pkg.train ARGS)")
-    elif not args:
-        raise GradscopeError("nothing to tune: give a script (gradscope tune train.py), -m MODULE, or -- COMMAND")
-    else:
-        target = _classify(args)
+    target = _target(module, list(ctx.args))
     taus = _parse_candidates(candidates) if candidates is not None else None
     check_metric_options(metric, metric_regex, "--metric")
     if maximize and metric is None:
@@ -83,37 +75,54 @@ def tune_command(
     if not (budget > 0) or budget == float("inf"):
         raise GradscopeError(f"--budget must be a positive number of whole runs, got {budget:g}")
     launch.check_target(target)
+    out = _out_dir(out, target)
+    runner = make_executor(executor, out=out, jobs=jobs, gpus_per_probe=gpus_per_probe, cpus_per_probe=cpus_per_probe,
+                           ray_address=ray_address, on_event=_event)
+    try:
+        _event(f"probes run on {runner.describe}")
+        result = tune(target, out, steps=steps, budget=budget, jobs=getattr(runner, "jobs", None) or 1,
+                      candidates=taus, on_event=_event, executor=runner, metric=metric, maximize=maximize,
+                      metric_regex=metric_regex)
+    finally:
+        runner.close()
+    save(result)  # tune.png and tune.json beside the runs
+    if as_json:
+        sys.stdout.write(dumps(result) + "\n")
+    else:
+        render(result)
+    return 0 if result.choice is not None and result.choice.clip_norm is not None else 1
+
+
+def _target(module: bool, args: list[str]):
+    """What to tune: -m MODULE, a script, or -- COMMAND (as `gradscope run` classifies it)."""
+    from gradscope import launch
+    from gradscope.cli.run import _classify
+
+    if module and args:
+        # -m is a flag here, so that option parsing stops at the module's name, as python -m does:
+        # `gradscope tune -m pkg.train --steps 50` hands --steps 50 to the module, not to tune.
+        return launch.Target("module", args[0], args[1:])
+    if module:
+        raise GradscopeError("-m needs a module name (gradscope tune -m pkg.train ARGS)")
+    if not args:
+        raise GradscopeError("nothing to tune: give a script (gradscope tune train.py), -m MODULE, or -- COMMAND")
+    return _classify(args)
+
+
+def _out_dir(out: Path | None, target) -> Path:
+    """--out, or gradscope_runs/<time>-<name>-tune; never a file."""
     if out is None:
         out = Path("gradscope_runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{target.label}-tune"
     if out.exists() and not out.is_dir():
         raise GradscopeError(f"--out '{out}' is a file; choose a directory")
+    return out
 
-    def event(msg: str) -> None:
-        # One write per line: with --jobs the probes' threads report at once, and print() writes
-        # the text and its newline separately.
-        sys.stderr.write(f"gradscope tune: {msg}\n")
-        sys.stderr.flush()
 
-    from gradscope.executors import make_executor
-
-    runner = make_executor(executor, out=out, jobs=jobs, gpus_per_probe=gpus_per_probe, cpus_per_probe=cpus_per_probe,
-                           ray_address=ray_address, on_event=event)
-    try:
-        event(f"probes run on {runner.describe}")
-        result = tune(target, out, steps=steps, budget=budget, jobs=getattr(runner, "jobs", None) or 1,
-                      candidates=taus, on_event=event, executor=runner, metric=metric, maximize=maximize,
-                      metric_regex=metric_regex)
-    finally:
-        runner.close()
-    if as_json:
-        from gradscope.report.tune import dumps
-
-        sys.stdout.write(dumps(result) + "\n")
-    else:
-        from gradscope.report.tune import render
-
-        render(result)
-    return 0 if result.choice is not None and result.choice.clip_norm is not None else 1
+def _event(msg: str) -> None:
+    # One write per line: with --jobs the probes' threads report at once, and print() writes
+    # the text and its newline separately.
+    sys.stderr.write(f"gradscope tune: {msg}\n")
+    sys.stderr.flush()
 
 
 def _parse_candidates(text: str) -> list[float]:

@@ -10,6 +10,7 @@ JSON schema "gradscope.tune/1" (NaN/inf never appear, null does)
                             {clip_norm (null: as is), label, steps (horizon of the figures),
                              loss, loss_spread, loss_se, start_loss, clip_fraction, mean_multiplier,
                              diverged, diverged_reason, failed, chosen,
+                             clip_fraction: of the steady state, as `recommend` and `compare` count it,
                              metric (with --metric: its value after the horizon's last step, null: none),
                              unranked (with --metric: why a probe that did not diverge has no value, else null),
                              probes: [{run_dir, max_steps, steps_run, status, reused}]}
@@ -48,6 +49,7 @@ from pathlib import Path
 from gradscope.analysis.tune import AS_IS
 
 SCHEMA = "gradscope.tune/1"
+JSON_FILE, FIGURE_FILE = "tune.json", "tune.png"  # written in the tune's --out, beside its runs
 
 
 def _tau(t: float | None):
@@ -108,8 +110,8 @@ def to_json(result) -> dict:
         "rule": ch.rule if ch else None,
         "recommend_clip_norm": _num(result.recommend_clip_norm),
         "warmup_steps": result.warmup_steps,
-        "rungs": [{"steps": r["steps"], "candidates": [_tau(t) for t in r["candidates"]],
-                   "kept": [_tau(t) for t in r["kept"]]} for r in result.rungs],
+        "rungs": [{"steps": r.steps, "candidates": [_tau(t) for t in r.candidates],
+                   "kept": [_tau(t) for t in r.kept]} for r in result.rungs],
         "seeded": not result.unseeded_at,
         "snippets": snippets(rec) if rec is not None else None,
         "wall_seconds": _num(result.wall_seconds),
@@ -136,14 +138,25 @@ def _label(result, t) -> str:
 
 def render(result, console=None) -> None:
     from rich.console import Console
-    from rich.table import Table
-
-    from gradscope.report.recommend import SNIPPET_LABELS, snippets
 
     console = console or Console()
     T = result.total_steps
     console.print(f"gradscope tune  {result.out}  T = {T} steps "
                   f"({'--steps' if result.total_steps_source == 'option' else 'learned from the pilot'})")
+    console.print(_table(result))
+    if result.metric:
+        console.print(f"  ranked by {result.metric} ({'higher' if result.maximize else 'lower'} is better), the "
+                      "value reported after each candidate's last probed step; a candidate without one is not ranked")
+    console.print("  loss: mean over the last fifth of each candidate's longest probe; ± spread: its standard "
+                  "deviation around the trend; * chosen")
+    _print_choice(console, result)
+    _print_footer(console, result)
+
+
+def _table(result):
+    """One row per candidate: its figures at the longest horizon it reached."""
+    from rich.table import Table
+
     table = Table(show_edge=False)
     metric = result.metric
     for col, just in (("clip norm", "left"), ("steps probed", "right"),
@@ -161,43 +174,59 @@ def render(result, console=None) -> None:
         div = c.failed or (s.diverged_reason if s.diverged else s.unranked or "no")
         table.add_row(c.label + mark, str(s.steps), *([_f(s.metric)] if metric else []), _f(s.loss),
                       _f(s.loss_spread), _f(s.clip_fraction, ".1%"), _f(s.mean_multiplier, ".3f"), div)
-    console.print(table)
-    if metric:
-        console.print(f"  ranked by {metric} ({'higher' if result.maximize else 'lower'} is better), the value "
-                      "reported after each candidate's last probed step; a candidate without one is not ranked")
-    console.print("  loss: mean over the last fifth of each candidate's longest probe; ± spread: its standard "
-                  "deviation around the trend; * chosen")
+    return table
+
+
+def _print_choice(console, result) -> None:
+    """The recommendation, how sure it is, and why (or that there is none)."""
+    ch = result.choice
     if ch is None or ch.clip_norm is None:
         console.print("[red]no recommendation: every candidate diverged or failed[/red]"
                       if result.candidates else "no recommendation")
+        return
+    rec = result.recommended_clip_norm
+    what = (f"max_norm = {rec:g}" if rec is not None else "no clipping (the script as it is)")
+    if ch.clip_norm == AS_IS and rec is not None:
+        what += " (the script's own threshold)"
+    console.print(f"[bold]recommend  {what}[/bold]")
+    sure = _how_sure(result, ch)
+    if sure is not None:
+        console.print(f"  how sure   {sure}")
+    console.print(f"  why        {ch.reason}")
+
+
+def _how_sure(result, ch) -> str | None:
+    """The runner-up against the chosen one (None: no runner-up)."""
+    T = result.total_steps
+    if ch.runner_up is not None and result.metric:  # one value per probe: no noise units to count in
+        ru = _label(result, ch.runner_up)
+        by = {c.clip_norm: c.summary.metric for c in result.candidates if c.summary is not None}
+        return (f"the runner-up {ru} reported {result.metric} = {_f(by.get(ch.runner_up))}, the chosen "
+                f"{_f(by.get(ch.clip_norm))} (one value each: no noise estimate); compared at {ch.horizon} of {T} "
+                "steps")
+    if ch.runner_up is None or ch.margin is None:
+        return None
+    ru = _label(result, ch.runner_up)
+    taken = {"all-tied": "the clip norm does not matter in this range",
+             "middle-tied": "the middle threshold of the ties is taken",
+             "largest-tied": "the largest tied threshold is taken, as short probes favour small thresholds",
+             }.get(ch.rule, "")
+    if ch.rule in ("best", "only") and ch.margin >= 0:
+        sure = f"clear: the runner-up {ru} is {ch.margin:.1f} noise units worse"
+    elif ch.margin >= 0:
+        sure = f"not sure: the runner-up {ru} is only {ch.margin:.1f} noise units worse, a tie"
     else:
-        rec = result.recommended_clip_norm
-        what = (f"max_norm = {rec:g}" if rec is not None else "no clipping (the script as it is)")
-        if ch.clip_norm == AS_IS and rec is not None:
-            what += " (the script's own threshold)"
-        console.print(f"[bold]recommend  {what}[/bold]")
-        if ch.runner_up is not None and result.metric:  # one value per probe: no noise units to count in
-            ru = _label(result, ch.runner_up)
-            by = {c.clip_norm: c.summary.metric for c in result.candidates if c.summary is not None}
-            console.print(f"  how sure   the runner-up {ru} reported {result.metric} = {_f(by.get(ch.runner_up))}, the "
-                          f"chosen {_f(by.get(ch.clip_norm))} (one value each: no noise estimate); compared at "
-                          f"{ch.horizon} of {T} steps")
-        elif ch.runner_up is not None and ch.margin is not None:
-            ru = _label(result, ch.runner_up)
-            taken = {"all-tied": "the clip norm does not matter in this range",
-                     "middle-tied": "the middle threshold of the ties is taken",
-                     "largest-tied": "the largest tied threshold is taken, as short probes favour small thresholds",
-                     }.get(ch.rule, "")
-            if ch.rule in ("best", "only") and ch.margin >= 0:
-                sure = f"clear: the runner-up {ru} is {ch.margin:.1f} noise units worse"
-            elif ch.margin >= 0:
-                sure = f"not sure: the runner-up {ru} is only {ch.margin:.1f} noise units worse, a tie"
-            else:
-                sure = f"a tie: {ru} had a {-ch.margin:.1f} noise units lower loss, within the noise"
-            if taken and not sure.startswith("clear"):
-                sure += f": {taken}"
-            console.print(f"  how sure   {sure}; compared at {ch.horizon} of {T} steps")
-        console.print(f"  why        {ch.reason}")
+        sure = f"a tie: {ru} had a {-ch.margin:.1f} noise units lower loss, within the noise"
+    if taken and not sure.startswith("clear"):
+        sure += f": {taken}"
+    return f"{sure}; compared at {ch.horizon} of {T} steps"
+
+
+def _print_footer(console, result) -> None:
+    """Compute, wall time, rungs, notes, the lines to paste, where the figure and the runs are."""
+    from gradscope.report.recommend import SNIPPET_LABELS, snippets
+
+    T = result.total_steps
     console.print(f"  compute    {result.budget_spent:.2f} whole runs of {T} steps (budget {result.budget:g}; "
                   f"{result.steps_spent} optimizer steps, {result.steps_reused} of them reused)")
     console.print(f"  wall time  {_duration(result.wall_seconds)}, "
@@ -205,7 +234,7 @@ def render(result, console=None) -> None:
                      if result.parallelism else "nothing run (every run reused)")
                   + f" ({result.executor} executor)")
     console.print("  rungs      " + "; ".join(
-        f"{len(r['candidates'])} at {r['steps']} steps -> " + (", ".join(_label(result, t) for t in r["kept"]) or "none")
+        f"{len(r.candidates)} at {r.steps} steps -> " + (", ".join(_label(result, t) for t in r.kept) or "none")
         for r in result.rungs))
     for n in result.notes:
         console.print(f"  [yellow]note: {n}[/yellow]")
@@ -227,6 +256,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf"]  # qualitative: neighbouring thresholds differ
+STYLES = ["-", "--", "-.", (0, (1, 1))]
+
+
 def build_figure(result):
     """Each candidate's training-loss curve (its longest probe), as a matplotlib Figure.
 
@@ -237,28 +271,50 @@ def build_figure(result):
     neighbouring thresholds differ; curves identical to one already drawn (candidates that never
     clipped) drawn once with all their labels; the rungs' horizons marked and labelled."""
     from matplotlib.figure import Figure
-    import numpy as np
-
-    from gradscope.analysis.tune import _first_optimizer
 
     fig = Figure(figsize=(8, 7.6 if result.metric else 4.8), dpi=110, layout="constrained")
     if result.metric:  # the metric the probes were ranked by, under the loss curves
         ax, max_ = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     else:
         ax = fig.add_subplot(1, 1, 1)
-    ch = result.choice
     T = result.total_steps
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-               "#bcbd22", "#17becf"]
-    styles = ["-", "--", "-.", (0, (1, 1))]
+    top = _top(result)
+    curves = _curves(result)
+    _draw_curves(ax, curves, top)
+    _mark_horizons(ax, result)
+    ax.set_xscale("log")
+    ax.set_xlim(1, max(T, 2))
+    ax.set_xlabel("optimizer step (log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"gradscope tune: loss of each candidate clip norm (T = {T})")
+    _set_y_range(ax, curves, top)
+    ax.legend(fontsize=7, ncol=2)
+    if result.metric:
+        n_c = max(1, len(result.candidates))
+        _metric_panel(max_, result, lambda f: PALETTE[int(round(f * n_c)) % len(PALETTE)], n_c)
+    return fig
+
+
+def _top(result) -> float | None:
+    """The frame's top: 1.5x the highest starting loss (None: no candidate has one)."""
     starts = [c.summary.start_loss for c in result.candidates
               if c.summary is not None and math.isfinite(c.summary.start_loss)]
-    top = None
-    if starts:
-        hi = max(starts)
-        top = hi * 1.5 if hi > 0 else hi + abs(hi) * 0.5 + 1e-9
-    curves: list[tuple[np.ndarray, np.ndarray, list[str], bool, bool, int]] = []
-    for i, c in enumerate(result.candidates):
+    if not starts:
+        return None
+    hi = max(starts)
+    return hi * 1.5 if hi > 0 else hi + abs(hi) * 0.5 + 1e-9
+
+
+def _curves(result) -> list:
+    """(x, y, labels, chosen, diverged) per distinct curve: each candidate's longest probe, its loss
+    smoothed by a centred running mean; a curve equal to one before it adds its label to that one."""
+    import numpy as np
+
+    from gradscope.analysis.tune import _first_optimizer
+
+    ch = result.choice
+    curves: list[tuple[np.ndarray, np.ndarray, list[str], bool, bool]] = []
+    for c in result.candidates:
         if not c.probes:
             continue
         pr = max(c.probes, key=lambda p: p.steps_run)
@@ -279,50 +335,59 @@ def build_figure(result):
         if same is not None:  # the very same curve (never clipped): drawn once, with both labels
             same[2].append(label)
             continue
-        curves.append((x, y, [label], chosen, diverged, i))
+        curves.append((x, y, [label], chosen, diverged))
+    return curves
+
+
+def _draw_curves(ax, curves: list, top: float | None) -> None:
+    """The chosen curve bold black; the others in turn through the palette, then its line styles
+    (dotted: diverged); a curve that leaves the frame is cut there and marked at the top."""
+    import numpy as np
+
     drawn = 0
-    for x, y, labels, chosen, diverged, i in curves:
+    for x, y, labels, chosen, diverged in curves:
         out = np.zeros(len(y), bool) if top is None else ~(y <= top)  # NaN/inf/too high: outside the frame
         cut = int(np.argmax(out)) if out.any() else len(y)
-        xs, ys = x[:cut], y[:cut]
-        color = "black" if chosen else palette[drawn % len(palette)]
-        ls = "-" if chosen else styles[(drawn // len(palette)) % len(styles)] if not diverged else ":"
+        color = "black" if chosen else PALETTE[drawn % len(PALETTE)]
+        ls = "-" if chosen else STYLES[(drawn // len(PALETTE)) % len(STYLES)] if not diverged else ":"
         if not chosen:
             drawn += 1
         label = labels[0] if len(labels) == 1 else " = ".join(labels) + " (same curve)"
-        ax.plot(xs, ys, lw=2.4 if chosen else 1.3, color=color, ls=ls, label=label)
-        if cut < len(y) and top is not None:  # it leaves the frame: cut there, marked at the top
+        ax.plot(x[:cut], y[:cut], lw=2.4 if chosen else 1.3, color=color, ls=ls, label=label)
+        if cut < len(y) and top is not None:
             ax.plot([x[cut]], [top], marker="^", color=color, ls="none", clip_on=False)
+
+
+def _mark_horizons(ax, result) -> None:
+    """The first rung's horizon and the finalists' (or the one compared at), labelled."""
+    ch = result.choice
     marks = []
     if result.rungs:
-        marks.append((result.rungs[0]["steps"], "first rung"))
+        marks.append((result.rungs[0].steps, "first rung"))
     if ch is not None and ch.horizon and (not marks or ch.horizon != marks[0][0]):
         marks.append((ch.horizon, "finalists" if len(result.rungs) > 1 else "compared"))
     for n, what in marks:
         ax.axvline(n, color="grey", lw=0.8, ls="--")
         ax.annotate(f"{what}: {n} steps", xy=(n, 1.0), xycoords=("data", "axes fraction"), rotation=90,
                     ha="right", va="top", fontsize=7, color="dimgrey")
-    ax.set_xscale("log")
-    ax.set_xlim(1, max(T, 2))
-    ax.set_xlabel("optimizer step (log scale)")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"gradscope tune: loss of each candidate clip norm (T = {T})")
+
+
+def _set_y_range(ax, curves: list, top: float | None) -> None:
+    """From the lowest value drawn (never below 0 for a loss that never is) to the frame's top."""
+    import numpy as np
+
     vals = np.concatenate([cv[1][np.isfinite(cv[1])] for cv in curves]) if curves else np.array([])
     if top is not None and len(vals):
         vals = vals[vals <= top]
-    if len(vals):
-        lo = float(vals.min())
-        hi = top if top is not None else float(vals.max())
-        pad = 0.05 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-9
-        bottom = lo - pad
-        if lo >= 0:
-            bottom = max(0.0, bottom)  # a loss that is never negative: no axis below 0
-        ax.set_ylim(bottom, hi)
-    ax.legend(fontsize=7, ncol=2)
-    if result.metric:
-        n_c = max(1, len(result.candidates))
-        _metric_panel(max_, result, lambda f: palette[int(round(f * n_c)) % len(palette)], n_c)
-    return fig
+    if not len(vals):
+        return
+    lo = float(vals.min())
+    hi = top if top is not None else float(vals.max())
+    pad = 0.05 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-9
+    bottom = lo - pad
+    if lo >= 0:
+        bottom = max(0.0, bottom)  # a loss that is never negative: no axis below 0
+    ax.set_ylim(bottom, hi)
 
 
 def save_figure(result, path: Path) -> Path:
@@ -330,6 +395,16 @@ def save_figure(result, path: Path) -> Path:
     fig = build_figure(result)
     fig.savefig(path, dpi=110)
     return path
+
+
+def save(result, figure: bool = True) -> None:
+    """A tune's files beside its runs: ``tune.png`` (unless ``figure`` is False; its path goes into
+    ``result.figure``), then ``tune.json`` (:func:`to_json`)."""
+    from gradscope import rundir
+
+    if figure:
+        result.figure = save_figure(result, result.out / FIGURE_FILE)
+    rundir.write_json_atomic(result.out / JSON_FILE, to_json(result))
 
 
 def _metric_panel(ax, result, cmap, n) -> None:
