@@ -170,6 +170,33 @@ def test_hf_nan_filter_note_says_what_cannot_be_seen(capsys, tmp_path):
     assert "cannot show NaN/inf losses" in out and "logging_nan_inf_filter" in out
 
 
+def test_the_gate_says_blind_spots_as_flags_and_only_the_report_words_them(tmp_path):
+    """Only report/ turns the importers' flags into words: the gate's verdict holds each thing the log
+    cannot show as a flag (and the sampling stride), and ci.notes says it, before the other notes."""
+    from gradscope import rundir
+
+    every = 5
+    log = {"global_step": 100, "max_steps": 100, "logging_steps": every,
+           "log_history": [{"step": s, "loss": 2.0 - s / 1000, "grad_norm": 1.0 + (s % 3) / 10,
+                            "learning_rate": 1e-4} for s in range(every, 101, every)]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(log))
+    (tmp_path / "training_args.json").write_text(json.dumps({"max_grad_norm": 1.0, "deepspeed": "ds.json"}))
+    from gradscope.cli.check import open_any
+
+    verdict = gate.evaluate(open_any(tmp_path / "trainer_state.json", None, None))
+    assert verdict.blind_spots == [gate.BlindSpot(rundir.NAN_LOSSES_DROPPED), gate.BlindSpot(rundir.SHARDED_TRAINING),
+                                   gate.BlindSpot(gate.SAMPLED, every)]
+    assert not any("cannot" in n or "DeepSpeed" in n for n in verdict.notes)  # no sentence in the gate's notes
+    said = ci.notes(verdict)
+    assert said[0].startswith("this log cannot show NaN/inf losses")
+    assert said[1].startswith("trained with DeepSpeed/FSDP")
+    assert said[2] == f"the log holds every {every}th step only: a non-finite step between entries cannot be seen"
+    assert said[3:] == verdict.notes
+    # A flag every importer can set has its words (a new flag without them fails here, not in a user's CI).
+    for flag in (*rundir.IMPORT_FLAGS, gate.SAMPLED):
+        assert ci.blind_spot_text(gate.BlindSpot(flag))
+
+
 # ---------------------------------------------------------------- policy
 
 

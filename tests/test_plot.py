@@ -399,3 +399,40 @@ def test_a_long_note_wraps_inside_the_figure_and_a_unicode_path_has_no_tofu(tmp_
     for ch in "実験":  # drawn in a font that has it, or written as an escape: never a box
         assert ch in text or f"\\u{ord(ch):04x}" in text
     assert "τ" in text  # the default font has Greek
+
+
+def test_every_threshold_source_has_one_label_for_every_report():
+    """One label map for where a judged clip norm came from (report/sources.py), used by recommend's
+    text and the plot's legend: every source the analyzer can set has both forms."""
+    from gradscope.analysis.model import THRESHOLD_SOURCES
+    from gradscope.report.sources import THRESHOLD_SOURCE_LABELS
+
+    assert tuple(THRESHOLD_SOURCE_LABELS) == THRESHOLD_SOURCES
+    assert all(label.text and label.legend for label in THRESHOLD_SOURCE_LABELS.values())
+
+
+def test_the_plot_labels_the_threshold_where_the_analyzer_found_it(tmp_path):
+    """The legend names the analyzer's threshold source as it is (no source judged again in the plot)."""
+    from gradscope.analysis import analyze
+    from gradscope.importers import open_run
+
+    run = load_run(SAMPLES / "lstm_always_clips")
+    a = analyze(run)
+    assert a.main.threshold.source == "script"
+    assert plot.plot_data(run, a).series[0].clip_source == "max_norm"
+    b = analyze(run, clip_norm=0.5)
+    assert b.main.threshold.source == "option"
+    assert plot.plot_data(run, b).series[0].clip_source == "--clip-norm"
+    log = {"global_step": 40, "max_steps": 40, "logging_steps": 1,
+           "log_history": [{"step": s, "loss": 2.0 - s / 100, "grad_norm": 1.0 + (s % 4) / 5, "learning_rate": 1e-4}
+                           for s in range(1, 41)]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(log))
+    for args, source, legend in (({"max_grad_norm": 0.8}, "log", "the log's max_grad_norm"),
+                                 (None, "default", "the trainer's default max_grad_norm (assumed)")):
+        if args is not None:
+            (tmp_path / "training_args.json").write_text(json.dumps(args))
+        hf = open_run(tmp_path / "trainer_state.json")
+        c = analyze(hf)
+        assert c.main.threshold.source == source
+        assert plot.plot_data(hf, c).series[0].clip_source == legend
+        (tmp_path / "training_args.json").unlink(missing_ok=True)

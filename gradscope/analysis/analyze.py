@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,21 +49,54 @@ def analyze(
     if steps is None or len(steps) == 0:
         raise GradscopeError(f"'{where}' has no optimizer steps (was anything recorded or logged?)")
     chosen, ranks = choose_rank(steps, rank, where)
+    rank_local = norm_scope(run) == "rank-local"
+    notes = _recording_notes(run, rank_local)
+    if len(ranks) > 1:
+        notes.append(_ranks_note(steps, chosen, ranks, cfg.ranks.rtol, rank_local))
+        steps = steps[steps["rank"] == chosen]
+    notes.extend(_coverage_notes(run, steps))
+    if not np.isfinite(steps["grad_norm"].to_numpy(dtype=float)).any() and steps["grad_norm"].isna().all():
+        raise GradscopeError(f"'{where}' has no gradient norms (the grad_norm column is empty)")
+
+    results, problems = _analyze_optimizers(run, steps, chosen, cfg, clip_norm, pre, optimizer)
+    notes.extend(f"skipped: {p}" for p in problems)
+    found = [f for f in audit_findings(run, rank=chosen) if optimizer is None or f.optimizer == optimizer]
+    notes.extend(audit_errors(run, rank=chosen))
+    results = _finish_optimizers(results, found, rank_local, failed=run.source == "gradscope"
+                                 and run.meta.get("status") == "failed")
+    head = status_line(run.meta.get("status"), run.meta.get("exit_code"), run.meta.get("signal"), len(steps)) \
+        if run.source == "gradscope" else None
+    return RunAnalysis(
+        path=where, source=run.source, rank=chosen, ranks=ranks, sampled=bool(run.meta.get("sampled")),
+        optimizers=results, notes=notes, status=run.meta.get("status"), findings=found, status_line=head,
+    )
+
+
+def _recording_notes(run, rank_local: bool) -> list[str]:
+    """The importer's notes, what the recording is missing (first), and rank-local norms."""
     notes = [str(n) for n in (run.meta.get("notes") or [])]
     if run.source == "gradscope" and run.meta.get("incomplete"):  # first: what the recording is missing
         notes.insert(0, "incomplete recording: " + "; ".join(map(str, run.meta["incomplete"])))
-    rank_local = norm_scope(run) == "rank-local"
     if rank_local:
         notes.append(RANK_LOCAL_NOTE)
-    if len(ranks) > 1:
-        note = disagreement_note(steps, chosen, cfg.ranks.rtol, sharded=rank_local)
-        shared = compared_steps(steps)
-        notes.append(note or (
-            f"{len(ranks)} ranks agree within {cfg.ranks.rtol:g} (relative) on the {shared} steps they share; "
-            f"judging rank {chosen}" if shared else
-            f"ranks {', '.join(map(str, ranks))} were not compared: no step was recorded by two replica ranks "
-            f"(a rank numbered 1000 or above is a second process recorded as the same rank); judging rank {chosen}"))
-        steps = steps[steps["rank"] == chosen]
+    return notes
+
+
+def _ranks_note(steps, chosen: int, ranks: list[int], rtol: float, rank_local: bool) -> str:
+    """Whether the ranks' norms agree, and which rank is judged."""
+    note = disagreement_note(steps, chosen, rtol, sharded=rank_local)
+    shared = compared_steps(steps)
+    return note or (
+        f"{len(ranks)} ranks agree within {rtol:g} (relative) on the {shared} steps they share; "
+        f"judging rank {chosen}" if shared else
+        f"ranks {', '.join(map(str, ranks))} were not compared: no step was recorded by two replica ranks "
+        f"(a rank numbered 1000 or above is a second process recorded as the same rank); judging rank {chosen}")
+
+
+def _coverage_notes(run, steps) -> list[str]:
+    """What the judged steps cover: a run still being recorded, ranks that recorded nothing, a
+    `gradscope run --clip-norm` override, a log of every k-th step."""
+    notes = []
     if run.source == "gradscope" and run.meta.get("status") == "running":
         n = len(steps)
         per = steps.groupby("optimizer").size() if n else None
@@ -78,15 +112,18 @@ def analyze(
     override = run.meta.get("clip_norm_override")
     if override is not None:
         notes.append(f"every step was clipped at {override:g} by `gradscope run --clip-norm` (not by the script)")
-    sampled = bool(run.meta.get("sampled"))
-    if sampled:
+    if run.meta.get("sampled"):
         notes.append(
             "the log holds only every k-th step: percentiles, clip fractions and spikes are estimates from the "
             "logged steps, and a spike between two logged steps is invisible"
         )
-    if not np.isfinite(steps["grad_norm"].to_numpy(dtype=float)).any() and steps["grad_norm"].isna().all():
-        raise GradscopeError(f"'{where}' has no gradient norms (the grad_norm column is empty)")
+    return notes
 
+
+def _analyze_optimizers(run, steps, chosen: int, cfg: AnalysisConfig, clip_norm: float | None,
+                        pre: Preset | None, optimizer: int | None) -> tuple[list[OptimizerAnalysis], list[str]]:
+    """Each optimizer's analysis, and why any could not be judged (an error when none could)."""
+    where = str(run.path)
     series = split_optimizers(steps, optimizer, where)
     opts = [o for o in run.meta.get("optimizers") or [] if isinstance(o, dict)]
     classes = {o.get("id"): o.get("class") for o in opts}
@@ -104,24 +141,19 @@ def analyze(
             problems.append(e.message)
     if not results:
         raise GradscopeError("; ".join(problems))
-    notes.extend(f"skipped: {p}" for p in problems)
-    found = [f for f in audit_findings(run, rank=chosen) if optimizer is None or f.optimizer == optimizer]
-    notes.extend(audit_errors(run, rank=chosen))
-    failed = run.source == "gradscope" and run.meta.get("status") == "failed"
+    return results, problems
+
+
+def _finish_optimizers(results: list[OptimizerAnalysis], found: list, rank_local: bool,
+                       failed: bool) -> list[OptimizerAnalysis]:
+    """Each optimizer's audit findings and the one line to act on (none for rank-local norms)."""
     for o in results:
         o.findings = [f for f in found if f.optimizer == o.optimizer]
     if rank_local:  # per-rank shard norms: no regime, no threshold, so no keep/change line either
         results = [_per_rank_only(o) for o in results]
     for o in results:
         o.advice = None if rank_local else advise(o, failed=failed)
-    head = status_line(run.meta.get("status"), run.meta.get("exit_code"), run.meta.get("signal"), len(steps)) \
-        if run.source == "gradscope" else None
-    return RunAnalysis(
-        path=where, source=run.source, rank=chosen, ranks=ranks, sampled=sampled, optimizers=results, notes=notes,
-        status=run.meta.get("status"),
-        findings=found,
-        status_line=head,
-    )
+    return results
 
 
 def _per_rank_only(o: OptimizerAnalysis) -> OptimizerAnalysis:
@@ -140,16 +172,77 @@ def _origin_of(run, rank: int | None, optimizer: int):
     return o if o is not None and o.optimizer == optimizer else None
 
 
+@dataclass
+class _Usable:
+    """One series' usable steps (finite, positive, not skipped) and, after the first k (warm-up), its
+    steady state."""
+
+    g: np.ndarray        # grad norms
+    step: np.ndarray
+    loss: np.ndarray
+    k: int               # warm-up steps left out of the steady state
+
+    @property
+    def x(self) -> np.ndarray:
+        return np.log(self.g)
+
+    @property
+    def g_s(self) -> np.ndarray:
+        return self.g[self.k:]
+
+    @property
+    def step_s(self) -> np.ndarray:
+        return self.step[self.k:]
+
+
 def _analyze_series(
     s: Series, run, rank: int | None, cfg: AnalysisConfig, clip_norm: float | None, pre: Preset | None, cls,
     label: str, momentum: float | None = None,
 ) -> OptimizerAnalysis:
-    where, opt = str(run.path), s.optimizer
-    g_all = s.grad_norm
     bad, valid, nonfinite = classify_steps(s)
-    nonfinite.origin = _origin_of(run, rank, opt)
+    nonfinite.origin = _origin_of(run, rank, s.optimizer)
     n_valid = int(valid.sum())
     th = resolve_threshold(s, clip_norm, run.meta)
+    blind = _too_few_norms(s, str(run.path), nonfinite, th, cfg, cls, rank, label, n_valid)
+    if blind is not None:
+        return blind
+    k, warmup_note = warmup_length(s.lr[valid], s.step[valid], cfg)
+    u = _Usable(s.grad_norm[valid], s.step[valid], s.loss[valid], k)
+    notes = _series_notes(s, bad, nonfinite, n_valid, warmup_note, th)
+    caveats = _few_steps_caveat(n_valid, k, cfg)
+    pct = percentiles(u.g_s, cfg.percentiles)
+    p50 = pct["p50"] if "p50" in pct else None
+    adam = normalises_update(cls)
+    verdict = judge(u.g_s, th, cfg, p50, adam=adam)
+    level, mad = trailing_median_mad(u.x, cfg.level.window, cfg.level.stride, cfg.level.min_periods)
+    spikes, spike_pos = find_spikes(u.x, level, mad, u.step, k, cfg)
+    rec, sit = _steady_recommendation(u, level, spike_pos, spikes.count, nonfinite, th, cfg, momentum)
+    rec, capped = _below_failed_threshold(rec, s, th, run.meta, nonfinite, u.g_s, cfg)
+    dr = drift(u.g_s, u.step_s, rec.clip_norm_rounded, cfg, normalising=sit.clip_norm is not None, adam=adam)
+    rec = _with_drift_evidence(rec, dr)
+    raised = _update_growth(verdict, rec, cfg) if not adam else None
+    caveats += [c for c in (capped, raised) if c]
+    attach_layers(spikes, run.layer_norms, rank, s.optimizer, cfg.spikes.top_layers)
+    conf, covered = _confidence(run, u, sit.name, nonfinite, rec, cfg)
+    skipped = int(s.skipped.sum())
+    top = int(np.argmax(u.g))
+    return OptimizerAnalysis(
+        optimizer=s.optimizer, optimizer_class=cls, rank=rank, steps=len(s), finite_steps=n_valid,
+        skipped_steps=skipped, skipped_fraction=skipped / len(s), warmup_steps=k, steady_steps=len(u.g_s),
+        steady_from_step=int(u.step_s[0]), analysis_until_step=nonfinite.divergence_step, percentiles=pct,
+        threshold=th, verdict=verdict, recommendation=rec, drift=dr, spikes=spikes, nonfinite=nonfinite,
+        preset=compare_preset(pre, rec, u.g_s, p50, adam=adam) if pre is not None else None,
+        notes=notes,
+        whole_run=WholeRun(steps=len(s), finite_steps=n_valid, min=float(u.g.min()), p50=float(np.median(u.g)),
+                           max=float(u.g[top]), max_step=int(u.step[top])),
+        caveats=caveats, confidence=conf, adam_family=adam, steady_optimizer_steps=covered,
+    )
+
+
+def _too_few_norms(s: Series, where: str, nonfinite, th, cfg: AnalysisConfig, cls, rank: int | None, label: str,
+                   n_valid: int) -> OptimizerAnalysis | None:
+    """None when the series has enough finite norms to judge; else the answer for a series whose every
+    norm is non-finite while its loss falls, or a GradscopeError saying why there is nothing to judge."""
     if n_valid == 0:
         if nonfinite.count == len(s):
             blind = _no_finite_norm(s, nonfinite, th, cfg, cls, rank, label)
@@ -165,105 +258,75 @@ def _analyze_series(
             f"'{where}': {label} has only {n_valid} finite gradient norm{'s' if n_valid != 1 else ''}; "
             f"at least {cfg.min_steps} are needed to judge clipping (record or log more steps)"
         )
-    notes: list[str] = []
-    caveats: list[str] = []
-    g = g_all[valid]
-    step = s.step[valid]
-    x = np.log(g)
-    k, warmup_note = warmup_length(s.lr[valid], step, cfg)
-    if warmup_note:
-        notes.append(warmup_note)
-    if n_valid < cfg.few_steps:
-        caveats.append(
-            f"only {n_valid} finite gradient norms ({n_valid - k} after warm-up): the verdict and the "
-            f"recommendation rest on that few points, so treat them as a first estimate"
-        )
+    return None
+
+
+def _series_notes(s: Series, bad: np.ndarray, nonfinite, n_valid: int, warmup_note: str | None, th) -> list[str]:
+    """The warm-up, a divergence that cut the run short, zero norms left out, and the threshold's notes."""
+    notes = [warmup_note] if warmup_note else []
     if nonfinite.first_kind == DIVERGENCE or nonfinite.divergence_step is not None:
         notes.append(
             f"the run diverged at step {nonfinite.divergence_step} (non-finite to the end): every figure uses the "
             f"{n_valid} finite steps before it"
         )
-    zero = int(np.count_nonzero(~bad & ~s.skipped & (g_all == 0)))
+    zero = int(np.count_nonzero(~bad & ~s.skipped & (s.grad_norm == 0)))
     if zero:
         notes.append(f"{zero} steps had a zero gradient norm (nothing to clip); left out")
-
-    level, mad = trailing_median_mad(x, cfg.level.window, cfg.level.stride, cfg.level.min_periods)
-    g_s, x_s, step_s = g[k:], x[k:], step[k:]
-
     notes.extend(threshold_notes(s, th))
-    pct = percentiles(g_s, cfg.percentiles)
-    p50 = pct["p50"] if "p50" in pct else None
-    adam = normalises_update(cls)
-    verdict = judge(g_s, th, cfg, p50, adam=adam)
-    spikes, spike_pos = find_spikes(x, level, mad, step, k, cfg)
-    is_spike = np.zeros(len(x), dtype=bool)
+    return notes
+
+
+def _few_steps_caveat(n_valid: int, k: int, cfg: AnalysisConfig) -> list[str]:
+    if n_valid >= cfg.few_steps:
+        return []
+    return [f"only {n_valid} finite gradient norms ({n_valid - k} after warm-up): the verdict and the "
+            f"recommendation rest on that few points, so treat them as a first estimate"]
+
+
+def _steady_recommendation(u: _Usable, level: np.ndarray, spike_pos, spike_count: int, nonfinite, th,
+                           cfg: AnalysisConfig, momentum: float | None):
+    """(the recommendation, the situation that chose its method) from the steady-state norms."""
+    is_spike = np.zeros(len(u.g), dtype=bool)
     is_spike[spike_pos] = True
+    x_s = u.x[u.k:]
     # The recommendation's running level is that of the steady state alone: a warm-up's norms must not
     # set the level its first steady steps are measured against (spikes are found on the whole run).
-    level_s = level[k:] if k == 0 else trailing_median_mad(x_s, cfg.level.window, cfg.level.stride,
-                                                            cfg.level.min_periods)[0]
-    rec = recommend(x_s, level_s, cfg, is_spike[k:])
+    level_s = level[u.k:] if u.k == 0 else trailing_median_mad(x_s, cfg.level.window, cfg.level.stride,
+                                                                cfg.level.min_periods)[0]
+    rec = recommend(x_s, level_s, cfg, is_spike[u.k:])
     applied = th.clip_norm if th.source not in (None, "option") else None
-    sit = assess(g, step, s.loss[valid], nonfinite.divergence_step, spikes.count, cfg.situation, momentum,
+    sit = assess(u.g, u.step, u.loss, nonfinite.divergence_step, spike_count, cfg.situation, momentum,
                  first_bad_step=nonfinite.first_unskipped_step, clipped_at=applied,
                  normalises_at=cfg.regime.always_fraction)
     if sit.clip_norm is not None:
-        rec = normalising(sit, g_s)
-    else:
-        rec = dataclasses.replace(rec, situation=sit.name, evidence=sit.evidence)
-    rec, capped = _below_failed_threshold(rec, s, th, run.meta, nonfinite, g_s, cfg)
-    if capped:
-        caveats.append(capped)
-    dr = drift(g_s, step_s, rec.clip_norm_rounded, cfg, normalising=sit.clip_norm is not None, adam=adam)
+        return normalising(sit, u.g_s), sit
+    return dataclasses.replace(rec, situation=sit.name, evidence=sit.evidence), sit
+
+
+def _with_drift_evidence(rec: Recommendation, dr) -> Recommendation:
+    """A stable run whose level drifted: the evidence says which way and how far."""
     if rec.situation == "stable" and dr is not None and dr.drifting:
         way = "fell" if dr.p50_ratio < 1 else "rose"
-        rec = dataclasses.replace(rec, evidence=f"{rec.evidence}; the level itself {way} "
-                                                f"{max(dr.p50_ratio, 1 / dr.p50_ratio):.3g}x from early to late")
-    raised = _update_growth(verdict, rec, cfg) if not adam else None
-    if raised:
-        caveats.append(raised)
-    attach_layers(spikes, run.layer_norms, rank, opt, cfg.spikes.top_layers)
+        return dataclasses.replace(rec, evidence=f"{rec.evidence}; the level itself {way} "
+                                                 f"{max(dr.p50_ratio, 1 / dr.p50_ratio):.3g}x from early to late")
+    return rec
+
+
+def _confidence(run, u: _Usable, situation: str, nonfinite, rec: Recommendation,
+                cfg: AnalysisConfig) -> tuple[Confidence, int]:
+    """(whether one pilot can tell, the optimizer steps the steady state covers)."""
     failed = run.source == "gradscope" and run.meta.get("status") == "failed"
     # A step is an optimizer step: a log of every k-th one covers more steps than it has points.
-    covered, points = steady_optimizer_steps(step_s, bool(run.meta.get("sampled"))), None
-    if covered != len(g_s):
-        points = len(g_s)
-    conf = assess_confidence(sit.name, g, s.loss[valid], nonfinite.divergence_step, int(step[0]), covered,
+    covered, points = steady_optimizer_steps(u.step_s, bool(run.meta.get("sampled"))), None
+    if covered != len(u.g_s):
+        points = len(u.g_s)
+    conf = assess_confidence(situation, u.g, u.loss, nonfinite.divergence_step, int(u.step[0]), covered,
                              cfg.confidence, None if failed else tune_command(run.meta),
-                             tau=rec.clip_norm_rounded, g_steady=g_s, steady_points=points)
+                             tau=rec.clip_norm_rounded, g_steady=u.g_s, steady_points=points)
     if failed:  # no tune command: it would repeat the arguments that made the script fail
         conf = Confidence(False, [f"the run's script failed (exit code {run.meta.get('exit_code')}): its norms are "
                                   "not those of a working training", *conf.reasons], None)
-    skipped = int(s.skipped.sum())
-    top = int(np.argmax(g))
-    return OptimizerAnalysis(
-        optimizer=opt,
-        optimizer_class=cls,
-        rank=rank,
-        steps=len(s),
-        finite_steps=n_valid,
-        skipped_steps=skipped,
-        skipped_fraction=skipped / len(s),
-        warmup_steps=k,
-        steady_steps=len(g_s),
-        steady_from_step=int(step_s[0]),
-        analysis_until_step=nonfinite.divergence_step,
-        percentiles=pct,
-        threshold=th,
-        verdict=verdict,
-        recommendation=rec,
-        drift=dr,
-        spikes=spikes,
-        nonfinite=nonfinite,
-        preset=compare_preset(pre, rec, g_s, p50, adam=adam) if pre is not None else None,
-        notes=notes,
-        whole_run=WholeRun(steps=len(s), finite_steps=n_valid, min=float(g.min()), p50=float(np.median(g)),
-                           max=float(g[top]), max_step=int(step[top])),
-        caveats=caveats,
-        confidence=conf,
-        adam_family=adam,
-        steady_optimizer_steps=covered,
-    )
+    return conf, covered
 
 
 def steady_optimizer_steps(step_s: np.ndarray, sampled: bool) -> int:

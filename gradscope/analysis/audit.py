@@ -132,60 +132,79 @@ def describe(d: dict, loss_scale: float | None = None) -> str:
     kind = d.get("kind")
     fn = d.get("function") or "the clip call"
     if kind == "clip-before-unscale":
-        tau = d.get("threshold")
-        what = "max_norm" if fn == "clip_grad_norm_" else "clip_value"
-        if isinstance(tau, (int, float)) and loss_scale:
-            effect = (f"the loss scale ({_g(loss_scale)} at step {d.get('first_step')}), so the real gradients are "
-                      f"clipped at {what} / loss scale = {_g(tau)} / {_g(loss_scale)} = {_g(tau / loss_scale, 3)}, "
-                      f"not at {_g(tau)}")
-        else:
-            effect = f"the loss scale, so the real gradients are clipped at {what} divided by the loss scale"
-        return (f"{fn} runs on gradients the GradScaler has scaled and not yet unscaled, still multiplied by "
-                f"{effect}; call scaler.unscale_(optimizer) right before clipping.")
-    if kind == "clip-after-step":
-        return (f"{fn} is called after optimizer.step() and before the next backward(), so it clips gradients "
-                f"the step has already applied, not the update; move it between the last backward() and "
-                f"optimizer.step().")
-    if kind == "clip-per-microbatch":
-        return (f"{fn} is called between backward() passes that add to the same gradients before "
-                f"optimizer.step() (inside the gradient-accumulation loop), so each micro-batch's partial sum is "
-                f"clipped, not the accumulated gradient the step applies; clip once, after the last micro-batch's "
-                f"backward().")
+        return _before_unscale(d, fn, loss_scale)
+    if kind in _FIXED:
+        return _FIXED[kind].format(fn=fn)
     if kind == "clip-partial":
-        n, k = d.get("tensors"), d.get("clipped_tensors")
-        e, ke = d.get("elements"), d.get("clipped_elements")
-        share = ""
-        if isinstance(n, int) and isinstance(k, int):
-            share = f" {k} of the {n} parameter tensors the optimizer updates"
-            if isinstance(e, int) and isinstance(ke, int) and e > 0:
-                share += f" ({ke:,} of {e:,} elements, {ke / e:.1%})"
-        else:
-            share = " only part of the parameters the optimizer updates"
-        modules = [m for m in d.get("left_out") or [] if isinstance(m, dict)]
-        left = ""
-        if modules:
-            named = ", ".join(f"{m.get('module')} ({int(m.get('elements', 0)):,} elements)"
-                              for m in modules[:MODULES_NAMED])
-            total = d.get("left_out_modules")
-            more = (total if isinstance(total, int) else len(modules)) - MODULES_NAMED
-            left = f"; left out: {named}" + (f" and {more} more module{'s' if more != 1 else ''}" if more > 0 else "")
-        return (f"{fn} covers{share}{left}; their gradients reach the update unclipped: pass every parameter the "
-                f"optimizer updates to the clip call (e.g. [p for g in optimizer.param_groups for p in g['params']]).")
+        return _partial(d, fn)
     if kind == "clip-local-norm":
-        tau = d.get("threshold")
-        said = []
-        for r, local, g in d.get("ranks") or []:
-            if isinstance(tau, (int, float)) and g is not None and math.isfinite(g) and local > 0:
-                eff = tau * g / local
-                said.append(f"rank {r} measured {_g(local, 4)} of the global {_g(g, 4)}, so it clipped as if "
-                            f"max_norm were {_g(eff, 4)} ({_g(eff / tau, 3)}x the threshold)")
-        at = f" (at step {d.get('first_step')}: " + "; ".join(said) + ")" if said else ""
-        return (f"{fn} runs on this rank's shard of gradients that are sharded across the ranks (FSDP) and measures "
-                f"the shard's norm only, so each rank clips by its own norm, not the global one, and the ranks "
-                f"scale their shards differently{at}; clip with the sharded module's own method "
-                f"(model.clip_grad_norm_(max_norm) for FullyShardedDataParallel), which reduces the norm across "
-                f"ranks.")
-    if kind == "no-zero-grad":
-        return ("optimizer.step() runs again on gradients that were neither zeroed nor set to None since its "
-                "previous step, so gradients accumulate across steps; call optimizer.zero_grad() once per step.")
+        return _local_norm(d, fn)
     return str(kind)
+
+
+# Findings whose sentence names only the clip function.
+_FIXED = {
+    "clip-after-step": (
+        "{fn} is called after optimizer.step() and before the next backward(), so it clips gradients "
+        "the step has already applied, not the update; move it between the last backward() and "
+        "optimizer.step()."),
+    "clip-per-microbatch": (
+        "{fn} is called between backward() passes that add to the same gradients before "
+        "optimizer.step() (inside the gradient-accumulation loop), so each micro-batch's partial sum is "
+        "clipped, not the accumulated gradient the step applies; clip once, after the last micro-batch's "
+        "backward()."),
+    "no-zero-grad": (
+        "optimizer.step() runs again on gradients that were neither zeroed nor set to None since its "
+        "previous step, so gradients accumulate across steps; call optimizer.zero_grad() once per step."),
+}
+
+
+def _before_unscale(d: dict, fn: str, loss_scale: float | None) -> str:
+    tau = d.get("threshold")
+    what = "max_norm" if fn == "clip_grad_norm_" else "clip_value"
+    if isinstance(tau, (int, float)) and loss_scale:
+        effect = (f"the loss scale ({_g(loss_scale)} at step {d.get('first_step')}), so the real gradients are "
+                  f"clipped at {what} / loss scale = {_g(tau)} / {_g(loss_scale)} = {_g(tau / loss_scale, 3)}, "
+                  f"not at {_g(tau)}")
+    else:
+        effect = f"the loss scale, so the real gradients are clipped at {what} divided by the loss scale"
+    return (f"{fn} runs on gradients the GradScaler has scaled and not yet unscaled, still multiplied by "
+            f"{effect}; call scaler.unscale_(optimizer) right before clipping.")
+
+
+def _partial(d: dict, fn: str) -> str:
+    n, k = d.get("tensors"), d.get("clipped_tensors")
+    e, ke = d.get("elements"), d.get("clipped_elements")
+    share = ""
+    if isinstance(n, int) and isinstance(k, int):
+        share = f" {k} of the {n} parameter tensors the optimizer updates"
+        if isinstance(e, int) and isinstance(ke, int) and e > 0:
+            share += f" ({ke:,} of {e:,} elements, {ke / e:.1%})"
+    else:
+        share = " only part of the parameters the optimizer updates"
+    modules = [m for m in d.get("left_out") or [] if isinstance(m, dict)]
+    left = ""
+    if modules:
+        named = ", ".join(f"{m.get('module')} ({int(m.get('elements', 0)):,} elements)"
+                          for m in modules[:MODULES_NAMED])
+        total = d.get("left_out_modules")
+        more = (total if isinstance(total, int) else len(modules)) - MODULES_NAMED
+        left = f"; left out: {named}" + (f" and {more} more module{'s' if more != 1 else ''}" if more > 0 else "")
+    return (f"{fn} covers{share}{left}; their gradients reach the update unclipped: pass every parameter the "
+            f"optimizer updates to the clip call (e.g. [p for g in optimizer.param_groups for p in g['params']]).")
+
+
+def _local_norm(d: dict, fn: str) -> str:
+    tau = d.get("threshold")
+    said = []
+    for r, local, g in d.get("ranks") or []:
+        if isinstance(tau, (int, float)) and g is not None and math.isfinite(g) and local > 0:
+            eff = tau * g / local
+            said.append(f"rank {r} measured {_g(local, 4)} of the global {_g(g, 4)}, so it clipped as if "
+                        f"max_norm were {_g(eff, 4)} ({_g(eff / tau, 3)}x the threshold)")
+    at = f" (at step {d.get('first_step')}: " + "; ".join(said) + ")" if said else ""
+    return (f"{fn} runs on this rank's shard of gradients that are sharded across the ranks (FSDP) and measures "
+            f"the shard's norm only, so each rank clips by its own norm, not the global one, and the ranks "
+            f"scale their shards differently{at}; clip with the sharded module's own method "
+            f"(model.clip_grad_norm_(max_norm) for FullyShardedDataParallel), which reduces the norm across "
+            f"ranks.")

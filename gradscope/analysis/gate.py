@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from gradscope.analysis import audit
+from gradscope.analysis.model import REGIMES
 from gradscope.analysis.ranks import RANK_LOCAL_NOTE, disagreement_note, norm_scope
 from gradscope.errors import GradscopeError
 
-REGIMES = ("always-clips", "never-clips", "healthy", "unclipped")
 # --fail-on names that are rules of their own, not regimes.
-DIVERGENCE = "divergence"  # the loss rose far above its running minimum and stayed (analysis/divergence.py)
+LOSS_DIVERGENCE = "divergence"  # the loss rose far above its running minimum and stayed (analysis/divergence.py)
 CLIP_BUGS = "clip-bugs"  # fail on any finding of the clip audit (analysis/audit.py)
 # The recording misses steps or files (rundir.recording_gaps): killed, a full disk, a cut or unreadable file.
 INCOMPLETE = "incomplete"
@@ -29,7 +29,7 @@ SCRIPT_FAILED = "script-failed"  # the recorded script exited with an error (met
 # one whose script failed, is never a PASS, whatever other rule is asked for (a config file without
 # them turns them off).
 KEPT_BY_FLAGS = (INCOMPLETE, SCRIPT_FAILED)
-FAIL_ON_RULES = (DIVERGENCE, CLIP_BUGS, INCOMPLETE, SCRIPT_FAILED)
+FAIL_ON_RULES = (LOSS_DIVERGENCE, CLIP_BUGS, INCOMPLETE, SCRIPT_FAILED)
 POLICY_FILE = "check.yaml"
 # Policy keys as written in YAML (dashes and underscores both accepted) -> Policy fields.
 _POLICY_KEYS = {
@@ -71,7 +71,7 @@ class SeriesFacts:
 
 
 @dataclass
-class NonFinite:
+class CheckNonFinite:
     """The first step that went bad, and how much of the run did."""
 
     rank: int
@@ -101,6 +101,17 @@ class NonFinite:
         return f"step {self.step} ({opt}{rank})"
 
 
+SAMPLED = "sampled"  # meta key of a foreign log that holds every k-th step only (meta "logging_steps": k)
+
+
+@dataclass(frozen=True)
+class BlindSpot:
+    """Something a foreign log cannot show the non-finite check (report/ci.py says it in words)."""
+
+    flag: str  # rundir.NAN_LOSSES_DROPPED, rundir.NORMS_UNTRUSTED, rundir.SHARDED_TRAINING or SAMPLED
+    logging_steps: int | None = None  # SAMPLED: the log holds every k-th step (None: k not known)
+
+
 @dataclass
 class CheckResult:
     """One check as CI sees it: a JUnit testcase, a line, an annotation."""
@@ -115,10 +126,10 @@ class CheckResult:
 
 
 @dataclass
-class Verdict:
+class CheckVerdict:
     checks: list[CheckResult]
-    non_finite: NonFinite | None
-    notes: list[str] = field(default_factory=list)  # what the input cannot show, etc.
+    non_finite: CheckNonFinite | None
+    notes: list[str] = field(default_factory=list)  # rank-local norms, the audit's errors, divergence notes, ...
     steps: int = 0
     divergence: Any = None  # analysis.divergence.Divergence when --fail-on divergence found one
 
@@ -137,6 +148,7 @@ class Verdict:
         step, rank, opt, what = min(cands)
         return rank, opt, step, what
     findings: list = field(default_factory=list)  # the clip audit's (analysis/audit.py Finding): warnings
+    blind_spots: list[BlindSpot] = field(default_factory=list)  # what the input cannot show (said before notes)
 
     @property
     def ok(self) -> bool:
@@ -280,7 +292,7 @@ def _bad_masks(steps, source: str):
     return b.loss, b.gradient, b.absorbed
 
 
-def find_non_finite(run) -> NonFinite | None:
+def find_non_finite(run) -> CheckNonFinite | None:
     """The first failing step (by wall-clock time when known, else by step), or None."""
     import numpy as np
 
@@ -301,7 +313,7 @@ def find_non_finite(run) -> NonFinite | None:
     row = steps.iloc[i]
     quantity = " and ".join(q for q, m in (("loss", bad_loss), ("gradient", bad_grad)) if m[i])
     rank, opt, step = int(row["rank"]), int(row["optimizer"]), int(row["step"])
-    nf = NonFinite(
+    nf = CheckNonFinite(
         rank=rank,
         optimizer=opt,
         optimizer_class=_optimizer_class(run.meta, opt),
@@ -319,7 +331,7 @@ def find_non_finite(run) -> NonFinite | None:
     return nf
 
 
-def _attach_origin(nf: NonFinite, run) -> None:
+def _attach_origin(nf: CheckNonFinite, run) -> None:
     from gradscope.analysis.origin import nan_origin, trace_command, traced
 
     if run.source != "gradscope":
@@ -330,7 +342,7 @@ def _attach_origin(nf: NonFinite, run) -> None:
         nf.trace_hint = trace_command(run)
 
 
-def _attach_layers(nf: NonFinite, run, steps, bad) -> None:
+def _attach_layers(nf: CheckNonFinite, run, steps, bad) -> None:
     """Layers non-finite at the first bad step, else at the earliest recorded step where any was.
 
     Reads the layer rows from the bad step on, a block at a time, until a non-finite one, and
@@ -371,7 +383,7 @@ def _attach_layers(nf: NonFinite, run, steps, bad) -> None:
     _attach_growth(nf, store, key, names, all_at, usable)
 
 
-def _attach_growth(nf: NonFinite, store, key, names, all_at, usable) -> None:
+def _attach_growth(nf: CheckNonFinite, store, key, names, all_at, usable) -> None:
     """The layers whose norm grew most into the last finite row before the bad one, against their
     median over the finite rows before that (the last GROWTH_ROWS of them: a bounded read)."""
     import numpy as np
@@ -395,7 +407,7 @@ def _attach_growth(nf: NonFinite, store, key, names, all_at, usable) -> None:
         ]
 
 
-def describe_non_finite(nf: NonFinite) -> str:
+def describe_non_finite(nf: CheckNonFinite) -> str:
     """One line naming the step, the quantity that went bad, and the layers."""
     text = f"{nf.quantity} went non-finite at {nf.where}: loss {_fmt(nf.loss)}, grad_norm {_fmt(nf.grad_norm)}"
     if nf.layers:
@@ -423,56 +435,74 @@ def describe_non_finite(nf: NonFinite) -> str:
 # ---------------------------------------------------------------- the verdict
 
 
-def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None = None) -> Verdict:
+def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None = None) -> CheckVerdict:
     """Run every check: non-finite always, the policy's rules when set."""
-    import numpy as np
-
     policy = policy or Policy()
     facts = facts or []
     steps = run.steps
-    checks: list[CheckResult] = []
-    notes = list(_visibility_notes(run))
     rank_local = norm_scope(run) == "rank-local"
-    if rank_local:
-        notes.append(RANK_LOCAL_NOTE)
+    notes = _rank_notes(steps, rank_local)
+    checks: list[CheckResult] = []
+    if INCOMPLETE in policy.fail_on and run.source == "gradscope":  # first: what is missing comes first
+        checks.append(_check_incomplete(run))
+    nf = find_non_finite(run)
+    checks.append(_check_non_finite(run, nf))
+    found = audit.findings(run)
+    broken = audit.errors(run)
+    notes.extend(broken)
+    rules, more, divergence = _policy_checks(run, policy, facts, rank_local, found, bool(broken))
+    checks.extend(rules)
+    notes.extend(more)
+    return CheckVerdict(checks=checks, non_finite=nf, notes=notes, steps=len(steps), divergence=divergence,
+                        findings=found, blind_spots=blind_spots(run))
+
+
+def _rank_notes(steps, rank_local: bool) -> list[str]:
+    """Rank-local norms, and ranks whose norms disagree."""
+    notes = [RANK_LOCAL_NOTE] if rank_local else []
     if steps is not None and len(steps) and "rank" in steps and steps["rank"].nunique() > 1:
         note = disagreement_note(steps, None, sharded=rank_local)
         if note:
             notes.append(note)
+    return notes
 
-    if INCOMPLETE in policy.fail_on and run.source == "gradscope":  # first: what is missing comes first
-        checks.append(_check_incomplete(run))
-    nf = find_non_finite(run)
+
+def _check_non_finite(run, nf: CheckNonFinite | None) -> CheckResult:
+    """FAIL at the first bad step; else PASS saying what was finite (SKIP: no steps)."""
+    import numpy as np
+
     if nf is not None:
-        checks.append(CheckResult("non-finite", FAIL, describe_non_finite(nf)))
+        return CheckResult("non-finite", FAIL, describe_non_finite(nf))
+    steps = run.steps
+    n = len(steps)
+    _, _, absorbed = _bad_masks(steps, run.source) if n else (None, None, np.zeros(0, bool))
+    if absorbed.any():
+        msg = (f"{n} steps: losses finite; gradient norms finite except {int(absorbed.sum())} overflow "
+               "steps the loss scaler skipped (nothing applied: harmless)")
     else:
-        n = len(steps)
-        _, _, absorbed = _bad_masks(steps, run.source) if n else (None, None, np.zeros(0, bool))
-        if absorbed.any():
-            msg = (f"{n} steps: losses finite; gradient norms finite except {int(absorbed.sum())} overflow "
-                   "steps the loss scaler skipped (nothing applied: harmless)")
-        else:
-            msg = f"{n} steps: every loss and gradient norm finite" if n else "no steps recorded"
-            if n and run.source == "gradscope" and not _any_loss(steps):
-                msg = f"{n} steps: every gradient norm finite (no loss recorded: no backward() gradscope saw)"
-        checks.append(CheckResult("non-finite", PASS if n else SKIP, msg))
+        msg = f"{n} steps: every loss and gradient norm finite" if n else "no steps recorded"
+        if n and run.source == "gradscope" and not _any_loss(steps):
+            msg = f"{n} steps: every gradient norm finite (no loss recorded: no backward() gradscope saw)"
+    return CheckResult("non-finite", PASS if n else SKIP, msg)
 
-    found = audit.findings(run)
-    broken = audit.errors(run)
-    notes.extend(broken)
+
+def _policy_checks(run, policy: Policy, facts: list[SeriesFacts], rank_local: bool, found: list,
+                   broken: bool) -> tuple[list[CheckResult], list[str], Any]:
+    """The policy's rules, in a fixed order: (checks, the divergence rule's notes, the Divergence or None)."""
+    checks = []
+    notes: list[str] = []
+    divergence = None
     regimes = tuple(r for r in policy.fail_on if r in REGIMES)
     # Rank-local norms (norm_scope): the regime rules and the clip-fraction limit are not judged on a
     # shard's norm (SKIP, never PASS or FAIL); non-finite, divergence, clip bugs and spikes still are.
     per_rank = "the recorded norms are per-rank (norm_scope rank-local), so no regime is judged"
     if regimes:
         checks.append(CheckResult("fail-on", SKIP, per_rank) if rank_local else _check_fail_on(regimes, facts))
-    divergence = None
-    if DIVERGENCE in policy.fail_on:
-        check, more, divergence = _check_divergence(run, policy)
+    if LOSS_DIVERGENCE in policy.fail_on:
+        check, notes, divergence = _check_divergence(run, policy)
         checks.append(check)
-        notes.extend(more)
     if CLIP_BUGS in policy.fail_on:
-        checks.append(_check_clip_bugs(found, audit.audited(run), bool(broken)))
+        checks.append(_check_clip_bugs(found, audit.audited(run), broken))
     if SCRIPT_FAILED in policy.fail_on:
         checks.append(_check_script_failed(run))
     if policy.max_clip_fraction is not None:
@@ -481,9 +511,8 @@ def evaluate(run, policy: Policy | None = None, facts: list[SeriesFacts] | None 
     if policy.max_spikes is not None:
         checks.append(_check_spikes(policy.max_spikes, facts))
     if policy.max_skipped_fraction is not None:
-        checks.append(_check_skipped(policy.max_skipped_fraction, steps))
-    return Verdict(checks=checks, non_finite=nf, notes=notes, steps=len(steps), divergence=divergence,
-                   findings=found)
+        checks.append(_check_skipped(policy.max_skipped_fraction, run.steps))
+    return checks, notes, divergence
 
 
 def incomplete_text(run) -> str | None:
@@ -519,11 +548,11 @@ def _check_divergence(run, policy: Policy) -> tuple[CheckResult, list[str], Any]
     d, judged, notes = find_divergence(run, k, m)
     if d is not None:
         multi = run.steps["rank"].nunique() > 1 or run.steps["optimizer"].nunique() > 1
-        return CheckResult(DIVERGENCE, FAIL, describe(d, multi)), notes, d
+        return CheckResult(LOSS_DIVERGENCE, FAIL, describe(d, multi)), notes, d
     if judged == 0:
         why = "; ".join(notes) if notes else "no loss recorded or logged"
-        return CheckResult(DIVERGENCE, SKIP, f"the divergence rule could not judge the run: {why}"), [], None
-    return CheckResult(DIVERGENCE, PASS, f"the loss never stayed above {k:g}x its running minimum for {m} "
+        return CheckResult(LOSS_DIVERGENCE, SKIP, f"the divergence rule could not judge the run: {why}"), [], None
+    return CheckResult(LOSS_DIVERGENCE, PASS, f"the loss never stayed above {k:g}x its running minimum for {m} "
                                          "logged steps"), notes, None
 
 
@@ -574,7 +603,7 @@ def _finding_text(f, found: list) -> str:
     return f"{f.line()}{where}"
 
 
-def finding_lines(verdict: Verdict) -> list[str]:
+def finding_lines(verdict: CheckVerdict) -> list[str]:
     """The findings as warnings (when no clip-bugs check carries them already)."""
     if any(c.name == CLIP_BUGS for c in verdict.checks):
         return []
@@ -615,28 +644,22 @@ def _check_skipped(limit: float, steps) -> CheckResult:
     return CheckResult("max-skipped-fraction", PASS, f"{text} (allowed {limit:.1%})")
 
 
-def _visibility_notes(run) -> Iterable[str]:
-    """What a foreign log cannot show the non-finite check, decided from the importer's structured
-    flags (rundir.IMPORT_FLAGS), never from the words of its notes."""
+def blind_spots(run) -> list[BlindSpot]:
+    """What a foreign log cannot show the non-finite check, from the importer's structured flags
+    (rundir.IMPORT_FLAGS and meta "sampled"), never from the words of its notes."""
     from gradscope import rundir
 
     meta = run.meta or {}
+    out = []
     if meta.get(rundir.NAN_LOSSES_DROPPED):
-        yield (
-            "this log cannot show NaN/inf losses: the trainer dropped them before logging "
-            "(Hugging Face logging_nan_inf_filter=True); only the gradient norms were checked"
-        )
+        out.append(BlindSpot(rundir.NAN_LOSSES_DROPPED))
     if meta.get(rundir.NORMS_UNTRUSTED):
-        yield ("this log's gradient norms look per-rank/per-shard or unset (all NaN, all 0, or one step logged "
-               "with different values): they cannot be trusted as the global norm")
+        out.append(BlindSpot(rundir.NORMS_UNTRUSTED))
     elif meta.get(rundir.SHARDED_TRAINING):
-        yield "trained with DeepSpeed/FSDP: check grad_norm is the global norm, not a per-rank/per-shard one"
-    if meta.get("sampled"):
-        k = meta.get("logging_steps")
-        yield (
-            f"the log holds every {k}th step only: a non-finite step between entries cannot be seen"
-            if k else "the log holds a sample of the steps only: a non-finite step between entries cannot be seen"
-        )
+        out.append(BlindSpot(rundir.SHARDED_TRAINING))
+    if meta.get(SAMPLED):
+        out.append(BlindSpot(SAMPLED, meta.get("logging_steps") or None))
+    return out
 
 
 def facts_from_analysis(analysis: Any) -> list[SeriesFacts]:

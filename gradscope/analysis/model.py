@@ -4,12 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-REGIMES = ("never-clips", "always-clips", "healthy", "unclipped")
+# How the judged clip norm treats the steady state (OptimizerAnalysis.regime); also the regime
+# names `check --fail-on` accepts, in the order its messages list them.
+REGIMES = ("always-clips", "never-clips", "healthy", "unclipped")
 
 # Kinds of a non-finite step.
 OVERFLOW_SKIPPED = "overflow-skipped"  # a GradScaler skipped the update: harmless
 RECOVERED = "recovered"                # not flagged as skipped, but finite steps follow
-DIVERGENCE = "divergence"              # non-finite from here to the end of the run
+DIVERGENCE = "divergence"              # non-finite from here to the end of the run (not the
+                                       # loss rule of `check --fail-on divergence`: gate.LOSS_DIVERGENCE)
 
 # Where a judged clip norm comes from (JSON clip_norm_source; null: no threshold known).
 THRESHOLD_SOURCES = (

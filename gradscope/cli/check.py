@@ -97,7 +97,7 @@ def check_command(
 
 def verdict_for(path: Path, policy, clip_norm: float | None = None, format: str | None = None,
                 column: str | None = None):
-    """Open one run or log and judge it: (the Run, the gate's Verdict); GradscopeError on bad input."""
+    """Open one run or log and judge it: (the Run, the gate's CheckVerdict); GradscopeError on bad input."""
     from gradscope.analysis import gate
 
     loaded = open_any(path, format, column)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradscope.analysis.gate import FAIL, PASS, SKIP, CheckResult, Verdict, finding_lines
+from gradscope import rundir
+from gradscope.analysis.gate import FAIL, PASS, SAMPLED, SKIP, BlindSpot, CheckResult, CheckVerdict, finding_lines
 from gradscope.errors import GradscopeError
 
 SUITE = "gradscope"
@@ -34,7 +35,31 @@ def annotation(level: str, title: str, message: str) -> str:
     return f"::{level} title={_escape_property(title)}::{_escape_data(message)}"
 
 
-def lines(verdict: Verdict, target: str, *, github: bool = False, curves: list[str] | None = None) -> list[str]:
+# What a foreign log cannot show the non-finite check (gate.BlindSpot), in words.
+_BLIND_SPOT_TEXT = {
+    rundir.NAN_LOSSES_DROPPED: ("this log cannot show NaN/inf losses: the trainer dropped them before logging "
+                                "(Hugging Face logging_nan_inf_filter=True); only the gradient norms were checked"),
+    rundir.NORMS_UNTRUSTED: ("this log's gradient norms look per-rank/per-shard or unset (all NaN, all 0, or one step "
+                             "logged with different values): they cannot be trusted as the global norm"),
+    rundir.SHARDED_TRAINING: ("trained with DeepSpeed/FSDP: check grad_norm is the global norm, not a "
+                              "per-rank/per-shard one"),
+    SAMPLED: "the log holds a sample of the steps only: a non-finite step between entries cannot be seen",
+}
+
+
+def blind_spot_text(b: BlindSpot) -> str:
+    """One sentence saying what the input cannot show."""
+    if b.flag == SAMPLED and b.logging_steps:
+        return f"the log holds every {b.logging_steps}th step only: a non-finite step between entries cannot be seen"
+    return _BLIND_SPOT_TEXT[b.flag]
+
+
+def notes(verdict: CheckVerdict) -> list[str]:
+    """The verdict's notes as printed: what the input cannot show first, then the rest."""
+    return [blind_spot_text(b) for b in verdict.blind_spots] + verdict.notes
+
+
+def lines(verdict: CheckVerdict, target: str, *, github: bool = False, curves: list[str] | None = None) -> list[str]:
     """What `gradscope check` prints: one line per check, then notes, the curves and the outcome.
 
     Under GitHub Actions a failing check is an ::error annotation (shown on the run's
@@ -48,7 +73,7 @@ def lines(verdict: Verdict, target: str, *, github: bool = False, curves: list[s
             out.append(f"{_MARK[c.status]} {c.name}: {c.message}")
     for w in finding_lines(verdict):  # clipping bugs, when --fail-on clip-bugs is not set
         out.append(annotation("warning", "gradscope clip audit", f"{target}: {w}") if github else f"warning: {w}")
-    for n in verdict.notes:
+    for n in notes(verdict):
         out.append(annotation("warning", "gradscope check", f"{target}: {n}") if github else f"note: {n}")
     out.extend(curves or [])
     failed = [c.name for c in verdict.checks if c.failed]
@@ -62,7 +87,7 @@ def lines(verdict: Verdict, target: str, *, github: bool = False, curves: list[s
 CURVE_WIDTH = 60
 
 
-def curve_lines(run, verdict: Verdict, width: int = CURVE_WIDTH) -> list[str]:
+def curve_lines(run, verdict: CheckVerdict, width: int = CURVE_WIDTH) -> list[str]:
     """The shape of the run in a CI log: one sparkline of the grad norm (log scale) and one of
     the loss, of the series with the first bad step (else the longest of rank 0), that step
     marked with the sparkline's mark."""
@@ -107,7 +132,7 @@ def _short(x: float) -> str:
     return f"{x:.3g}"
 
 
-def junit_xml(verdict: Verdict, target: str) -> bytes:
+def junit_xml(verdict: CheckVerdict, target: str) -> bytes:
     """One testsuite 'gradscope', one testcase per check, failures carrying their message."""
     checks: list[CheckResult] = verdict.checks
     failures = sum(c.failed for c in checks)
@@ -130,13 +155,14 @@ def junit_xml(verdict: Verdict, target: str) -> bytes:
             out = ET.SubElement(case, "system-out")
             out.text = c.message
     warnings = [f"warning: {w}" for w in finding_lines(verdict)]
-    if verdict.notes or warnings:
-        ET.SubElement(suite, "system-out").text = "\n".join(warnings + [f"note: {n}" for n in verdict.notes])
+    said = notes(verdict)
+    if said or warnings:
+        ET.SubElement(suite, "system-out").text = "\n".join(warnings + [f"note: {n}" for n in said])
     ET.indent(suites)
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
 
 
-def write_junit(verdict: Verdict, target: str, path: str | os.PathLike) -> None:
+def write_junit(verdict: CheckVerdict, target: str, path: str | os.PathLike) -> None:
     from gradscope.report import make_parent
 
     p = Path(path)
@@ -154,7 +180,7 @@ def _num(x: Any) -> Any:
     return x
 
 
-def to_json(verdict: Verdict, target: str) -> str:
+def to_json(verdict: CheckVerdict, target: str) -> str:
     nf = verdict.non_finite
     doc = {
         "run": target,
@@ -178,7 +204,7 @@ def to_json(verdict: Verdict, target: str) -> str:
             "origin": nf.origin.json() if nf.origin is not None else None,
         },
         "findings": [f.as_json() for f in verdict.findings],
-        "notes": verdict.notes,
+        "notes": notes(verdict),
     }
     return json.dumps(doc, indent=2, allow_nan=False)
 
@@ -191,7 +217,7 @@ class Checked:
     """One input of a many-run `check`: its verdict, or why it could not be judged."""
 
     target: str
-    verdict: Verdict | None
+    verdict: CheckVerdict | None
     error: str | None = None
     error_code: int = 2
     curves: list[str] | None = None

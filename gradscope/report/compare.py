@@ -127,9 +127,6 @@ def build_figure(rows: list[CompareRow]):
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    from matplotlib.transforms import blended_transform_factory
-
-    from gradscope.report.plot import downsample_minmax
 
     with_metrics = any(r.metric_series for r in rows)
     if with_metrics:  # a third panel: what the scripts reported (metrics-r*.csv)
@@ -145,28 +142,52 @@ def build_figure(rows: list[CompareRow]):
     for i, r in enumerate(rows):
         if r.curves is None or len(r.curves.step) == 0:
             continue
-        c = colors[i]
-        step = r.curves.step
-        g = r.curves.grad_norm
-        pos = np.isfinite(g) & (g > 0)
-        x, y = downsample_minmax(step[pos], g[pos])
-        ax_n.plot(x, y, color=c, lw=0.8, alpha=0.85, label=r.run)
-        top = np.nanmax(g[pos]) if pos.any() else 1.0
-        bad = ~np.isfinite(g) & ~r.curves.skipped
-        if bad.any():
-            ax_n.scatter(step[bad], np.full(int(bad.sum()), top), marker="x", color=c, s=18, zorder=3)
-        if r.clip_norm is not None:
-            ax_n.axhline(r.clip_norm, color=c, ls="--", lw=0.9, alpha=0.9)
-            taus.append((float(r.clip_norm), c, r.run))
-        loss = r.curves.loss
-        ok = np.isfinite(loss)
-        if ok.any():
-            x, y = downsample_minmax(step[ok], loss[ok])
-            ax_l.plot(x, y, color=c, lw=0.8, alpha=0.85, label=r.run)
-            drawn_loss = True
-            pos_loss &= bool((loss[ok] > 0).all())
-    # Each dashed line says what it is, at the right edge (one label per distinct value).
-    edge = blended_transform_factory(ax_n.transAxes, ax_n.transData)
+        _draw_norm_curve(ax_n, r, colors[i], taus)
+        loss_drawn, loss_positive = _draw_loss_curve(ax_l, r, colors[i])
+        drawn_loss |= loss_drawn
+        pos_loss &= loss_positive
+    _label_thresholds(ax_n, taus)
+    _style_panels(fig, ax_n, ax_l, drawn_loss, drawn_loss and pos_loss)
+    if with_metrics:
+        _draw_metrics(ax_m, rows, colors)
+    return fig
+
+
+def _draw_norm_curve(ax, r: CompareRow, c, taus: list[tuple[float, object, str]]) -> None:
+    """A run's positive norms, its non-finite steps (x) and its judged max_norm (dashed; noted in taus)."""
+    from gradscope.report.plot import downsample_minmax
+
+    step, g = r.curves.step, r.curves.grad_norm
+    pos = np.isfinite(g) & (g > 0)
+    x, y = downsample_minmax(step[pos], g[pos])
+    ax.plot(x, y, color=c, lw=0.8, alpha=0.85, label=r.run)
+    top = np.nanmax(g[pos]) if pos.any() else 1.0
+    bad = ~np.isfinite(g) & ~r.curves.skipped
+    if bad.any():
+        ax.scatter(step[bad], np.full(int(bad.sum()), top), marker="x", color=c, s=18, zorder=3)
+    if r.clip_norm is not None:
+        ax.axhline(r.clip_norm, color=c, ls="--", lw=0.9, alpha=0.9)
+        taus.append((float(r.clip_norm), c, r.run))
+
+
+def _draw_loss_curve(ax, r: CompareRow, c) -> tuple[bool, bool]:
+    """A run's finite losses: (drawn, every drawn loss positive)."""
+    from gradscope.report.plot import downsample_minmax
+
+    loss = r.curves.loss
+    ok = np.isfinite(loss)
+    if not ok.any():
+        return False, True
+    x, y = downsample_minmax(r.curves.step[ok], loss[ok])
+    ax.plot(x, y, color=c, lw=0.8, alpha=0.85, label=r.run)
+    return True, bool((loss[ok] > 0).all())
+
+
+def _label_thresholds(ax, taus: list[tuple[float, object, str]]) -> None:
+    """Each dashed line says what it is, at the right edge (one label per distinct value)."""
+    from matplotlib.transforms import blended_transform_factory
+
+    edge = blended_transform_factory(ax.transAxes, ax.transData)
     seen: dict[str, list[str]] = {}
     for v, c, run in taus:
         seen.setdefault(f"{v:g}", []).append(run)
@@ -176,15 +197,19 @@ def build_figure(rows: list[CompareRow]):
             continue
         names = seen.pop(key)
         who = names[0] if len(names) == 1 else f"{len(names)} runs"
-        ax_n.text(0.995, v, f"max_norm {key} ({who})", transform=edge, ha="right", va="bottom", fontsize=8,
-                  color=c, clip_on=True)
+        ax.text(0.995, v, f"max_norm {key} ({who})", transform=edge, ha="right", va="bottom", fontsize=8,
+                color=c, clip_on=True)
+
+
+def _style_panels(fig, ax_n, ax_l, drawn_loss: bool, log_loss: bool) -> None:
+    """Scales, labels, titles, and the legend beside the panels."""
     ax_n.set_yscale("log")
     ax_n.set_ylabel("grad norm (pre-clip, log)")
     ax_n.set_title("gradient norm (dashed: each run's judged max_norm; x: non-finite steps the loss scaler did not skip)",
                    fontsize=10)
     ax_n.grid(True, which="both", alpha=0.25)
-    ax_l.set_ylabel("loss (log)" if drawn_loss and pos_loss else "loss")
-    if drawn_loss and pos_loss:
+    ax_l.set_ylabel("loss (log)" if log_loss else "loss")
+    if log_loss:
         ax_l.set_yscale("log")  # one diverged run must not flatten the others into a line
     ax_l.set_xlabel("optimizer step")
     ax_l.grid(True, which="both", alpha=0.25)
@@ -194,22 +219,24 @@ def build_figure(rows: list[CompareRow]):
         fig.legend(handles, labels, loc="outside right upper", fontsize=8, title="runs", title_fontsize=8)
     if not drawn_loss:
         ax_l.text(0.5, 0.5, "no loss logged", transform=ax_l.transAxes, ha="center", va="center")
-    if with_metrics:
-        styles = ("-", "--", ":", "-.")
-        names = list(dict.fromkeys(k for r in rows for k in r.metric_series))[:len(styles)]
-        for i, r in enumerate(rows):
-            for j, name in enumerate(names):
-                if name in r.metric_series:
-                    x, y = r.metric_series[name]
-                    ax_m.plot(x, y, color=colors[i], ls=styles[j], lw=0.9, marker="o", ms=2.5,
-                              label=f"{r.run}: {name}")
-        ax_m.set_ylabel("reported metric")
-        ax_m.set_title("metrics the scripts reported, at the step each was reported after (colour: run, line: name)",
-                       fontsize=10)
-        ax_m.legend(fontsize=8, loc="best")
-        ax_m.grid(True, alpha=0.25)
-        ax_m.set_xlabel("step")
-    return fig
+
+
+def _draw_metrics(ax, rows: list[CompareRow], colors: list) -> None:
+    """What the scripts reported: colour by run, line style by metric name (the first four names)."""
+    styles = ("-", "--", ":", "-.")
+    names = list(dict.fromkeys(k for r in rows for k in r.metric_series))[:len(styles)]
+    for i, r in enumerate(rows):
+        for j, name in enumerate(names):
+            if name in r.metric_series:
+                x, y = r.metric_series[name]
+                ax.plot(x, y, color=colors[i], ls=styles[j], lw=0.9, marker="o", ms=2.5,
+                        label=f"{r.run}: {name}")
+    ax.set_ylabel("reported metric")
+    ax.set_title("metrics the scripts reported, at the step each was reported after (colour: run, line: name)",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(True, alpha=0.25)
+    ax.set_xlabel("step")
 
 
 def save(fig, out: str | os.PathLike) -> Path:

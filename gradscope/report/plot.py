@@ -18,9 +18,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from gradscope.report.sources import THRESHOLD_SOURCE_LABELS
+
+if TYPE_CHECKING:
+    from gradscope.analysis.model import OptimizerAnalysis, RunAnalysis
 
 # Points per line series after downsampling: 2 per bin, a bin narrower than a pixel
 # of a 14-inch figure at 100 dpi.
@@ -271,83 +276,124 @@ def _mode(values: np.ndarray) -> float | None:
     return float(vals[np.argmax(counts)])
 
 
-def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | None = None) -> PlotData:
-    """Arrays and thresholds for the figure from a Run and (optionally) the analyzer's result."""
+def plot_data(run, analysis: RunAnalysis | None = None, clip_norm: float | None = None,
+              name: str | None = None) -> PlotData:
+    """Arrays and thresholds for the figure from a Run and (optionally) the analyzer's result.
+
+    What the analyzer concluded (threshold, recommendation, warm-up, NaN origin) is drawn as it
+    is, never judged again; without a result (or for an optimizer it could not judge) the figure
+    shows what the run recorded: its clip_grad_norm_ threshold and its traced NaN origin."""
     steps = run.steps
     notes: list[str] = []
     ranks = sorted(steps["rank"].unique().tolist()) if len(steps) else [0]
-    rank = getattr(analysis, "rank", None)
+    rank = analysis.rank if analysis is not None else None
     rank = ranks[0] if rank is None or rank not in ranks else rank
     if len(ranks) > 1:
         notes.append(f"rank {rank} of {len(ranks)}")
         steps = steps[steps["rank"] == rank]
-    by_opt = {o.optimizer: o for o in (getattr(analysis, "optimizers", None) or [])}
+    by_opt = {o.optimizer: o for o in analysis.optimizers} if analysis is not None else {}
+    series = [_series(run, int(opt_id), s.sort_values("step", kind="stable"), by_opt.get(int(opt_id)), clip_norm)
+              for opt_id, s in steps.groupby("optimizer", sort=True)]
+    _attach_origin(series, by_opt, run, rank)
+    layers = _first_heatmap(run, series, rank)
+    if layers is not None and len(series) > 1:
+        notes.append(f"layer heatmap: optimizer {series[0].optimizer}")
+    if (run.meta or {}).get("sampled"):
+        notes.append(f"sampled log: every {run.meta.get('logging_steps')}th step")
+    metrics = getattr(run, "metrics", None)
+    if metrics is not None and len(metrics):
+        metrics = metrics[metrics["rank"] == rank]
+    return PlotData(title=_title(run, series, name), series=series, layers=layers, notes=notes, source=run.source,
+                    metrics=metrics if metrics is not None and len(metrics) else None)
+
+
+def _series(run, opt_id: int, s, a: OptimizerAnalysis | None, clip_norm: float | None) -> Series:
+    """One optimizer's rows (in step order) and, when the analyzer judged it, what it concluded."""
+    cls = next((o.get("class") for o in (run.meta.get("optimizers") or [])
+                if isinstance(o, dict) and o.get("id") == opt_id), None)
+    ser = Series(
+        optimizer=opt_id,
+        label=f"optimizer {opt_id}" + (f" ({cls})" if cls else ""),
+        step=s["step"].to_numpy(),
+        grad_norm=s["grad_norm"].to_numpy(dtype=float),
+        loss=s["loss"].to_numpy(dtype=float),
+        clipped=s["clipped"].to_numpy(dtype=bool),
+        skipped=s["skipped"].to_numpy(dtype=bool),
+        lr=s["lr"].to_numpy(dtype=float) if "lr" in s else None,
+    )
+    ser.clip_norm, ser.clip_source = _judged_threshold(run, s, a, clip_norm)
+    if a is not None:
+        _draw_analysis(ser, a)
+    return ser
+
+
+def _judged_threshold(run, s, a: OptimizerAnalysis | None, clip_norm: float | None) -> tuple[float | None, str | None]:
+    """(the threshold drawn as judged, its legend label): plot --clip-norm, else the analyzer's, else the
+    one the run recorded (the script's most used max_norm, a log's max_grad_norm)."""
+    if clip_norm is not None:
+        return float(clip_norm), THRESHOLD_SOURCE_LABELS["option"].legend
+    th = a.threshold if a is not None else None
+    if th is not None and th.clip_norm is not None:
+        label = THRESHOLD_SOURCE_LABELS.get(th.source) if th.source is not None else None
+        return float(th.clip_norm), (label or THRESHOLD_SOURCE_LABELS["script"]).legend
+    m = _mode(s["clip_max_norm"].to_numpy(dtype=float))
+    if m is not None:
+        return m, THRESHOLD_SOURCE_LABELS["script"].legend
     meta_clip = (run.meta or {}).get("clip_norm")
+    if isinstance(meta_clip, (int, float)) and meta_clip > 0:
+        return float(meta_clip), THRESHOLD_SOURCE_LABELS["log"].legend
+    return None, None
 
-    series = []
-    for opt_id, s in steps.groupby("optimizer", sort=True):
-        s = s.sort_values("step", kind="stable")
-        cls = next((o.get("class") for o in (run.meta.get("optimizers") or []) if isinstance(o, dict) and o.get("id") == opt_id), None)
-        ser = Series(
-            optimizer=int(opt_id),
-            label=f"optimizer {opt_id}" + (f" ({cls})" if cls else ""),
-            step=s["step"].to_numpy(),
-            grad_norm=s["grad_norm"].to_numpy(dtype=float),
-            loss=s["loss"].to_numpy(dtype=float),
-            clipped=s["clipped"].to_numpy(dtype=bool),
-            skipped=s["skipped"].to_numpy(dtype=bool),
-            lr=s["lr"].to_numpy(dtype=float) if "lr" in s else None,
-        )
-        a = by_opt.get(int(opt_id))
-        th = getattr(a, "threshold", None)
-        if clip_norm is not None:
-            ser.clip_norm, ser.clip_source = float(clip_norm), "--clip-norm"
-        elif th is not None and getattr(th, "clip_norm", None) is not None:
-            ser.clip_norm = float(th.clip_norm)
-            ser.clip_source = {"script": "max_norm", "log": "the log's max_grad_norm", "option": "--clip-norm",
-                               "override": "gradscope run --clip-norm",
-                               "default": "the trainer's default max_grad_norm (assumed)"}.get(
-                getattr(th, "source", None), "max_norm")
-        else:
-            m = _mode(s["clip_max_norm"].to_numpy(dtype=float))
-            if m is not None:
-                ser.clip_norm, ser.clip_source = m, "max_norm"
-            elif isinstance(meta_clip, (int, float)) and meta_clip > 0:
-                ser.clip_norm, ser.clip_source = float(meta_clip), "the log's max_grad_norm"
-        rec = getattr(a, "recommendation", None)
-        if rec is not None and getattr(rec, "clip_norm_rounded", None):
-            ser.recommended = float(rec.clip_norm_rounded)
-            ser.recommended_fraction = getattr(rec, "clip_fraction", None)
-            lo, hi = getattr(rec, "low", None), getattr(rec, "high", None)
-            if lo is not None and hi is not None and 0 < lo < hi:
-                ser.supported = (float(lo), float(hi))
+
+def _draw_analysis(ser: Series, a: OptimizerAnalysis) -> None:
+    """The analyzer's recommendation, verdict, warm-up and blow-up onset of this optimizer, as drawn."""
+    rec = a.recommendation
+    if rec is not None and rec.clip_norm_rounded:
+        ser.recommended = float(rec.clip_norm_rounded)
+        ser.recommended_fraction = rec.clip_fraction
+        if rec.low is not None and rec.high is not None and 0 < rec.low < rec.high:
+            ser.supported = (float(rec.low), float(rec.high))
+    ser.judged_fraction = a.clip_fraction
+    ser.regime = a.regime
+    ser.steady_from = int(a.steady_from_step) if a.steady_from_step is not None and a.warmup_steps else None
+    v = a.verdict
+    if ser.clip_norm is not None and v.clipped_steps is not None and v.clip_norm == ser.clip_norm:
+        ser.judged_clipped = int(v.clipped_steps)
+        ser.judged_steps = int(a.steady_steps) or None
+    if rec is not None and rec.situation == "blew-up" and rec.onset_step is not None:
+        fin = np.isfinite(ser.grad_norm) & ~ser.skipped & (ser.step >= (ser.steady_from or 0))
+        if (fin & (ser.step < rec.onset_step)).sum() >= 2:  # something left to show before it
+            ser.blowup_from = int(rec.onset_step)
+
+
+def _attach_origin(series: list[Series], by_opt: dict[int, OptimizerAnalysis], run, rank: int) -> None:
+    """The NaN origin `--trace-nan` recorded: the analyzer's for an optimizer it judged, else read from the run."""
+    recorded: list = []
+    for s in series:
+        a = by_opt.get(s.optimizer)
         if a is not None:
-            ser.judged_fraction = getattr(a, "clip_fraction", None)
-            ser.regime = getattr(a, "regime", None)
-            sf = getattr(a, "steady_from_step", None)
-            ser.steady_from = int(sf) if sf is not None and getattr(a, "warmup_steps", 0) else None
-            verdict = getattr(a, "verdict", None)
-            if ser.clip_norm is not None and getattr(verdict, "clipped_steps", None) is not None \
-                    and getattr(verdict, "clip_norm", None) == ser.clip_norm:
-                ser.judged_clipped = int(verdict.clipped_steps)
-                ser.judged_steps = int(getattr(a, "steady_steps", 0)) or None
-            onset = getattr(rec, "onset_step", None)
-            if getattr(rec, "situation", None) == "blew-up" and onset is not None:
-                fin = np.isfinite(ser.grad_norm) & ~ser.skipped & (ser.step >= (ser.steady_from or 0))
-                if (fin & (ser.step < onset)).sum() >= 2:  # something left to show before it
-                    ser.blowup_from = int(onset)
-        series.append(ser)
-    _attach_origin(series, run, rank)
+            s.origin = a.nonfinite.origin
+            continue
+        if not recorded:
+            from gradscope.analysis.origin import nan_origin
 
-    layers = None
+            recorded.append(nan_origin(run, rank) if run.source == "gradscope" else None)
+        o = recorded[0]
+        if o is not None and s.optimizer == o.optimizer:
+            s.origin = o
+
+
+def _first_heatmap(run, series: list[Series], rank: int) -> Heatmap | None:
+    """The first series' layer heatmap, when its layer norms were recorded."""
     store = run.layer_norms
-    if series and (rank, series[0].optimizer) in store.series():
-        first = series[0]
-        skipped = first.step[first.skipped] if first.skipped.any() else None
-        layers = layer_heatmap(store, (rank, first.optimizer), skipped)
-        if layers is not None and len(series) > 1:
-            notes.append(f"layer heatmap: optimizer {first.optimizer}")
+    if not series or (rank, series[0].optimizer) not in store.series():
+        return None
+    first = series[0]
+    skipped = first.step[first.skipped] if first.skipped.any() else None
+    return layer_heatmap(store, (rank, first.optimizer), skipped)
 
+
+def _title(run, series: list[Series], name: str | None) -> str:
     label = name or Path(run.path).name or str(run.path)
     n = sum(len(s.step) for s in series)
     title = f"{label}  —  {n:,} steps" + (f", {len(series)} optimizers" if len(series) > 1 else "")
@@ -355,22 +401,7 @@ def plot_data(run, analysis=None, clip_norm: float | None = None, name: str | No
         title += f"  —  regime: {series[0].regime}"
     if run.source != "gradscope":
         title += f"  ({run.source} log)"
-    if (run.meta or {}).get("sampled"):
-        notes.append(f"sampled log: every {run.meta.get('logging_steps')}th step")
-    metrics = getattr(run, "metrics", None)
-    if metrics is not None and len(metrics):
-        metrics = metrics[metrics["rank"] == rank]
-    return PlotData(title=title, series=series, layers=layers, notes=notes, source=run.source,
-                    metrics=metrics if metrics is not None and len(metrics) else None)
-
-
-def _attach_origin(series: list, run, rank: int) -> None:
-    from gradscope.analysis.origin import nan_origin
-
-    o = nan_origin(run, rank) if run.source == "gradscope" else None
-    for s in series:
-        if o is not None and s.optimizer == o.optimizer:
-            s.origin = o
+    return title
 
 
 def origin_label(o) -> str:
@@ -523,49 +554,73 @@ def _draw_norms(ax, data: PlotData) -> None:
     multi = len(data.series) > 1
     any_pos = False
     for i, s in enumerate(data.series):
-        color = COLORS[i % len(COLORS)]
-        g = s.grad_norm
-        ok = np.isfinite(g) & (g > 0)
-        any_pos |= bool(ok.any())
-        # Skipped steps (inf by design) and non-finite ones are markers, not line points.
-        line = np.where(ok & ~s.skipped, g, np.nan)
-        x, y = downsample_minmax(s.step, line)
-        has_line = bool(np.isfinite(y).any())  # no legend entry for a line that is not there
-        ax.plot(x, y, lw=0.8, color=color, zorder=2,
-                label=(s.label if multi else "grad norm (pre-clip)") if has_line else None)
-        clipped = s.clipped & ok
-        if clipped.any():
-            warm = clipped & (s.step < s.steady_from) if s.steady_from is not None else np.zeros_like(clipped)
-            main_label, warm_label = _clipped_label(s, int(clipped.sum()), int(warm.sum()))
-            many = int(clipped.sum()) > MAX_CLIP_DOTS
-            for sel, lab, face in ((clipped & ~warm, main_label, CLIPPED_COLOR), (warm, warm_label, "none")):
-                idx = np.flatnonzero(sel)
-                if not len(idx):
-                    continue
-                if many:
-                    # Many clipped steps: a rug of ticks along the panel's foot, off the curve.
-                    from matplotlib.transforms import ScaledTranslation
-
-                    xs = thin_markers(s.step[idx])
-                    foot = ax.get_xaxis_transform() + ScaledTranslation(0, 3 / 72, ax.figure.dpi_scale_trans)
-                    ax.scatter(xs, np.zeros(len(xs)), transform=foot, marker="|", s=30, color=CLIPPED_COLOR,
-                               alpha=1.0 if face != "none" else 0.45, linewidths=0.8, zorder=3, clip_on=False,
-                               label=lab if (i == 0 or multi) and lab else None)
-                    continue
-                ax.scatter(s.step[idx], g[idx], s=9, facecolors=face, edgecolors=CLIPPED_COLOR, zorder=3,
-                           linewidths=0.8, label=lab if i == 0 or multi else None)
-        skipped = s.skipped
-        if skipped.any():
-            from matplotlib.transforms import ScaledTranslation
-
-            xs = thin_markers(s.step[skipped])
-            above_bottom = ax.get_xaxis_transform() + ScaledTranslation(0, 6 / 72, ax.figure.dpi_scale_trans)
-            ax.scatter(xs, np.zeros(len(xs)), transform=above_bottom, marker="x", s=18,
-                       color=SKIPPED_COLOR, zorder=5, clip_on=False,
-                       label=f"skipped by loss scaler ({int(skipped.sum()):,})")
-        bad = ~np.isfinite(g) & ~skipped
-        _mark_top(ax, s.step, bad, f"non-finite grad norm ({_steps(int(bad.sum()))})" if bad.any() else None)
+        any_pos |= _draw_series_norms(ax, s, COLORS[i % len(COLORS)], i == 0 or multi, multi)
     first = data.series[0] if data.series else None
+    _norm_axis(ax, data, first, any_pos)
+    if first is not None:
+        _first_series_marks(ax, first, data.source, any_pos)
+    ax.set_title("gradient norm per optimizer step", loc="left", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    extra = [a for a in ax.artists if isinstance(a, Line2D) and a.get_label() and not a.get_label().startswith("_")]
+    ax.legend(handles + extra, labels + [a.get_label() for a in extra], loc="best", fontsize=LEGEND_FONT,
+              ncol=2, framealpha=0.85)
+
+
+def _draw_series_norms(ax, s: Series, color: str, labelled: bool, multi: bool) -> bool:
+    """One series' norm line, its clipped, skipped and non-finite steps; whether it has a positive norm."""
+    g = s.grad_norm
+    ok = np.isfinite(g) & (g > 0)
+    # Skipped steps (inf by design) and non-finite ones are markers, not line points.
+    line = np.where(ok & ~s.skipped, g, np.nan)
+    x, y = downsample_minmax(s.step, line)
+    has_line = bool(np.isfinite(y).any())  # no legend entry for a line that is not there
+    ax.plot(x, y, lw=0.8, color=color, zorder=2,
+            label=(s.label if multi else "grad norm (pre-clip)") if has_line else None)
+    clipped = s.clipped & ok
+    if clipped.any():
+        _draw_clipped(ax, s, clipped, labelled)
+    skipped = s.skipped
+    if skipped.any():
+        xs = thin_markers(s.step[skipped])
+        ax.scatter(xs, np.zeros(len(xs)), transform=_above_foot(ax, 6), marker="x", s=18,
+                   color=SKIPPED_COLOR, zorder=5, clip_on=False,
+                   label=f"skipped by loss scaler ({int(skipped.sum()):,})")
+    bad = ~np.isfinite(g) & ~skipped
+    _mark_top(ax, s.step, bad, f"non-finite grad norm ({_steps(int(bad.sum()))})" if bad.any() else None)
+    return bool(ok.any())
+
+
+def _above_foot(ax, points: float):
+    """x in data, y in axes coordinates, `points` above the panel's foot."""
+    from matplotlib.transforms import ScaledTranslation
+
+    return ax.get_xaxis_transform() + ScaledTranslation(0, points / 72, ax.figure.dpi_scale_trans)
+
+
+def _draw_clipped(ax, s: Series, clipped: np.ndarray, labelled: bool) -> None:
+    """Clipped steps as dots on the curve while few, else a rug of ticks along the panel's foot; the
+    warm-up's (not judged) hollow or faint."""
+    warm = clipped & (s.step < s.steady_from) if s.steady_from is not None else np.zeros_like(clipped)
+    main_label, warm_label = _clipped_label(s, int(clipped.sum()), int(warm.sum()))
+    many = int(clipped.sum()) > MAX_CLIP_DOTS
+    for sel, lab, face in ((clipped & ~warm, main_label, CLIPPED_COLOR), (warm, warm_label, "none")):
+        idx = np.flatnonzero(sel)
+        if not len(idx):
+            continue
+        if many:
+            # Many clipped steps: a rug of ticks along the panel's foot, off the curve.
+            xs = thin_markers(s.step[idx])
+            ax.scatter(xs, np.zeros(len(xs)), transform=_above_foot(ax, 3), marker="|", s=30, color=CLIPPED_COLOR,
+                       alpha=1.0 if face != "none" else 0.45, linewidths=0.8, zorder=3, clip_on=False,
+                       label=lab if labelled and lab else None)
+            continue
+        ax.scatter(s.step[idx], s.grad_norm[idx], s=9, facecolors=face, edgecolors=CLIPPED_COLOR, zorder=3,
+                   linewidths=0.8, label=lab if labelled else None)
+
+
+def _norm_axis(ax, data: PlotData, first: Series | None, any_pos: bool) -> None:
+    """A log axis spanning the norms and the first series' thresholds, or words when no norm is positive."""
     if any_pos:
         ax.set_yscale("log")
         pos = np.concatenate([s.grad_norm[np.isfinite(s.grad_norm) & (s.grad_norm > 0)] for s in data.series])
@@ -579,36 +634,36 @@ def _draw_norms(ax, data: PlotData) -> None:
         ax.text(0.5, 0.5, "no finite gradient norm", transform=ax.transAxes, ha="center", va="center", color="0.4")
         ax.set_yticks([])
         ax.set_ylabel("gradient norm")
-    if first is not None:
-        if any_pos:
-            _threshold_lines(ax, first)
-            if first.supported is not None:
-                ax.axhspan(*first.supported, color=RECOMMENDED_COLOR, alpha=0.12, lw=0, zorder=1,
-                           label=f"range the data support: {_fmt(first.supported[0])} to {_fmt(first.supported[1])}")
-        if first.clip_norm is None:
-            # Words, not a swatch: there is no line to point at.
-            words = ("no clip threshold: the run does not clip" if data.source == "gradscope"
-                     else "no clip threshold known for this log")
-            ax.add_artist(Line2D([], [], ls="none", marker="none", label=words))
-        bad = np.flatnonzero(~np.isfinite(first.grad_norm) & ~first.skipped)
-        if len(bad):
-            ax.axvline(first.step[bad[0]], color=NONFINITE_COLOR, lw=0.8, ls=":", zorder=1,
-                       label=f"first non-finite: step {first.step[bad[0]]}")
-        if first.origin is not None:
-            ax.axvline(first.origin.step, color=NONFINITE_COLOR, lw=1.6, ls="-", alpha=0.6, zorder=1,
-                       label=origin_label(first.origin))
-        if first.steady_from is not None and len(first.step) and first.steady_from > first.step[0]:
-            ax.axvspan(first.step[0], first.steady_from, color="0.85", alpha=0.5, lw=0, zorder=0,
-                       label="warm-up (not judged)")
-        if first.blowup_from is not None:
-            ax.axvline(first.blowup_from, color=JUDGED_COLOR, lw=0.8, ls=":", zorder=1,
-                       label=f"blow-up from step {first.blowup_from:,}")
-    ax.set_title("gradient norm per optimizer step", loc="left", fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    extra = [a for a in ax.artists if isinstance(a, Line2D) and a.get_label() and not a.get_label().startswith("_")]
-    ax.legend(handles + extra, labels + [a.get_label() for a in extra], loc="best", fontsize=LEGEND_FONT,
-              ncol=2, framealpha=0.85)
+
+
+def _first_series_marks(ax, first: Series, source: str, any_pos: bool) -> None:
+    """The first series' thresholds and supported range, first non-finite step, NaN origin, warm-up and
+    blow-up onset."""
+    from matplotlib.lines import Line2D
+
+    if any_pos:
+        _threshold_lines(ax, first)
+        if first.supported is not None:
+            ax.axhspan(*first.supported, color=RECOMMENDED_COLOR, alpha=0.12, lw=0, zorder=1,
+                       label=f"range the data support: {_fmt(first.supported[0])} to {_fmt(first.supported[1])}")
+    if first.clip_norm is None:
+        # Words, not a swatch: there is no line to point at.
+        words = ("no clip threshold: the run does not clip" if source == "gradscope"
+                 else "no clip threshold known for this log")
+        ax.add_artist(Line2D([], [], ls="none", marker="none", label=words))
+    bad = np.flatnonzero(~np.isfinite(first.grad_norm) & ~first.skipped)
+    if len(bad):
+        ax.axvline(first.step[bad[0]], color=NONFINITE_COLOR, lw=0.8, ls=":", zorder=1,
+                   label=f"first non-finite: step {first.step[bad[0]]}")
+    if first.origin is not None:
+        ax.axvline(first.origin.step, color=NONFINITE_COLOR, lw=1.6, ls="-", alpha=0.6, zorder=1,
+                   label=origin_label(first.origin))
+    if first.steady_from is not None and len(first.step) and first.steady_from > first.step[0]:
+        ax.axvspan(first.step[0], first.steady_from, color="0.85", alpha=0.5, lw=0, zorder=0,
+                   label="warm-up (not judged)")
+    if first.blowup_from is not None:
+        ax.axvline(first.blowup_from, color=JUDGED_COLOR, lw=0.8, ls=":", zorder=1,
+                   label=f"blow-up from step {first.blowup_from:,}")
 
 
 def smooth(y: np.ndarray, window: int) -> np.ndarray:

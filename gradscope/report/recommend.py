@@ -105,6 +105,7 @@ import math
 from typing import Any
 
 from gradscope.analysis.model import OptimizerAnalysis, RunAnalysis
+from gradscope.report.sources import THRESHOLD_SOURCE_LABELS
 
 SCHEMA = "gradscope.recommend/1"
 
@@ -160,10 +161,9 @@ def _clean(obj: Any) -> Any:
 
 
 def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
-    v, r, th, nf, sp = o.verdict, o.recommendation, o.threshold, o.nonfinite, o.spikes
+    r, nf = o.recommendation, o.nonfinite
     rc = config.recommend if config is not None else None
-    w = o.whole_run
-    d = {
+    return {
         "optimizer": o.optimizer,
         "optimizer_class": o.optimizer_class,
         "rank": o.rank,
@@ -174,22 +174,49 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
         "nonfinite_steps": nf.count,
         "first_nonfinite_step": nf.first_step,
         "nonfinite_kind": nf.first_kind,
-        "nonfinite": {
-            "count": nf.count, "first_step": nf.first_step, "first_kind": nf.first_kind,
-            "overflow_skipped": nf.overflow_skipped, "recovered": nf.recovered,
-            "divergence_step": nf.divergence_step, "steps": nf.steps,
-            "origin": nf.origin.json() if getattr(nf, "origin", None) is not None else None,
-        },
+        "nonfinite": _nonfinite_json(nf),
         "warmup_steps": o.warmup_steps,
         "steady_steps": o.steady_steps,
         "steady_optimizer_steps": o.steady_optimizer_steps,
         "steady_from_step": o.steady_from_step,
         "analysis_until_step": o.analysis_until_step,
         "percentiles": o.percentiles,
-        "whole_run": None if w is None else {
-            "steps": w.steps, "finite_steps": w.finite_steps, "min": w.min, "p50": w.p50, "max": w.max,
-            "max_step": w.max_step,
-        },
+        "whole_run": _whole_run_json(o.whole_run),
+        **_verdict_json(o),
+        **_recommendation_json(r, rc),
+        "action": o.advice.action if o.advice is not None else None,
+        "advice": o.advice.line if o.advice is not None else None,
+        "adam_family": o.adam_family,
+        "drift": _drift_json(o.drift),
+        "spikes": _spikes_json(o.spikes),
+        "preset": _preset_json(o.preset),
+        **_confidence_json(o.confidence),
+        "caveats": list(o.caveats),
+        "snippets": snippets(r.clip_norm_rounded) if r is not None else None,
+        "notes": list(o.notes),
+    }
+
+
+def _nonfinite_json(nf) -> dict:
+    return {
+        "count": nf.count, "first_step": nf.first_step, "first_kind": nf.first_kind,
+        "overflow_skipped": nf.overflow_skipped, "recovered": nf.recovered,
+        "divergence_step": nf.divergence_step, "steps": nf.steps,
+        "origin": nf.origin.json() if getattr(nf, "origin", None) is not None else None,
+    }
+
+
+def _whole_run_json(w) -> dict | None:
+    if w is None:
+        return None
+    return {"steps": w.steps, "finite_steps": w.finite_steps, "min": w.min, "p50": w.p50, "max": w.max,
+            "max_step": w.max_step}
+
+
+def _verdict_json(o: OptimizerAnalysis) -> dict:
+    """The threshold judged, where it came from, and what it does on the steady state."""
+    v, th = o.verdict, o.threshold
+    return {
         "clip_norm": v.clip_norm,
         "clip_norm_source": th.source,
         "clip_norm_changed": th.changed,
@@ -203,45 +230,43 @@ def optimizer_json(o: OptimizerAnalysis, config=None) -> dict:
         "clip_norm_to_max": v.clip_norm_to_max,
         "clip_norm_to_p50": v.clip_norm_to_p50,
         "meaning": v.meaning,
-        **_recommendation_json(r, rc),
-        "action": o.advice.action if o.advice is not None else None,
-        "advice": o.advice.line if o.advice is not None else None,
-        "adam_family": o.adam_family,
-        "drift": None,
-        "spikes": {
-            "count": sp.count, "z_threshold": sp.z_threshold, "min_ratio": sp.min_ratio,
-            "layers_available": sp.layers_available,
-            "listed": [
-                {
-                    "step": s.step, "grad_norm": s.grad_norm, "level": s.level, "ratio": s.ratio, "z": s.z,
-                    "in_warmup": s.in_warmup, "layers": [{"name": n, "share": f} for n, f in s.layers],
-                }
-                for s in sp.listed
-            ],
-        },
-        "preset": None,
-        **_confidence_json(o.confidence),
-        "caveats": list(o.caveats),
-        "snippets": snippets(r.clip_norm_rounded) if r is not None else None,
-        "notes": list(o.notes),
     }
-    if o.drift is not None:
-        dr = o.drift
-        d["drift"] = {
-            "early": dr.early, "late": dr.late, "early_steps": dr.early_steps, "late_steps": dr.late_steps,
-            "p50_ratio": dr.p50_ratio, "drifting": dr.drifting,
-            "recommended_clip_fraction_early": dr.recommended_clip_fraction_early,
-            "recommended_clip_fraction_late": dr.recommended_clip_fraction_late,
-            "warning": dr.warning,
-        }
-    if o.preset is not None:
-        p = o.preset
-        d["preset"] = {
-            "name": p.name, "low": p.low, "high": p.high, "source": p.source, "position": p.position,
-            "clip_fraction_at_low": p.clip_fraction_at_low, "clip_fraction_at_high": p.clip_fraction_at_high,
-            "mean_multiplier_at_low": p.mean_multiplier_at_low, "message": p.message,
-        }
-    return d
+
+
+def _drift_json(dr) -> dict | None:
+    if dr is None:
+        return None
+    return {
+        "early": dr.early, "late": dr.late, "early_steps": dr.early_steps, "late_steps": dr.late_steps,
+        "p50_ratio": dr.p50_ratio, "drifting": dr.drifting,
+        "recommended_clip_fraction_early": dr.recommended_clip_fraction_early,
+        "recommended_clip_fraction_late": dr.recommended_clip_fraction_late,
+        "warning": dr.warning,
+    }
+
+
+def _spikes_json(sp) -> dict:
+    return {
+        "count": sp.count, "z_threshold": sp.z_threshold, "min_ratio": sp.min_ratio,
+        "layers_available": sp.layers_available,
+        "listed": [
+            {
+                "step": s.step, "grad_norm": s.grad_norm, "level": s.level, "ratio": s.ratio, "z": s.z,
+                "in_warmup": s.in_warmup, "layers": [{"name": n, "share": f} for n, f in s.layers],
+            }
+            for s in sp.listed
+        ],
+    }
+
+
+def _preset_json(p) -> dict | None:
+    if p is None:
+        return None
+    return {
+        "name": p.name, "low": p.low, "high": p.high, "source": p.source, "position": p.position,
+        "clip_fraction_at_low": p.clip_fraction_at_low, "clip_fraction_at_high": p.clip_fraction_at_high,
+        "mean_multiplier_at_low": p.mean_multiplier_at_low, "message": p.message,
+    }
 
 
 def _confidence_json(c) -> dict:
@@ -317,13 +342,11 @@ def _f(x: float | None, spec: str = ".4g") -> str:
 
 _REGIME_STYLE = {"never-clips": "yellow", "always-clips": "red", "healthy": "green", "unclipped": "magenta",
                  None: "red"}
-_SOURCE = {
-    "option": "--clip-norm",
-    "override": "`gradscope run --clip-norm`",
-    "script": "the script's max_norm",
-    "log": "the log's settings",
-    "default": "the trainer's default, assumed",
-}
+def _source_text(source: str | None) -> str:
+    label = THRESHOLD_SOURCE_LABELS.get(source) if source is not None else None
+    return label.text if label is not None else "?"
+
+
 _KIND = {
     "overflow-skipped": "a loss-scaler overflow the scaler skipped (harmless)",
     "recovered": "non-finite, and finite steps follow (no loss scaler skipped it)",
@@ -476,7 +499,7 @@ def _verdict(o: OptimizerAnalysis, main: bool) -> list:
         line.append(v.regime, style=f"bold {_REGIME_STYLE[v.regime]}")
     if v.clip_norm is not None and v.clip_fraction is not None:
         line.append(
-            f"  max_norm {v.clip_norm:g} ({_SOURCE.get(o.threshold.source, '?')}): clips {v.clip_fraction:.1%} "
+            f"  max_norm {v.clip_norm:g} ({_source_text(o.threshold.source)}): clips {v.clip_fraction:.1%} "
             f"({v.clipped_steps} of {o.steady_steps} steady-state steps), "
             + ("" if o.adam_family else f"mean update multiplier {v.mean_multiplier:.3f}, ")
             + f"{v.clip_norm_to_max:.3g}x the largest norm"
