@@ -21,7 +21,9 @@ The user's gradients, RNG state and dtypes are never touched.
 This module keeps the lifecycle, the per-step bookkeeping and the device-side rows;
 ``patches.py`` installs the hooks listed above, as handles that call the recorder's events
 (``on_step``, ``on_backward``, ``on_clip``, ...), and
-``flushing.py`` copies the rows to the host and writes them (``Recorder._flush`` ...).
+``flushing.py``'s ``Flusher`` copies the rows it is handed to the host and writes them, with
+the process file from a snapshot this recorder builds; ``fsdp1.py`` (``Shards``) and
+``deepspeed_engine.py`` keep what sharded engines need.
 """
 from __future__ import annotations
 
