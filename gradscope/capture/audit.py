@@ -111,68 +111,13 @@ class ClipAudit:
 
     def patches(self) -> list[tuple[Any, str, Callable[[Any], Any]]]:
         """(owner, attribute, make(original) -> replacement) for patches.install (capture/patches.py)."""
-        audit = self
-
-        def make_opt_zero(orig):
-            @functools.wraps(orig)
-            def zero_grad(opt, *args, **kwargs):
-                if not audit._active():
-                    return orig(opt, *args, **kwargs)
-                audit.optimizer_zero(opt)
-                return audit._zeroing(orig, opt, *args, **kwargs)
-
-            return zero_grad
-
-        def make_module_zero(orig):
-            @functools.wraps(orig)
-            def zero_grad(module, *args, **kwargs):
-                if not audit._active():
-                    return orig(module, *args, **kwargs)
-                audit.module_zero(module)
-                return audit._zeroing(orig, module, *args, **kwargs)
-
-            return zero_grad
-
-        def make_tensor_zero(orig):
-            def zero_(t):
-                if not audit._in_zero_grad and audit._active():
-                    audit.tensor_zero(t)
-                return orig(t)
-
-            return zero_
-
-        def make_tensor_fill(orig):
-            def fill_(t, value):
-                if not audit._in_zero_grad and audit._active():
-                    audit.tensor_zero(t)  # the value is not read: any fill counts as a reset
-                return orig(t, value)
-
-            return fill_
-
-        def make_foreach_zero(orig):
-            def _foreach_zero_(tensors):
-                if not audit._in_zero_grad and audit._active():
-                    audit.unknown_zero()
-                return orig(tensors)
-
-            return _foreach_zero_
-
-        def make_unscale(orig):
-            @functools.wraps(orig)
-            def unscale_(scaler, optimizer):
-                if audit._active():
-                    audit.unscaled(optimizer)
-                return orig(scaler, optimizer)
-
-            return unscale_
-
         return [
-            (torch.optim.Optimizer, "zero_grad", make_opt_zero),
-            (torch.nn.Module, "zero_grad", make_module_zero),
-            (torch.Tensor, "zero_", make_tensor_zero),
-            (torch.Tensor, "fill_", make_tensor_fill),
-            (torch, "_foreach_zero_", make_foreach_zero),
-            (torch.amp.GradScaler, "unscale_", make_unscale),
+            (torch.optim.Optimizer, "zero_grad", lambda orig: _make_opt_zero(self, orig)),
+            (torch.nn.Module, "zero_grad", lambda orig: _make_module_zero(self, orig)),
+            (torch.Tensor, "zero_", lambda orig: _make_tensor_zero(self, orig)),
+            (torch.Tensor, "fill_", lambda orig: _make_tensor_fill(self, orig)),
+            (torch, "_foreach_zero_", lambda orig: _make_foreach_zero(self, orig)),
+            (torch.amp.GradScaler, "unscale_", lambda orig: _make_unscale(self, orig)),
         ]
 
     def _zeroing(self, orig, obj, *args, **kwargs):
@@ -475,6 +420,68 @@ class ClipAudit:
             m[1] += n
         ranked = sorted(modules.items(), key=lambda kv: -kv[1][1])
         return [{"module": k, "tensors": t, "elements": e} for k, (t, e) in ranked]
+
+
+# ---------------------------------------------------------------------- the audit's patches (ClipAudit.patches)
+
+
+def _make_opt_zero(audit: Any, orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def zero_grad(opt, *args, **kwargs):
+        if not audit._active():
+            return orig(opt, *args, **kwargs)
+        audit.optimizer_zero(opt)
+        return audit._zeroing(orig, opt, *args, **kwargs)
+
+    return zero_grad
+
+
+def _make_module_zero(audit: Any, orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def zero_grad(module, *args, **kwargs):
+        if not audit._active():
+            return orig(module, *args, **kwargs)
+        audit.module_zero(module)
+        return audit._zeroing(orig, module, *args, **kwargs)
+
+    return zero_grad
+
+
+def _make_tensor_zero(audit: Any, orig: Callable) -> Callable:
+    def zero_(t):
+        if not audit._in_zero_grad and audit._active():
+            audit.tensor_zero(t)
+        return orig(t)
+
+    return zero_
+
+
+def _make_tensor_fill(audit: Any, orig: Callable) -> Callable:
+    def fill_(t, value):
+        if not audit._in_zero_grad and audit._active():
+            audit.tensor_zero(t)  # the value is not read: any fill counts as a reset
+        return orig(t, value)
+
+    return fill_
+
+
+def _make_foreach_zero(audit: Any, orig: Callable) -> Callable:
+    def _foreach_zero_(tensors):
+        if not audit._in_zero_grad and audit._active():
+            audit.unknown_zero()
+        return orig(tensors)
+
+    return _foreach_zero_
+
+
+def _make_unscale(audit: Any, orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def unscale_(scaler, optimizer):
+        if audit._active():
+            audit.unscaled(optimizer)
+        return orig(scaler, optimizer)
+
+    return unscale_
 
 
 def _partial_detail(params: list, have: list, out: list, fn: str | None) -> dict:

@@ -49,7 +49,7 @@ def _start_for_rank() -> None:
     from gradscope.capture import recorder
 
     rec = recorder.active_recorder()
-    if rec is not None and rec._mine():
+    if rec is not None and rec.recording():
         return
     if rec is not None:
         recorder.forget_inherited()  # a forked child's copy of its parent's recorder: inert here

@@ -32,45 +32,36 @@ import torch
 from gradscope.capture.norms import per_tensor_norms, stack_norms
 
 
-def maybe_install(rec: Any) -> None:
-    """Patch DeepSpeed's engine for ``rec`` if the script has imported deepspeed (once)."""
-    if rec._deepspeed_installed:
-        return
+def maybe_install(rec: Any) -> bool:
+    """Patch DeepSpeed's engine for ``rec`` (through ``rec.patch``, undone at its stop) if the script
+    has imported deepspeed; False when it has not (yet): a later optimizer or start() tries again."""
     engine_mod = sys.modules.get("deepspeed.runtime.engine")
     cls = getattr(engine_mod, "DeepSpeedEngine", None) if engine_mod is not None else None
-    if cls is None:  # not imported (yet): a later optimizer or start() tries again
-        return
-    from gradscope.capture.patches import _patch
-
-    rec._deepspeed_installed = True
-    _patch(rec, cls, "_take_model_step", lambda orig: _make_take_model_step(rec, orig))
+    if cls is None:
+        return False
+    rec.patch(cls, "_take_model_step", lambda orig: _make_take_model_step(rec, orig))
     base = sys.modules.get("deepspeed.runtime.base_optimizer")
     zero_cls = getattr(base, "ZeROOptimizer", None) if base is not None else None
     if zero_cls is not None and hasattr(zero_cls, "scale_if_loss"):
         # engine.backward multiplies the loss by ZeRO's loss scale before torch's backward:
         # the recorded loss is the unscaled one, as under GradScaler (patches.UNSCALED_ATTR).
-        _patch(rec, zero_cls, "scale_if_loss", lambda orig: _make_scale_if_loss(rec, orig))
+        rec.patch(zero_cls, "scale_if_loss", lambda orig: _make_scale_if_loss(rec, orig))
     if rec.clip_norm is not None:
         def make_gradient_clipping(orig):
             def gradient_clipping(engine):
-                return rec.clip_norm if rec._mine() else orig(engine)
+                return rec.clip_norm if rec.recording() else orig(engine)
 
             return gradient_clipping
 
-        _patch(rec, cls, "gradient_clipping", make_gradient_clipping)
+        rec.patch(cls, "gradient_clipping", make_gradient_clipping)
+    return True
 
 
 def _make_scale_if_loss(rec: Any, orig):
-    from gradscope.capture.patches import UNSCALED_ATTR
-
     def scale_if_loss(opt, value):
         out = orig(opt, value)
-        if out is not value and isinstance(out, torch.Tensor) and isinstance(value, torch.Tensor) and rec._mine():
-            rec._scaled = True  # from now on, backward looks for the unscaled loss
-            try:
-                setattr(out, UNSCALED_ATTR, value.detach())
-            except (AttributeError, RuntimeError):
-                pass
+        if out is not value and isinstance(out, torch.Tensor) and isinstance(value, torch.Tensor) and rec.recording():
+            rec.on_scaled_loss(value, out, by_scaler=False)
         return out
 
     return scale_if_loss
@@ -78,7 +69,7 @@ def _make_scale_if_loss(rec: Any, orig):
 
 def _make_take_model_step(rec: Any, orig):
     def _take_model_step(engine, *args, **kwargs):
-        if not rec._mine() or rec._framework_step:
+        if not rec.recording() or rec.in_engine_step():
             return orig(engine, *args, **kwargs)
         ds_opt = engine.optimizer
         inner = getattr(ds_opt, "optimizer", None)
@@ -96,49 +87,38 @@ def _zero_step(rec: Any, engine: Any, ds_opt: Any, inner: torch.optim.Optimizer,
     if getattr(ds_opt, "compute_grad_norm", True) is False:
         # DeepSpeed computes no norm (allowed only without clipping): the torch pre-hook
         # records the rank's own partition, which the process file says is rank-local.
-        rec._norm_scope = "rank-local"
+        rec.mark_rank_local()
         return orig(engine, *args, **kwargs)
-    st = rec._register(inner)
-    if not getattr(st, "deepspeed", False):
-        # The torch optimizer holds flat partitions of this rank: the row counts the model's
-        # parameters, and has no per-layer norms (those live split across ranks' partitions).
-        st.deepspeed = True
-        st.params = []
-        st.n_elements = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
+    # The torch optimizer holds flat partitions of this rank: the row counts the model's
+    # parameters, and has no per-layer norms (those live split across ranks' partitions).
+    rec.on_engine_optimizer(inner, lambda: sum(int(getattr(p, "ds_numel", p.numel()))
+                                               for p in engine.module.parameters()))
     if rec.clip_norm is not None and hasattr(ds_opt, "clip_grad"):
         ds_opt.clip_grad = rec.clip_norm  # an optimizer built before the engine was patched
-    rec._framework_step = True
-    try:
+    with rec.engine_step():
         result = orig(engine, *args, **kwargs)
-    finally:
-        rec._framework_step = False
-    if rec._mine():
+    if rec.recording():
         threshold = getattr(ds_opt, "clip_grad", None)
         if threshold is None:
             threshold = engine.gradient_clipping()
         scaled = engine.fp16_enabled() or getattr(ds_opt, "custom_loss_scaler", False)
         scale = getattr(ds_opt, "loss_scale", None) if scaled else None
-        rec._record_given(st, ds_opt._global_grad_norm, float(threshold), inner.param_groups,
-                          skipped=getattr(ds_opt, "overflow", False), loss_scale=scale)
-        rec._maybe_flush()
+        rec.on_engine_step(inner, ds_opt._global_grad_norm, float(threshold), skipped=getattr(ds_opt, "overflow", False),
+                           loss_scale=scale)
     return result
 
 
 def _plain_step(rec: Any, engine: Any, opt: torch.optim.Optimizer, orig, args, kwargs):
     """ZeRO stage 0 in float32: whole all-reduced gradients, clipped by DeepSpeed before step()."""
-    st = rec._register(opt)
+    rec.on_engine_optimizer(opt)
     grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
     total = None
     if grads:
         with torch.no_grad():
             vector = stack_norms(per_tensor_norms(grads), grads[0].device)
             total = torch.linalg.vector_norm(vector.to(torch.float64))
-    rec._framework_step = True
-    try:
+    with rec.engine_step():
         result = orig(engine, *args, **kwargs)
-    finally:
-        rec._framework_step = False
-    if rec._mine():
-        rec._record_given(st, total, float(engine.gradient_clipping()), opt.param_groups)
-        rec._maybe_flush()
+    if rec.recording():
+        rec.on_engine_step(opt, total, float(engine.gradient_clipping()))
     return result

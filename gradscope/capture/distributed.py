@@ -127,11 +127,33 @@ def global_norms(
     if total is not None and not want_vector:
         return GlobalNorms(total=total, vector=None)  # nothing to reduce: no collective
 
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    locals_, divisors, groups = _local_parts(norms, world)
+    # Squares in float64 (float32 on MPS): a norm of 1e20 must not overflow to inf.
+    squares = torch.stack([t.to(device, dtype, non_blocking=True) for t in locals_]).square()
+    out = GlobalNorms(total=total, vector=None, _squares=squares, _scale=grad_scale)
+    if any(d != 1.0 for d in divisors):
+        out._divisor = _constant(divisors, dtype, device)
+    stream_ordered = False
+    for key, index in groups.items():
+        whole = len(index) == len(locals_)
+        buf = squares if whole else squares[_constant(index, torch.long, device)]
+        stream_ordered |= _all_reduce(buf, key, device, out)
+        if not whole:
+            out._parts.append((_constant(index, torch.long, device), buf))
+    if not out.works:
+        out._complete()
+    elif stream_ordered:
+        out.finish()
+    return out
+
+
+def _local_parts(norms: list, world: int) -> tuple[list, list, dict]:
+    """(local values, replication factors, reduction group -> indices) of a step's per-tensor norms."""
     locals_: list[torch.Tensor] = []
     divisors: list[float] = []
     groups: dict[Any, list[int]] = {}  # reduction group -> element indices
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    for i, (g, n) in enumerate(zip(grads, norms)):
+    for i, n in enumerate(norms):
         if not is_dtensor(n):
             locals_.append(n)  # a plain tensor beside DTensors (an ignored parameter): local, as is
             divisors.append(1.0)
@@ -142,33 +164,26 @@ def global_norms(
         mesh = n.device_mesh
         key = "world" if mesh.size() == world else mesh
         groups.setdefault(key, []).append(i)
+    return locals_, divisors, groups
 
-    # Squares in float64 (float32 on MPS): a norm of 1e20 must not overflow to inf.
-    squares = torch.stack([t.to(device, dtype, non_blocking=True) for t in locals_]).square()
-    out = GlobalNorms(total=total, vector=None, _squares=squares, _scale=grad_scale)
-    if any(d != 1.0 for d in divisors):
-        out._divisor = _constant(divisors, dtype, device)
+
+def _all_reduce(buf: torch.Tensor, key: Any, device: torch.device, out: GlobalNorms) -> bool:
+    """Sum ``buf`` in place over the group ``key`` ("world" or a mesh: each of its dimensions in turn);
+    a gloo handle still running goes to ``out.works``. True when the backend is stream-ordered."""
+    import torch.distributed as dist
+
     stream_ordered = False
-    for key, index in groups.items():
-        whole = len(index) == len(locals_)
-        buf = squares if whole else squares[_constant(index, torch.long, device)]
-        pgs = [None] if key == "world" else _mesh_groups(key)
-        for k, pg in enumerate(pgs):
-            work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg, async_op=True)
-            if _is_stream_ordered(pg, device):
-                work.wait()  # NCCL: the current stream waits for the collective; the host does not
-                stream_ordered = True
-            elif k + 1 < len(pgs):
-                work.wait()  # gloo, a mesh that is not the whole world: dims one after the other
-            else:
-                out.works.append(work)
-        if not whole:
-            out._parts.append((_constant(index, torch.long, device), buf))
-    if not out.works:
-        out._complete()
-    elif stream_ordered:
-        out.finish()
-    return out
+    pgs = [None] if key == "world" else _mesh_groups(key)
+    for k, pg in enumerate(pgs):
+        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg, async_op=True)
+        if _is_stream_ordered(pg, device):
+            work.wait()  # NCCL: the current stream waits for the collective; the host does not
+            stream_ordered = True
+        elif k + 1 < len(pgs):
+            work.wait()  # gloo, a mesh that is not the whole world: dims one after the other
+        else:
+            out.works.append(work)
+    return stream_ordered
 
 
 _CONSTANTS: dict = {}

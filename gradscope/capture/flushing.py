@@ -1,7 +1,10 @@
 """Flushing and writing: the rows' device-to-host copies, then their lines, layer rows and process-r*.json
 (spelled by rundir.py, the format's owner).
 
-Functions of the recorder (its first argument); the Recorder keeps them as methods of the same names.
+A :class:`Flusher` takes rows, never the recorder: ``flush`` is handed each optimizer's pending
+rows (with the optimizer's state: its id, class, parameters, names and layer-row count, which the
+layer store and the process file need), and the process file is written from a snapshot, a plain
+dict the recorder builds when the flusher asks for one (``snapshot(rank)``).
 """
 from __future__ import annotations
 
@@ -9,13 +12,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from gradscope import rundir
-from gradscope._version import __version__
-from gradscope.capture import announce, distributed, metrics, rows as lean_rows
+from gradscope.capture import announce, metrics, rows as lean_rows
 from gradscope.capture.options import ENV_RUN_ID
 from gradscope.capture.names import parameter_names
 from gradscope.capture.writer import ProcessWriter
@@ -25,7 +27,7 @@ from gradscope.capture.writer import ProcessWriter
 class Batch:
     """Rows whose device-to-host copy has been launched but maybe not finished."""
 
-    st: Any  # recorder._OptState
+    st: Any  # the optimizer's state (recorder._OptState)
     rows: list
     values: torch.Tensor
     lrs: torch.Tensor | None
@@ -34,135 +36,161 @@ class Batch:
     event: Any
 
 
-def flush(rec: Any) -> None:
-    """Launch the device-to-host copy of every pending row; write what has arrived."""
-    rec._pending = 0
-    if rec._write_error is not None:  # nothing can be written any more: keep no rows either
-        for st in rec._states:
-            st.rows = []
-        rec._last_flush = time.monotonic()
-        return
-    if rec._nantrace is not None:
-        rec._nantrace.flush()  # before the rows' copies: their events cover it
-    rec._last_flush = time.monotonic()
-    for st in rec._states:
-        if not st.rows:
-            continue
-        rows, st.rows = st.rows, []
-        for r in rows:
-            if r.norms is not None:
-                rec._resolve(r)
-        device = rows[0].values.device if rows[0].values is not None else rows[0].taken.device
-        values, layers, layer_steps = lean_rows.values_and_layers(rows, device)
-        tensor_lrs = [r.lr for r in rows if isinstance(r.lr, torch.Tensor)]
-        lrs = torch.stack([t.float().to(device) for t in tensor_lrs]) if tensor_lrs else None
-        batch = Batch(
-            st=st,
-            rows=rows,
-            values=to_host(values),
-            lrs=to_host(lrs) if lrs is not None else None,
-            layers=to_host(layers) if layers is not None else None,
-            layer_steps=layer_steps,
-            event=None,
-        )
-        if device.type == "cuda":
-            batch.event = torch.cuda.Event()
-            batch.event.record()
-        rec._inflight.append(batch)
-    metrics.flush(rec)  # the reported values (metrics-r*.csv): host copies launched the same way
-    drain(rec, block=False)
+class Flusher:
+    """Copies rows to the host in batches and writes them into one process's files.
 
-
-def drain(rec: Any, block: bool) -> None:
-    wrote = rows_written = False
-    current = None  # the batch being written
-    try:
-        while rec._inflight:
-            batch = rec._inflight[0]
-            if batch.event is not None:
-                if block:
-                    batch.event.synchronize()
-                elif not batch.event.query():
-                    break  # not arrived yet; try again at the next flush
-            current = rec._inflight.pop(0)
-            write(rec, current)
-            current, rows_written = None, True
-        metrics.drain(rec, block)  # after the step rows: a value's step is in the steps file first
-        if rec._nantrace is not None and rec._nantrace.resolve():
-            wrote = True  # the origin is known: into the process file now
-        if wrote or (rows_written and process_due(rec, block)):
-            write_process(rec)  # small, atomic: keeps step counts and optimizers current
-    except OSError as e:  # a full disk, a vanished directory: never the training's problem
-        stop_writing(rec, e, current.rows[0].step if current is not None and current.rows else None)
-    if rec.stop_on_nan and rec._first_bad and rec._status == "running":
-        # Values reach the host only here, so this is the earliest moment we can know,
-        # without a per-step sync: within one flush interval of the bad step.
-        print(f"gradscope: stopping the training (--stop-on-nan): {rec._first_bad}", file=sys.stderr)
-        rec._status = "failed"
-        raise SystemExit(1)
-
-
-def stop_writing(rec: Any, error: OSError, step: int | None = None) -> None:
-    """The run directory cannot be written: stop recording (say so once), let the training go on.
-
-    Rows are dropped from now on (flush keeps none); the process file is rewritten, in place
-    if it must, with "recording_error", so every reader says the recording is incomplete.
+    ``snapshot(rank)`` returns the process file's values as the recorder knows them (the values
+    rundir.process_info spells, in order, with ``run_id`` and ``recording_error`` left for the
+    flusher to fill in); ``changes()`` a cheap tuple that differs when anything but the counts changed.
     """
-    if rec._write_error is not None:
-        return
-    at = f" at step {step}" if step is not None else ""
-    rec._write_error = f"cannot write in {rec.run_dir}{at}: {error.strerror or error}"
-    print(f"gradscope: {rec._write_error}: recording stopped, the training goes on "
-          "(the run is marked incomplete)", file=sys.stderr, flush=True)
-    rec._inflight.clear()
-    for st in rec._states:
-        st.rows = []
-    try:
-        write_process(rec)
-    except OSError:
-        pass  # not even the process file: readers find it unclosed, which says as much
+
+    def __init__(self, run_dir: str, *, rank: Callable[[], int], flush_seconds: float,
+                 snapshot: Callable[[int], dict], changes: Callable[[], tuple],
+                 nantrace: Any = None, metric_buffer: Any = None) -> None:
+        self.run_dir = run_dir
+        self._rank = rank
+        self._flush_seconds = flush_seconds
+        self._snapshot = snapshot
+        self._changes = changes
+        self._nantrace = nantrace
+        self._metrics = metric_buffer
+        self.writer: ProcessWriter | None = None
+        self.inflight: list[Batch] = []
+        self.error: str | None = None  # the run directory could not be written: recording stopped
+        self.first_bad: str | None = None  # first non-finite step seen on the host
+        self._process_key: tuple | None = None  # what process-r*.json last said, besides counts
+        self._process_at = 0.0
+        self._run_id: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def flush(self, pending: list[tuple[Any, list]]) -> None:
+        """Launch the device-to-host copy of each optimizer's rows, ``(state, rows)``; write what has arrived."""
+        for st, rows in pending:
+            device = rows[0].values.device if rows[0].values is not None else rows[0].taken.device
+            values, layers, layer_steps = lean_rows.values_and_layers(rows, device)
+            tensor_lrs = [r.lr for r in rows if isinstance(r.lr, torch.Tensor)]
+            lrs = torch.stack([t.float().to(device) for t in tensor_lrs]) if tensor_lrs else None
+            batch = Batch(st=st, rows=rows, values=to_host(values), lrs=to_host(lrs) if lrs is not None else None,
+                          layers=to_host(layers) if layers is not None else None, layer_steps=layer_steps,
+                          event=None)
+            if device.type == "cuda":
+                batch.event = torch.cuda.Event()
+                batch.event.record()
+            self.inflight.append(batch)
+        if self._metrics is not None:
+            metrics.flush(self._metrics)  # the reported values (metrics-r*.csv): host copies launched the same way
+        self.drain(block=False)
+
+    def drain(self, block: bool) -> None:
+        """Write the batches whose copies have arrived (all of them, waiting, when ``block``)."""
+        wrote = rows_written = False
+        current = None  # the batch being written
+        try:
+            while self.inflight:
+                batch = self.inflight[0]
+                if batch.event is not None:
+                    if block:
+                        batch.event.synchronize()
+                    elif not batch.event.query():
+                        break  # not arrived yet; try again at the next flush
+                current = self.inflight.pop(0)
+                self._write(current)
+                current, rows_written = None, True
+            if self._metrics is not None:  # after the step rows: a value's step is in the steps file first
+                metrics.drain(self._metrics, self.writer, block)
+            if self._nantrace is not None and self._nantrace.resolve():
+                wrote = True  # the origin is known: into the process file now
+            if wrote or (rows_written and self._process_due(block)):
+                self.write_process()  # small, atomic: keeps step counts and optimizers current
+        except OSError as e:  # a full disk, a vanished directory: never the training's problem
+            self.stop_writing(e, current.rows[0].step if current is not None and current.rows else None)
+
+    def stop_writing(self, error: OSError, step: int | None = None) -> None:
+        """The run directory cannot be written: stop recording (say so once), let the training go on.
+
+        Rows are dropped from now on (the recorder hands none); the process file is rewritten, in
+        place if it must, with "recording_error", so every reader says the recording is incomplete.
+        """
+        if self.error is not None:
+            return
+        at = f" at step {step}" if step is not None else ""
+        self.error = f"cannot write in {self.run_dir}{at}: {error.strerror or error}"
+        print(f"gradscope: {self.error}: recording stopped, the training goes on "
+              "(the run is marked incomplete)", file=sys.stderr, flush=True)
+        self.inflight.clear()
+        try:
+            self.write_process()
+        except OSError:
+            pass  # not even the process file: readers find it unclosed, which says as much
+
+    def _process_due(self, block: bool) -> bool:
+        """Rewrite process-r*.json after rows were written? When anything but the counts changed
+        (an optimizer, a clip function or threshold), and the counts at most every flush_seconds:
+        replacing a file costs milliseconds on some disks, more than a hundred small steps."""
+        key = self._changes()
+        now = time.monotonic()
+        if block or key != self._process_key or now - self._process_at >= self._flush_seconds:
+            self._process_key, self._process_at = key, now
+            return True
+        return False
+
+    def _write(self, batch: Batch) -> None:
+        first = self.writer is None
+        if first:
+            self.writer = ProcessWriter(self.run_dir, self._rank())
+        st = batch.st
+        # Any non-finite grad_norm or loss in the batch? One check on the host copy, not one per row.
+        check = self.first_bad is None and not bool(
+            torch.isfinite(batch.values[:, [lean_rows.GRAD_NORM, lean_rows.LOSS]]).all())
+        values = batch.values.tolist()
+        lines = _lines(st, batch, values, check and self._judge)
+        self.writer.write_steps_text("".join(lines))
+        if self._nantrace is not None:
+            self._nantrace.note_rows(st.id, batch.rows, values)
+        if first:  # once per process, at its first write: `gradscope run` says the recording is live
+            announce.first_step(self.writer.rank, batch.rows[0].step, st.id, st.cls, batch.rows[0].time)
+        if batch.layers is not None:
+            if st.names is None:
+                st.names = parameter_names(st.params)
+            self.writer.write_layer_rows(st.id, st.names, batch.layer_steps, batch.layers)
+            st.layer_rows += len(batch.layer_steps)
+
+    def _judge(self, st: Any, r: Any, gn: float, loss: float, skipped: float) -> None:
+        if self.first_bad is None:
+            what = rundir.bad_quantity(gn, loss, skipped, r.loss_recorded)
+            if what is not None:
+                self.first_bad = f"non-finite {what} at step {r.step} of optimizer {st.id}"
+
+    def write_process(self) -> None:
+        """process-r*.json from the recorder's snapshot (nothing before this process's first row)."""
+        if self.writer is None:
+            return
+        if self._run_id is None:  # the run's id, as meta.json says it: --force removes this run's files by it
+            self._run_id = os.environ.get(ENV_RUN_ID) or _meta_run_id(self.run_dir)
+        snap = self._snapshot(self.writer.rank)
+        snap["run_id"] = self._run_id
+        # recording_gaps (rundir.py): closed only at a clean stop, after the last rows were written
+        snap["closed"] = bool(snap["closed"]) and self.error is None
+        snap["recording_error"] = self.error
+        self.writer.write_process(rundir.process_info(**snap), in_place_fallback=self.error is not None)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
-def process_due(rec: Any, block: bool) -> bool:
-    """Rewrite process-r*.json after rows were written? When anything but the counts changed
-    (an optimizer, a clip function or threshold), and the counts at most every flush_seconds:
-    replacing a file costs milliseconds on some disks, more than a hundred small steps."""
-    key = (len(rec._states), tuple(rec._clip_calls), tuple(map(len, rec._thresholds.values())),
-           len(rec._script_max_norms), rec._status, len(getattr(rec._audit, "_found", ())),
-           getattr(rec._audit, "error", None))  # a new clip-audit finding: written at once
-    now = time.monotonic()
-    if block or key != rec._process_key or now - rec._process_at >= rec.flush_seconds:
-        rec._process_key, rec._process_at = key, now
-        return True
-    return False
-
-
-def stop_now(rec: Any) -> None:
-    """--stop-on-nan saw a bad step: write every row (waiting now is fine: we stop), then stop."""
-    flush(rec)
-    drain(rec, block=True)  # raises SystemExit once the bad row is written
-    if rec._status == "running":  # the row was judged bad before its flush could say so
-        rec._first_bad = rec._first_bad or rec._stopper.reason
-        drain(rec, block=True)
-
-
-def write(rec: Any, batch: Batch) -> None:
-    first = rec._writer is None
-    if first:
-        rec._writer = ProcessWriter(rec.run_dir, rec.rank)
-    st = batch.st
-    # Any non-finite grad_norm or loss in the batch? One check on the host copy, not one per row.
-    check = rec._first_bad is None and not bool(torch.isfinite(batch.values[:, :2]).all())
-    values = batch.values.tolist()
+def _lines(st: Any, batch: Batch, values: list, judge: Any) -> list:
+    """The batch's step lines; ``judge(st, row, grad_norm, loss, skipped)`` sees each row when given."""
     lrs = iter(batch.lrs.tolist()) if batch.lrs is not None else iter(())
     lines = []
     fmt = _line_formats(st)
-    for r, (gn, loss, clipped, skipped, scale) in zip(batch.rows, values):
+    for r, (gn, loss, clipped, skipped, scale) in zip(batch.rows, map(lean_rows.FIELDS, values)):
         lr = next(lrs) if isinstance(r.lr, torch.Tensor) else float(r.lr)
-        if check and rec._first_bad is None:
-            what = rundir.bad_quantity(gn, loss, skipped, r.loss_recorded)
-            if what is not None:
-                rec._first_bad = f"non-finite {what} at step {r.step} of optimizer {st.id}"
+        if judge:
+            judge(st, r, gn, loss, skipped)
         # One %-format per line (rundir.step_line): formatting is most of a flush's cost.
         lean, recorded = r.values is None, r.loss_recorded
         if lean:  # lean (rows.py): no clip, no scaler
@@ -172,16 +200,7 @@ def write(rec: Any, batch: Batch) -> None:
         else:
             line = fmt[3] % (r.step, gn, r.clip_max_norm, clipped, r.clip_value, skipped, scale, lr, r.time)
         lines.append(line)
-    rec._writer.write_steps_text("".join(lines))
-    if rec._nantrace is not None:
-        rec._nantrace.note_rows(st.id, batch.rows, values)
-    if first:  # once per process, at its first write: `gradscope run` says the recording is live
-        announce.first_step(rec._writer.rank, batch.rows[0].step, st.id, st.cls, batch.rows[0].time)
-    if batch.layers is not None:
-        if st.names is None:
-            st.names = parameter_names(st.params)
-        rec._writer.write_layer_rows(st.id, st.names, batch.layer_steps, batch.layers)
-        st.layer_rows += len(batch.layer_steps)
+    return lines
 
 
 _FORMATS: dict[int, tuple[str, str, str, str]] = {}
@@ -200,59 +219,6 @@ def _line_formats(st: Any) -> tuple[str, str, str, str]:
             rundir.step_line({**opt, **no_loss}),
         )
     return fmt
-
-
-def write_process(rec: Any) -> None:
-    if rec._writer is None:
-        return
-    if rec._run_id is None:  # the run's id, as meta.json says it: --force removes this run's files by it
-        rec._run_id = os.environ.get(ENV_RUN_ID) or _meta_run_id(rec.run_dir)
-    info = rundir.process_info(
-        gradscope_version=__version__,
-        rank=rec._writer.rank,
-        world_size=distributed.world_size(),
-        pid=rec._pid,
-        host=rundir.host_name(),
-        python=sys.version.split()[0],
-        torch=torch.__version__,
-        devices=sorted(rec._devices),
-        started=iso(rec._started_at),
-        ended=iso(time.time()) if rec._closed or rec._status != "running" else None,
-        status=rec._status,
-        run_id=rec._run_id,
-        # recording_gaps (rundir.py): closed only at a clean stop, after the last rows were written
-        closed=bool(rec._closed) and rec._write_error is None,
-        recording_error=rec._write_error,
-        layer_stride=rec.layer_stride,
-        flush_steps=rec.flush_steps,
-        flush_seconds=rec.flush_seconds,
-        optimizers=[
-            {
-                "id": st.id,
-                "class": st.cls,
-                "kind": st.kind,
-                "parameters": st.n_elements,
-                "tensors": len(st.params),
-                "steps": st.steps,
-                "momentum": st.momentum,
-                "layers_file": rundir.layers_file(rec._writer.rank, st.id) if st.names else None,
-                "layer_rows": st.layer_rows,
-            }
-            for st in rec._states
-        ],
-        clip_calls=dict(rec._clip_calls),
-        clip_thresholds={k: v for k, v in rec._thresholds.items() if v},
-        clip_norm_override=rec.clip_norm,
-        script_max_norms_overridden=list(rec._script_max_norms),
-    )
-    info[rundir.CLIP_AUDIT_KEY] = rec._audit.record(lambda st: st.names or parameter_names(st.params))
-    # rank-local: some optimizer's gradients are shards gradscope cannot reduce (capture/fsdp1.py)
-    # (FSDP1: capture/fsdp1.py, per optimizer; an engine gradscope cannot read: capture/deepspeed_engine.py)
-    local = rec._norm_scope == "rank-local" or any(st.norm_scope == "rank-local" for st in rec._states)
-    info[rundir.NORM_SCOPE_KEY] = info[rundir.LAYER_NORM_SCOPE_KEY] = "rank-local" if local else "global"
-    if rec._nantrace is not None:
-        info[rundir.NAN_TRACE_KEY] = rec._nantrace.info()
-    rec._writer.write_process(info, in_place_fallback=rec._write_error is not None)
 
 
 def _meta_run_id(run_dir: str) -> str | None:

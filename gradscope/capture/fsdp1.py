@@ -18,7 +18,7 @@ are counted once, as ``FullyShardedDataParallel.clip_grad_norm_`` counts them.
 
 When the script calls FSDP's ``clip_grad_norm_`` the recorder reuses the total it
 returns (already reduced) and takes the pre-clip column norms before it scales the
-gradients (recorder._on_fsdp1_clip); then, on steps without a per-layer row, nothing
+gradients (``Shards``, the recorder's ``on_fsdp1_clip``); then, on steps without a per-layer row, nothing
 is communicated. A ``FlatParameter`` whose handle cannot be found is an unknown shard:
 the optimizer's norms are marked rank-local instead (process key ``norm_scope``).
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,3 +213,86 @@ def _world() -> int:
     from gradscope.capture import distributed
 
     return distributed.world_size()
+
+
+def sharded_module(module: Any) -> bool:
+    """Whether an FSDP1 module clips as a sharded engine (initialised, a sharded strategy): else its
+    ``clip_grad_norm_`` calls torch's, which the recorder sees as such."""
+    handles = getattr(module, "_all_handles", None)
+    return bool(handles) and any(h.uses_sharded_strategy for h in handles)
+
+
+class Shards:
+    """The recorder's FSDP1 side: each optimizer's layout, and the pre-clip column norms taken
+    before FSDP's (or torch's) clip scales the shards.
+
+    The recorder's optimizer states (``st``) carry the layout (``st.layout``): False until known,
+    then a :class:`Layout`, :data:`UNKNOWN` or None (not FSDP1).
+    """
+
+    def __init__(self) -> None:
+        self.on = False  # some optimizer has an FSDP1 layout
+        self._pre: dict[int, tuple] = {}  # optimizer id -> (first grad weakref, pre-clip column norms)
+
+    def settle(self, st: Any) -> None:
+        """Once per optimizer, at its first clip or step: are its gradients FSDP1 shards?"""
+        try:
+            lay = layout(st.params) if st.kind == "optimizer" and st.params else None
+        except Exception:  # FSDP internals that differ from those known: never break the training,
+            lay = UNKNOWN  # and never call the shard's norm global
+        st.layout = lay
+        if lay is None:
+            return
+        st.lean = None  # the full path: the lean one takes local norms
+        if lay == UNKNOWN:
+            st.norm_scope = "rank-local"
+            return
+        self.on = True
+        st.names = lay.names  # type: ignore[union-attr]  # a Layout here: UNKNOWN returned above
+
+    def sharded_states(self, states: list, grad_ids: set) -> list:
+        """Optimizers with FSDP1-sharded gradients among ``grad_ids``."""
+        return [st for st in states if isinstance(st.layout, Layout) and st.layout.any_sharded
+                and any(p.grad is not None and id(p.grad) in grad_ids for p in st.params)]
+
+    def remember_pre(self, states: list, grads: list) -> None:
+        """Before a clip scales them: this rank's pre-clip column norms of every FSDP1 optimizer
+        whose gradients are among ``grads`` (the first measurement of each since its last step)."""
+        ids = {id(g) for g in grads}
+        for st in states:
+            if st.kind != "optimizer":
+                continue
+            if st.layout is False:
+                if not any(p.grad is not None and id(p.grad) in ids for p in st.params):
+                    continue
+                self.settle(st)
+            lay = st.layout
+            if not isinstance(lay, Layout):
+                continue
+            first = next((p.grad for p in st.params if p.grad is not None), None)
+            seen = self._pre.get(st.id)
+            if first is None or (seen is not None and seen[0]() is first):
+                continue
+            if not any(p.grad is not None and id(p.grad) in ids for p in st.params):
+                continue
+            self._pre[st.id] = (weakref.ref(first), lay.local_norms(st.params, first.device))
+
+    def local_norms(self, st: Any, lay: Layout, device: torch.device) -> torch.Tensor:
+        """The step's column norms on this rank: those taken before a clip of these very gradients
+        (consumed), else measured now."""
+        pre = self._pre.pop(st.id, None)
+        first = next((p.grad for p in st.params if p.grad is not None), None)
+        if pre is not None and first is not None and pre[0]() is first:
+            return pre[1]
+        return lay.local_norms(st.params, device)
+
+    @staticmethod
+    def roots(st: Any) -> list:
+        """The FSDP1 roots holding the optimizer's parameters (``--clip-norm`` clips through them),
+        found once and held weakly: the recorder must not keep a model alive."""
+        lay = st.layout
+        roots = [r() for r in lay.roots]
+        if not roots or any(r is None for r in roots):
+            roots = roots_for(st.params)
+            lay.roots = [weakref.ref(r) for r in roots]
+        return roots

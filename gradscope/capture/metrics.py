@@ -62,16 +62,15 @@ class MetricBuffer:
 
 def current_step(rec: Any) -> int:
     """The step of optimizer 0's last recorded row (-1: none yet); a Python int, no host read."""
-    states = rec._states
-    return states[0].steps - 1 if states else -1
+    return rec.current_step()
 
 
 def _recorder() -> Any:
     """The active recorder of this process, or None (without importing the recorder: a script
     that calls log_metric without gradscope must not pay for importing it)."""
-    mod = sys.modules.get("gradscope.capture.recorder")
-    rec = getattr(mod, "_ACTIVE", None) if mod is not None else None
-    return rec if rec is not None and rec._on and not rec._closed else None
+    active = getattr(sys.modules.get("gradscope.capture.recorder"), "active_recorder", None)
+    rec = active() if active is not None else None
+    return rec if rec is not None and rec.recording() and not rec.closed else None
 
 
 def log_metric(name: str, value: Any) -> None:
@@ -107,18 +106,17 @@ def note(rec: Any, name: Any, value: Any) -> None:
             return
     else:
         value = float(value)
-    buf = rec._metrics
+    buf = rec.metrics
     buf.add(current_step(rec), name, value)
     if len(buf.rows) >= MAX_PENDING:
-        flush(rec)
+        flush(buf)
 
 
 # ---------------------------------------------------------------------- flushing (flushing.py calls these)
 
 
-def flush(rec: Any) -> None:
+def flush(buf: MetricBuffer) -> None:
     """Launch the host copy of the pending tensor values (one stack per device and dtype)."""
-    buf = rec._metrics
     with buf.lock:
         rows, buf.rows = buf.rows, []
     if not rows:
@@ -141,9 +139,9 @@ def flush(rec: Any) -> None:
     buf.inflight.append((rows, copies, None))
 
 
-def drain(rec: Any, block: bool) -> None:
-    """Write the values whose copies have arrived, in report order, once the steps file exists."""
-    buf = rec._metrics
+def drain(buf: MetricBuffer, writer: Any, block: bool) -> None:
+    """Write the values whose copies have arrived, in report order, once ``writer`` (the process's
+    ProcessWriter, None before its first flush) has begun the steps file."""
     while buf.inflight:
         rows, copies, _ = buf.inflight[0]
         events = [e for _, _, e in copies if e is not None]
@@ -158,7 +156,6 @@ def drain(rec: Any, block: bool) -> None:
             for i, x in zip(idx, host.tolist()):
                 values[i] = x
         buf.held.extend((s, n, float(v)) for (s, n, _), v in zip(rows, values))
-    writer = rec._writer
     if buf.held and writer is not None and writer.started:
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\n")
@@ -188,7 +185,7 @@ def _hf_patch(rec: Any, module: Any) -> list:
 
     def make(orig: Callable) -> Callable:
         def log(self, logs, *args, **kwargs):
-            if rec._on and isinstance(logs, dict):
+            if rec.recording() and isinstance(logs, dict):
                 for k, v in logs.items():
                     if isinstance(k, str) and k.startswith("eval_") and isinstance(v, (int, float)) \
                             and not isinstance(v, bool):
@@ -221,7 +218,7 @@ def _lightning_patch(rec: Any, module: Any) -> list:
     def make_metrics(orig: property) -> property:
         def metrics(self):
             out = orig.fget(self)
-            if getattr(inside, "on", False) and rec._on:
+            if getattr(inside, "on", False) and rec.recording():
                 inside.on = False  # once per end call
                 try:
                     for k, v in (out.get("callback") or {}).items():
@@ -272,17 +269,27 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def install(rec: Any) -> Callable[[], None]:
-    """Patch the frameworks the script imported, and those it will import; returns the undo of
-    the import hook (the patches themselves are in ``rec._patches``)."""
-    from gradscope.capture import patches
+class _ImportHook:
+    """The handle of install's import hook: ``remove()`` takes it off ``sys.meta_path``."""
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+
+    def remove(self) -> None:
+        if self.hook in sys.meta_path:
+            sys.meta_path.remove(self.hook)
+
+
+def install(rec: Any) -> _ImportHook:
+    """Patch the frameworks the script imported, and those it will import (``rec.patch``: the recorder
+    removes them at stop); returns the handle of the import hook."""
 
     def patch(module: Any) -> None:
-        if rec._closed:
+        if rec.closed:
             return
         try:
             for owner, name, make in FRAMEWORKS[module.__name__](rec, module):
-                patches._patch(rec, owner, name, make)
+                rec.patch(owner, name, make)
         except Exception as e:  # an unexpected version: record the steps, say so once
             _warn_once(module.__name__, f"metrics of {module.__name__} not recorded: {type(e).__name__}: {e}")
 
@@ -295,12 +302,7 @@ def install(rec: Any) -> Callable[[], None]:
             waiting.add(name)
     hook = _AfterImport(waiting, patch)
     sys.meta_path.insert(0, hook)
-
-    def remove() -> None:
-        if hook in sys.meta_path:
-            sys.meta_path.remove(hook)
-
-    return remove
+    return _ImportHook(hook)
 
 
 # ---------------------------------------------------------------------- --metric-regex

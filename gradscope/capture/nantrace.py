@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from gradscope.capture.names import strip_wrappers
+from gradscope.capture.rows import FIELDS
 from gradscope import rundir
 
 IN, FWD, LOSS, GOUT, BWD, PARAM = range(6)
@@ -376,7 +377,7 @@ class NanTrace:
             return
         if len(self._status) > 100_000:  # rows no window will ever ask about
             self._status.clear()
-        for r, (gn, loss, _, skipped, _) in zip(rows, values):
+        for r, (gn, loss, _, skipped, _) in zip(rows, map(FIELDS, values)):
             self._status[(optimizer, r.step)] = (
                 "bad" if rundir.is_bad_step(gn, loss, skipped, r.loss_recorded) else "skipped" if skipped else "ok")
 

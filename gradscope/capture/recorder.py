@@ -19,8 +19,11 @@ non-blocking copy whose completion is polled, never waited for, until stop.
 The user's gradients, RNG state and dtypes are never touched.
 
 This module keeps the lifecycle, the per-step bookkeeping and the device-side rows;
-``patches.py`` installs the hooks listed above (``Recorder._install``), and
-``flushing.py`` copies the rows to the host and writes them (``Recorder._flush`` ...).
+``patches.py`` installs the hooks listed above, as handles that call the recorder's events
+(``on_step``, ``on_backward``, ``on_clip``, ...), and
+``flushing.py``'s ``Flusher`` copies the rows it is handed to the host and writes them, with
+the process file from a snapshot this recorder builds; ``fsdp1.py`` (``Shards``) and
+``deepspeed_engine.py`` keep what sharded engines need.
 """
 from __future__ import annotations
 
@@ -31,11 +34,14 @@ import sys
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
+from gradscope import rundir
+from gradscope._version import __version__
 from gradscope.capture import closure, distributed, flushing, fsdp1, metrics, patches, rows as lean_rows
 from gradscope.capture.audit import ClipAudit
 from gradscope.capture.options import checked_clip_norm
@@ -44,7 +50,7 @@ from gradscope.capture.norms import per_tensor_norms, stack_norms, total_norm_li
 from gradscope.capture.nantrace import NanTrace
 from gradscope.capture.patches import UNSCALED_ATTR as _UNSCALED_ATTR
 from gradscope.capture.stopper import NanStop
-from gradscope.capture.writer import ProcessWriter
+from gradscope.capture.names import parameter_names
 
 _ACTIVE: "Recorder | None" = None
 _NAN = float("nan")
@@ -89,7 +95,7 @@ class _Row:
     clip_value: float
     lr: Any  # float, or a tensor for tensor learning rates
     time: float
-    values: torch.Tensor | None  # [grad_norm, loss, clipped, skipped, loss_scale] on the device; None: lean row
+    values: torch.Tensor | None  # rows.ROW on the device; None: lean row (filled in at flush)
     layers: Any  # per-layer norms on the device; lean rows: True (filled in at flush) or None
     norms: Any = None  # distributed.GlobalNorms still being reduced across ranks (gloo): see _resolve
     taken: torch.Tensor | None = None  # lean rows (rows.py): per-tensor norms then losses; values at flush
@@ -115,6 +121,7 @@ class _OptState:
     layer_rows: int = 0  # per-layer rows written to its layers file (process file: layer_rows)
     layout: Any = False  # FSDP1 (capture/fsdp1.py): a Layout, fsdp1.UNKNOWN, None (not FSDP1); False: not yet known
     norm_scope: str = "global"  # "rank-local": its grad_norm is this rank's shard only (process key norm_scope)
+    partitions: bool = False  # an engine (DeepSpeed ZeRO) steps it on flat partitions of this rank
 
 
 class Recorder:
@@ -149,20 +156,14 @@ class Recorder:
         # so that what the script reports after its last step (an evaluation) is recorded
         self._limit = StepLimit(max_steps, before_next=stop_before_next_step) if max_steps else None
         self._metrics = metrics.MetricBuffer()  # values the script reports (capture/metrics.py)
-        self._unhook_imports: Callable[[], None] | None = None
-        self._fused_warned = False
-        self._applying = False  # inside our own --clip-norm call: not a call of the script's
-        self._script_max_norms: list[float] = []  # what the script passed, replaced by clip_norm
-        self._clip_orders: dict[int, tuple] = {}  # id(optimizer) -> (its parameter ids, the order --clip-norm clips in, as indices)
-        self._first_bad: str | None = None  # first non-finite step seen on the host
         self._stopper = NanStop() if stop_on_nan else None  # --stop-on-nan: looks at every step (stopper.py)
         self._nantrace = NanTrace() if trace_nan else None  # --trace-nan: module hooks (nantrace.py)
-        self._pid = os.getpid()
-        self._on = False  # recording here and now: set by start, cleared by stop and in forked children
-        self._scaled = False  # a GradScaler.scale output was seen: losses may carry their unscaled value
+        self._init_step_state()
+        self._init_process_state()
+
+    def _init_step_state(self) -> None:
+        """What the events keep between steps: optimizers, losses, clip calls, pre-clip norms."""
         self._lock = threading.RLock()
-        self._patches: list[tuple[Any, str, Any, Any]] = []
-        self._handles: list[Any] = []
         self._opts: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _OptState]" = weakref.WeakKeyDictionary()
         self._states: list[_OptState] = []
         self._owned: dict[int, _OptState] = {}  # id(param) -> optimizer that owns it
@@ -171,36 +172,43 @@ class Recorder:
         self._losses: list[torch.Tensor] = []
         self._loss_base = 0
         self._in_backward = False
+        self._scaled = False  # a GradScaler.scale output was seen: losses may carry their unscaled value
         self._pre_norms: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(grad) -> (grad, norm)
         self._clips: list[_Clip] = []
         self._active_scaler: Any = None
-        self._pending = 0
-        self._last_flush = time.monotonic()
-        self._inflight: list[flushing.Batch] = []
-        self._process_key: tuple | None = None  # what process-r*.json last said, besides counts
-        self._process_at = 0.0
+        self._applying = False  # inside our own --clip-norm call: not a call of the script's
+        self._fused_warned = False
+        self._clip_orders: dict[int, tuple] = {}  # id(optimizer) -> (its parameter ids, the order --clip-norm clips in, as indices)
         self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._index_cache: dict[tuple, torch.Tensor] = {}
-        self._clip_calls: dict[str, int] = {}
-        self._fsdp1_on = False  # an optimizer has an FSDP1 layout (capture/fsdp1.py)
+        self._fsdp1 = fsdp1.Shards()  # FSDP1 layouts and pre-clip shard norms (capture/fsdp1.py)
         self._fsdp1_patched = False
-        self._sharded_pre: dict[int, tuple] = {}  # optimizer id -> (first grad weakref, pre-clip column norms)
-        self._thresholds: dict[str, list] = {"clip_grad_norm_": [], "clip_grad_value_": []}
-        self._devices: set[str] = set()
-        self._writer: ProcessWriter | None = None
+        self._deepspeed_installed = False  # capture/deepspeed_engine.py, once the script imports deepspeed
+        self._framework_step = False  # inside an engine's own step (DeepSpeed): its torch steps are no rows
+        self._audit = ClipAudit(owner=self._owned.get, active=self.recording,  # capture/audit.py
+                                scaler=lambda: self._active_scaler)
+
+    def _init_process_state(self) -> None:
+        """The lifecycle, and what the process file says besides the rows (flushing.Flusher writes them)."""
+        self._pid = os.getpid()
+        self._on = False  # recording here and now: set by start, cleared by stop and in forked children
+        self._handles: list[Any] = []  # hooks and patches (each with remove()), in the order installed
         self._started_at = time.time()
         self._closed = False
-        self._write_error: str | None = None  # the run directory could not be written: recording stopped
-        self._run_id: str | None = None
         self._status = "running"
         self._prev_sigterm: Any = None
         self._atexit: Callable | None = None
-        self._audit = ClipAudit(owner=self._owned.get, active=self._mine,  # capture/audit.py
-                                scaler=lambda: self._active_scaler)
+        self._script_max_norms: list[float] = []  # what the script passed, replaced by clip_norm
+        self._clip_calls: dict[str, int] = {}
+        self._thresholds: dict[str, list] = {"clip_grad_norm_": [], "clip_grad_value_": []}
+        self._devices: set[str] = set()
         # process-r*.json "norm_scope": "global", or "rank-local" when grad_norm is one rank's shard
         self._norm_scope = "global"
-        self._deepspeed_installed = False  # capture/deepspeed_engine.py, once the script imports deepspeed
-        self._framework_step = False  # inside an engine's own step (DeepSpeed): its torch steps are no rows
+        self._pending = 0  # rows since the last flush
+        self._last_flush = time.monotonic()
+        self._flusher = flushing.Flusher(self.run_dir, rank=lambda: self.rank, flush_seconds=self.flush_seconds,
+                                         snapshot=self._process_snapshot, changes=self._process_changes,
+                                         nantrace=self._nantrace, metric_buffer=self._metrics)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -210,8 +218,8 @@ class Recorder:
             raise RuntimeError("gradscope: a recorder is already active in this process")
         _ACTIVE = self
         self._on = True
-        self._install()
-        self._unhook_imports = metrics.install(self)  # HF Trainer / Lightning metrics, now or at their import
+        self._handles += patches.install(self)  # capture/patches.py
+        self._handles.append(metrics.install(self))  # HF Trainer / Lightning metrics, now or at their import
         if self._nantrace is not None:
             self._nantrace.start()
         self._settle_rank()
@@ -240,15 +248,14 @@ class Recorder:
                 self._drain(block=True)
                 self._closed = True  # every row is written: the process file says closed
                 try:
-                    self._write_process()
+                    self._flusher.write_process()
                 except OSError as e:
-                    flushing.stop_writing(self, e)
+                    self._flusher.stop_writing(e)
             finally:
                 self._closed = True
                 self._on = False
                 self._uninstall()
-                if self._writer is not None:
-                    self._writer.close()
+                self._flusher.close()
                 if self._atexit is not None:
                     atexit.unregister(self._atexit)
                 if self._prev_sigterm is not None:
@@ -282,31 +289,54 @@ class Recorder:
             self._rank = distributed.current_rank()
         return self._rank
 
-    def _mine(self) -> bool:
-        # Forked children (DataLoader workers) inherit the hooks; only the owner records. A flag,
-        # not a getpid() per call: _forked_child clears it in the child (os.register_at_fork).
+    def recording(self) -> bool:
+        """Whether this recorder records here and now (every patch asks before it reports an event).
+
+        Forked children (DataLoader workers) inherit the hooks; only the owner records. A flag,
+        not a getpid() per call: _forked_child clears it in the child (os.register_at_fork)."""
         return self._on
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def status(self) -> str:
+        """What the process file's ``status`` says: "running" until the training ends (or is ended)."""
+        return self._status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        self._status = value
+
+    @property
+    def metrics(self) -> metrics.MetricBuffer:
+        """The values the script reports (capture/metrics.py), written at each flush."""
+        return self._metrics
+
+    def current_step(self) -> int:
+        """The step of optimizer 0's last recorded row (-1: none yet); a Python int, no host read."""
+        return self._states[0].steps - 1 if self._states else -1
 
     # ------------------------------------------------------------------ hooks
 
-    def _install(self) -> None:
-        patches.install(self)  # capture/patches.py
+    def patch(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+        """Replace ``owner.name`` by ``make(original)`` until stop (frameworks' patches: metrics.py,
+        deepspeed_engine.py)."""
+        self._handles.append(patches.patch(owner, name, make))
+
+    def audit_patches(self) -> list:
+        """The clip audit's patches, as (owner, name, make) (capture/audit.py)."""
+        return self._audit.patches()
 
     def _uninstall(self) -> None:
-        if self._unhook_imports is not None:
-            self._unhook_imports()
         if self._nantrace is not None:
             self._nantrace.stop()
-        for h in self._handles:
+        for h in reversed(self._handles):
             h.remove()
         self._handles.clear()
-        for owner, name, original, replacement in reversed(self._patches):
-            # If someone wrapped us meanwhile, leave their wrapper; ours passes through once closed.
-            if getattr(owner, name, None) is replacement:
-                setattr(owner, name, original)
-        self._patches.clear()
 
-    # ------------------------------------------------------------------ events
+    # ------------------------------------------------------------------ events (the patches call these)
 
     def _register(self, opt: torch.optim.Optimizer) -> _OptState:
         last = self._last_state  # the optimizer of the previous call, nearly always this one
@@ -332,21 +362,52 @@ class Recorder:
                 self._owned[id(p)] = st
             if not self._fsdp1_patched and fsdp1.loaded():  # before the script's first clip call
                 self._fsdp1_patched = True
-                patches.install_fsdp1(self)
+                self._handles += patches.install_fsdp1(self)
             self._frameworks()  # once per optimizer: engines that wrap it were imported by now
         self._last_state = st
         return st
 
-    def _note_backward(self, tensors: Any) -> None:
+    def on_optimizer_init(self, opt: torch.optim.Optimizer) -> None:
+        """An optimizer was made: its id is its creation order."""
+        self._register(opt)
+
+    def on_backward(self, tensors: Any) -> bool:
+        """``torch.autograd.backward(tensors)`` begins: note its loss. False: pass it through
+        unrecorded (not recording, or a backward inside one: checkpointing re-enters it)."""
+        if self._in_backward or not self._on:
+            return False
         t = tensors[0] if isinstance(tensors, (list, tuple)) and len(tensors) == 1 else tensors
-        if not isinstance(t, torch.Tensor) or t.numel() != 1:
-            return  # a vector backward with explicit gradients has no scalar loss
-        # GradScaler.scale's output carries the unscaled loss (a missing attribute is a slow lookup)
-        value = getattr(t, _UNSCALED_ATTR, None) if self._scaled else None
-        value = (value if value is not None else t).detach()
-        self._losses.append(value if value.dim() == 0 else value.reshape(()))  # a [1]-shaped loss too
-        if self._nantrace is not None:
-            self._nantrace.on_loss(self._losses[-1])
+        # a vector backward with explicit gradients has no scalar loss
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            # GradScaler.scale's output carries the unscaled loss (a missing attribute is a slow lookup)
+            value = getattr(t, _UNSCALED_ATTR, None) if self._scaled else None
+            value = (value if value is not None else t).detach()
+            self._losses.append(value if value.dim() == 0 else value.reshape(()))  # a [1]-shaped loss too
+            if self._nantrace is not None:
+                self._nantrace.on_loss(self._losses[-1])
+        self._audit.backward_begin()
+        self._in_backward = True
+        return True
+
+    def after_backward(self, ok: bool) -> None:
+        """The backward that ``on_backward`` let through returned (``ok``) or raised."""
+        try:
+            if ok:
+                self._audit.backward_end()
+        finally:
+            self._in_backward = False
+
+    def on_scaled_loss(self, value: Any, scaled: Any, *, by_scaler: bool) -> None:
+        """A loss scaler returned ``scaled`` for ``value`` (GradScaler.scale, or DeepSpeed's ZeRO
+        loss scale: ``by_scaler`` False): a backward of it records the unscaled value."""
+        self._scaled = True  # from now on, backward looks for the unscaled loss
+        if by_scaler:
+            self._audit.scaled()
+        if isinstance(value, torch.Tensor):
+            try:
+                setattr(scaled, _UNSCALED_ATTR, value.detach())
+            except (AttributeError, RuntimeError):
+                pass
 
     def _remember_norms(self, grads: list[torch.Tensor], norms: list[torch.Tensor] | None = None) -> None:
         """Keep the first (pre-clip) norm seen for each gradient since the last step."""
@@ -369,13 +430,15 @@ class Recorder:
         seen = self._pre_norms.get(id(g))
         return seen[1] if seen is not None and seen[0]() is g else None
 
-    def _on_total_norm(self, orig, tensors, norm_type, error_if_nonfinite, foreach):
+    def on_total_norm(self, orig: Callable, tensors: Any, norm_type: Any, error_if_nonfinite: bool,
+                      foreach: Any) -> torch.Tensor:
+        """``clip_grad``'s ``_get_total_norm``: compute it as torch does and keep the per-tensor norms."""
         self._count("get_total_norm")
         grads = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
         norm_type = float(norm_type)  # as torch does; read once (see clip_grads_with_norm_)
-        if self._fsdp1_on or fsdp1.loaded():
+        if self._fsdp1.on or fsdp1.loaded():
             with torch.no_grad():
-                self._remember_sharded_pre(grads)
+                self._fsdp1.remember_pre(self._states, grads)
         # DTensor gradients (FSDP2) too: the same ops dispatch to DTensor, so the total is torch's.
         if norm_type == 2.0 and not error_if_nonfinite and grads:
             with torch.no_grad():
@@ -387,14 +450,27 @@ class Recorder:
             self._remember_norms(grads)
         return orig(grads, norm_type, error_if_nonfinite, foreach)
 
-    def _on_clip(self, params: list, kind: str, threshold: float, total: torch.Tensor | None,
-                 scope: str = "") -> None:
+    def clip_threshold(self, max_norm: float) -> float:
+        """The max_norm a clip of the script's runs with: --clip-norm's, which replaces the script's."""
+        if self.clip_norm is None:
+            return max_norm
+        if not self._applying:
+            self._note_script_threshold(max_norm)
+        return self.clip_norm
+
+    def on_clip(self, params: list, kind: str, threshold: float, total: torch.Tensor | None,
+                scope: str = "") -> None:
+        """A clip of ``params`` ("norm": at max_norm ``threshold`` with its pre-clip ``total``;
+        "value": at clip_value ``threshold``) is about to scale their gradients."""
+        if kind == "value":
+            with torch.no_grad():
+                self._remember_norms([p.grad for p in params if p.grad is not None])
         fn = "clip_grad_norm_" if kind == "norm" else "clip_grad_value_"
         grads = [p.grad for p in params if p.grad is not None]
         ids = {id(g) for g in grads}
-        if kind == "norm" and not scope and self._fsdp1_on and grads:
+        if kind == "norm" and not scope and self._fsdp1.on and grads:
             # torch's clip_grad_norm_ on FSDP1 shards: it measured this rank's shard only
-            local = self._sharded_states(ids)
+            local = self._fsdp1.sharded_states(self._states, ids)
             if local:
                 scope = "local"
                 if not self._applying:
@@ -438,7 +514,27 @@ class Recorder:
     def _count(self, name: str) -> None:
         self._clip_calls[name] = self._clip_calls.get(name, 0) + 1
 
-    def _on_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple | None:
+    def on_scaler_step(self, orig: Callable, scaler: Any, optimizer: torch.optim.Optimizer, args: tuple,
+                       kwargs: dict) -> Any:
+        """``GradScaler.step``: run it; a step it skips (inf/nan found) never reaches the optimizer's
+        pre-hook, and is still a row."""
+        if self._limit is not None:
+            self._limit.before_step(self)
+        st = self._register(optimizer)
+        before = st.steps
+        outer, self._active_scaler = self._active_scaler, scaler
+        try:
+            result = orig(scaler, optimizer, *args, **kwargs)
+        finally:
+            self._active_scaler = outer
+        if st.steps == before:
+            self._record(st, optimizer.param_groups, skipped=True, scaler=scaler)
+            self._audit.step_end(st, via_scaler=True)
+            self._maybe_flush()
+        return result
+
+    def on_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple | None:
+        """The optimizer step pre-hook: the step's gradients are final (or, with a closure, will be)."""
         if not self._on or self._framework_step:
             return None
         if self._limit is not None:
@@ -457,7 +553,7 @@ class Recorder:
     def _take_row(self, opt: torch.optim.Optimizer, st: _OptState) -> None:
         """The step's gradients are final here: apply --clip-norm, then record the row."""
         if st.layout is False:
-            self._settle_layout(st)
+            self._fsdp1.settle(st)
         d = opt.__dict__
         if (self.clip_norm is None and self._active_scaler is None and "found_inf" not in d
                 and "grad_scale" not in d and self._record_lean(st, opt.param_groups)):
@@ -490,92 +586,30 @@ class Recorder:
         if not params or any(c.kind == "norm" and c.grad_ids & ids for c in self._clips):
             return  # the script clipped this step itself, with clip_norm as its max_norm
         st = self._opts.get(opt)
-        if st is not None and isinstance(st.layout, fsdp1.Layout) and st.layout.any_sharded:
-            self._apply_fsdp1_clip_norm(st)
-            return
         self._applying = True
         try:
-            torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+            if st is not None and isinstance(st.layout, fsdp1.Layout) and st.layout.any_sharded:
+                # FSDP's own global clip, as if the script called model.clip_grad_norm_(clip_norm)
+                for root in self._fsdp1.roots(st):
+                    root.clip_grad_norm_(self.clip_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
         finally:
             self._applying = False
 
-    def _apply_fsdp1_clip_norm(self, st: _OptState) -> None:
-        """--clip-norm under FSDP1 (sharded): FSDP's own global clip, on the root(s) holding the
-        optimizer's parameters, as if the script called model.clip_grad_norm_(clip_norm)."""
-        lay = st.layout
-        roots = [r() for r in lay.roots]
-        if not roots or any(r is None for r in roots):
-            roots = fsdp1.roots_for(st.params)
-            lay.roots = [weakref.ref(r) for r in roots]  # weakly: the recorder must not keep a model alive
-        self._applying = True
-        try:
-            for root in roots:
-                root.clip_grad_norm_(self.clip_norm)
-        finally:
-            self._applying = False
-
-    # ------------------------------------------------------------------ FSDP1 (capture/fsdp1.py)
-
-    def _settle_layout(self, st: _OptState) -> None:
-        """Once per optimizer, at its first clip or step: are its gradients FSDP1 shards?"""
-        try:
-            lay = fsdp1.layout(st.params) if st.kind == "optimizer" and st.params else None
-        except Exception:  # FSDP internals that differ from those known: never break the training,
-            lay = fsdp1.UNKNOWN  # and never call the shard's norm global
-        st.layout = lay
-        if lay is None:
-            return
-        st.lean = None  # the full path: the lean one takes local norms
-        if lay == fsdp1.UNKNOWN:
-            st.norm_scope = "rank-local"
-            return
-        self._fsdp1_on = True
-        st.names = lay.names  # type: ignore[union-attr]  # a Layout here: UNKNOWN returned above
-
-    def _sharded_states(self, grad_ids: set) -> list:
-        """Optimizers with FSDP1-sharded gradients among ``grad_ids``."""
-        return [st for st in self._states if isinstance(st.layout, fsdp1.Layout) and st.layout.any_sharded
-                and any(p.grad is not None and id(p.grad) in grad_ids for p in st.params)]
-
-    def _remember_sharded_pre(self, grads: list) -> None:
-        """Before a clip scales them: this rank's pre-clip column norms of every FSDP1 optimizer
-        whose gradients are among ``grads`` (the first measurement of each since its last step)."""
-        ids = {id(g) for g in grads}
-        for st in self._states:
-            if st.kind != "optimizer":
-                continue
-            if st.layout is False:
-                if not any(p.grad is not None and id(p.grad) in ids for p in st.params):
-                    continue
-                self._settle_layout(st)
-            lay = st.layout
-            if not isinstance(lay, fsdp1.Layout):
-                continue
-            first = next((p.grad for p in st.params if p.grad is not None), None)
-            seen = self._sharded_pre.get(st.id)
-            if first is None or (seen is not None and seen[0]() is first):
-                continue
-            if not any(p.grad is not None and id(p.grad) in ids for p in st.params):
-                continue
-            self._sharded_pre[st.id] = (weakref.ref(first), lay.local_norms(st.params, first.device))
-
-    def _on_fsdp1_clip(self, module: Any, orig: Any, max_norm: Any, norm_type: Any) -> torch.Tensor:
+    def on_fsdp1_clip(self, module: Any, orig: Any, max_norm: Any, norm_type: Any) -> torch.Tensor:
         """FullyShardedDataParallel.clip_grad_norm_ (patches.install_fsdp1): reuse its global total."""
-        handles = getattr(module, "_all_handles", None)
-        if not handles or not any(h.uses_sharded_strategy for h in handles):
+        if not fsdp1.sharded_module(module):
             # not initialised yet, or NO_SHARD: FSDP calls torch's clip_grad_norm_, recorded as such
             return orig(module, max_norm, norm_type)
         params = list(module.parameters())
         with torch.no_grad():
-            self._remember_sharded_pre([p.grad for p in params if p.grad is not None])
-        max_norm = float(max_norm)  # FSDP reads it with float() too
-        if self.clip_norm is not None:
-            if not self._applying:
-                self._note_script_threshold(max_norm)
-            max_norm = self.clip_norm
+            self._fsdp1.remember_pre(self._states, [p.grad for p in params if p.grad is not None])
+        max_norm = self.clip_threshold(float(max_norm))  # FSDP reads it with float() too
         total = orig(module, max_norm, norm_type)
-        self._on_clip(params, "norm", max_norm, total if float(norm_type) == 2.0 else None, scope="global")
+        self.on_clip(params, "norm", max_norm, total if float(norm_type) == 2.0 else None, scope="global")
         return total
+
     def _clip_params(self, opt: torch.optim.Optimizer) -> list:
         """The optimizer's parameters in the order the trainer's own clip passes them (names.clip_order),
         found once per optimizer and parameter set."""
@@ -594,7 +628,8 @@ class Recorder:
         if max_norm not in self._script_max_norms and len(self._script_max_norms) < 20:
             self._script_max_norms.append(max_norm)
 
-    def _after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def after_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """The optimizer step post-hook: the step is complete."""
         last = self._last_state
         st = last if last is not None and last.ref is not None and last.ref() is opt else self._opts.get(opt)
         if st is None or not self._on or self._framework_step:
@@ -631,6 +666,7 @@ class Recorder:
 
     def _record(self, st: _OptState, param_groups: list, *, skipped: Any = False, scaler: Any = None,
                 grad_scale: Any = None) -> None:
+        """The full path: one row with everything a step can carry (a clip, a scaler, shards)."""
         if (scaler is None and grad_scale is None and (skipped is None or skipped is False)
                 and self._record_lean(st, param_groups)):
             return
@@ -643,52 +679,20 @@ class Recorder:
             wide = torch.float32 if device.type == "mps" else torch.float64
 
             lay = st.layout if isinstance(st.layout, fsdp1.Layout) else None
-            # Pre-clip per-tensor norms: reuse what a clip call measured, compute the rest.
-            norms: list[Any] = [None] * len(grads)
-            missing = []
-            self._forget_stale()  # before matching by id: a dead gradient's id may be reused
-            for i, g in enumerate(grads):
-                seen = self._pre_norm(g) if lay is None else zero  # FSDP1: column norms below
-                if seen is not None:
-                    norms[i] = seen
-                else:
-                    missing.append(i)
-            if missing:
-                for i, n in zip(missing, per_tensor_norms([grads[i] for i in missing])):
-                    norms[i] = n
+            norms = self._pre_clip_norms(grads, zero if lay is not None else None)
             grad_ids = {id(g) for g in grads}
             clip = next((c for c in self._clips if c.grad_ids & grad_ids), None)
             want_layers = bool(self.layer_stride and st.steps % self.layer_stride == 0 and st.params)
             reuse = clip is not None and clip.total is not None and clip.grad_ids == grad_ids
             dist_norms = None
-            if lay is not None:  # FSDP1 shards: column norms, summed across ranks (capture/fsdp1.py)
-                pre = self._sharded_pre.pop(st.id, None)
-                first = next((p.grad for p in st.params if p.grad is not None), None)
-                local = pre[1] if pre is not None and first is not None and pre[0]() is first else None
-                if local is None:
-                    local = lay.local_norms(st.params, device)
-                dist_norms = lay.global_norms(local, total=clip.total if reuse and clip.scope == "global" else None,
-                                              want_vector=want_layers, dtype=wide,
-                                              grad_scale=grad_scale if isinstance(grad_scale, torch.Tensor) else None)
+            if lay is not None or _has_dtensor(grads):  # shards: norms summed across ranks
+                scale_t = grad_scale if isinstance(grad_scale, torch.Tensor) else None
                 grad_scale = None  # applied there
-                if dist_norms.pending:
-                    total, vector = nan, self._positions(lay.columns, device)
-                else:
-                    total, vector, dist_norms = dist_norms.total, dist_norms.vector, None
-                    if vector is None:
-                        vector = self._positions(0, device)  # no per-layer row this step
-            elif _has_dtensor(grads):  # sharded gradients (FSDP2): summed across ranks, see distributed.py
-                dist_norms = distributed.global_norms(
-                    grads, norms, device, total=clip.total if reuse else None, want_vector=want_layers,
-                    grad_scale=grad_scale if isinstance(grad_scale, torch.Tensor) else None, dtype=wide)
-                grad_scale = None  # applied there
-                if dist_norms.pending:  # placeholders until the flush: grad_norm, and positions for layers
-                    total, vector = nan, self._positions(len(grads), device)
-                else:
-                    total, vector, dist_norms = dist_norms.total, dist_norms.vector, None
+                total, vector, dist_norms = self._sharded_norms(st, lay, grads, norms, clip if reuse else None,
+                                                                want_layers, device, wide, scale_t)
             elif reuse:
                 vector = stack_norms(norms, device)
-                total = clip.total.to(device, non_blocking=True)  # the script's own number
+                total = clip.total.to(device, non_blocking=True)  # type: ignore[union-attr]  # the script's own number
             else:
                 vector = stack_norms(norms, device)
                 total = torch.linalg.vector_norm(vector.to(wide)) if grads else zero
@@ -698,51 +702,121 @@ class Recorder:
 
             # Loss: everything passed to backward() since this optimizer's previous step.
             loss, losses = self._take_loss(st, nan)
-
-            clip_max_norm = clip.threshold if clip is not None and clip.kind == "norm" else float("nan")
-            clip_value = clip.threshold if clip is not None and clip.kind == "value" else float("nan")
-            clipped = (total > clip_max_norm).float() if clip_max_norm == clip_max_norm else zero
-            own_clipped = clip is not None and clip.scope == "local" and clip.total is not None
-            if own_clipped:  # a rank-local clip: this rank's gradients were scaled when its own norm exceeded
-                clipped = (clip.total.to(device, non_blocking=True) > clip_max_norm).float()
+            clip_max_norm, clip_value, clipped, own_clipped = _clip_columns(clip, total, device, zero)
             if isinstance(skipped, torch.Tensor):
                 skipped_t = (skipped.to(device, non_blocking=True) > 0).float()
             else:
                 skipped_t = one if skipped else zero
             scale = getattr(scaler, "_scale", None) if scaler is not None else None
             scale_t = scale.to(device, non_blocking=True).float().clone() if isinstance(scale, torch.Tensor) else nan
-
-            values = torch.stack([t.to(device, wide, non_blocking=True) for t in (total, loss, clipped, skipped_t, scale_t)])
+            values = lean_rows.stack_row(device, wide, grad_norm=total, loss=loss, clipped=clipped,
+                                         skipped=skipped_t, loss_scale=scale_t)
             layers = None
             if want_layers:
                 layers = vector if lay is not None else self._layer_vector(st, params, grads, vector, device)
-            lr = param_groups[0].get("lr", float("nan")) if param_groups else float("nan")
+            lr = param_groups[0].get("lr", _NAN) if param_groups else _NAN
             if isinstance(lr, torch.Tensor):
                 lr = lr.detach().clone()
             row = _Row(st.steps, clip_max_norm, clip_value, lr, time.time(), values, layers, dist_norms,
                        loss_recorded=bool(losses), own_clipped=own_clipped)
-            st.rows.append(row)
             if self._nantrace is not None:
                 self._nantrace.close_step(st.id, st.steps, params,
                                           vector if dist_norms is None and lay is None else None)
-            if self._stopper is not None:
-                self._stopper.add(row, st.id)
-            st.steps += 1
-            self._devices.add(str(device))
+            self._add_row(st, row, device, grad_ids)
 
-            # This step consumed the clip calls and pre-clip norms of its gradients.
-            self._clips = [c for c in self._clips if not (c.grad_ids & grad_ids)]
-            for i in grad_ids:
-                self._pre_norms.pop(i, None)
+    def _pre_clip_norms(self, grads: list, fill: torch.Tensor | None) -> list:
+        """Pre-clip per-tensor norms: what a clip call measured, computed for the rest (``fill``
+        for every gradient instead: FSDP1, whose column norms are taken apart)."""
+        norms: list[Any] = [None] * len(grads)
+        missing = []
+        self._forget_stale()  # before matching by id: a dead gradient's id may be reused
+        for i, g in enumerate(grads):
+            seen = self._pre_norm(g) if fill is None else fill
+            if seen is not None:
+                norms[i] = seen
+            else:
+                missing.append(i)
+        if missing:
+            for i, n in zip(missing, per_tensor_norms([grads[i] for i in missing])):
+                norms[i] = n
+        return norms
 
-            self._pending += 1
+    def _sharded_norms(self, st: _OptState, lay: fsdp1.Layout | None, grads: list, norms: list, clip: _Clip | None,
+                       want_layers: bool, device: torch.device, wide: torch.dtype,
+                       grad_scale: torch.Tensor | None) -> tuple:
+        """(total, vector, norms still being reduced or None) of sharded gradients: FSDP1's column
+        norms (capture/fsdp1.py) or FSDP2's DTensors (distributed.py), summed across ranks.
+        ``clip``: the script's clip of these very gradients, whose total is reused when global."""
+        nan = self._const(device)[0]
+        if lay is not None:
+            local = self._fsdp1.local_norms(st, lay, device)
+            given = clip.total if clip is not None and clip.scope == "global" else None
+            dist_norms = lay.global_norms(local, total=given, want_vector=want_layers, dtype=wide,
+                                          grad_scale=grad_scale)
+            if dist_norms.pending:  # placeholders until the flush: grad_norm, and positions for layers
+                return nan, self._positions(lay.columns, device), dist_norms
+            vector = dist_norms.vector
+            # no per-layer row this step: no vector
+            return dist_norms.total, vector if vector is not None else self._positions(0, device), None
+        dist_norms = distributed.global_norms(grads, norms, device, total=clip.total if clip is not None else None,
+                                              want_vector=want_layers, grad_scale=grad_scale, dtype=wide)
+        if dist_norms.pending:
+            return nan, self._positions(len(grads), device), dist_norms
+        return dist_norms.total, dist_norms.vector, None
+
+    def _add_row(self, st: _OptState, row: _Row, device: torch.device, grad_ids: set) -> None:
+        """Keep the full path's row; its step consumed the clip calls and pre-clip norms of its gradients."""
+        st.rows.append(row)
+        if self._stopper is not None:
+            self._stopper.add(row, st.id)
+        st.steps += 1
+        self._devices.add(str(device))
+        self._clips = [c for c in self._clips if not (c.grad_ids & grad_ids)]
+        for i in grad_ids:
+            self._pre_norms.pop(i, None)
+        self._pending += 1
 
     def _frameworks(self) -> None:
         """Hook the training engines the script has imported (never importing one ourselves)."""
         if not self._deepspeed_installed and "deepspeed" in sys.modules:
             from gradscope.capture import deepspeed_engine
 
-            deepspeed_engine.maybe_install(self)
+            self._deepspeed_installed = deepspeed_engine.maybe_install(self)
+
+    # ------------------------------------------------------------------ events of an engine that steps itself
+
+    def in_engine_step(self) -> bool:
+        """Inside an engine's own step (``engine_step``): its torch optimizer steps are no rows."""
+        return self._framework_step
+
+    @contextmanager
+    def engine_step(self) -> Iterator[None]:
+        self._framework_step = True
+        try:
+            yield
+        finally:
+            self._framework_step = False
+
+    def on_engine_optimizer(self, opt: torch.optim.Optimizer, n_elements: Callable[[], int] | None = None) -> None:
+        """An engine steps ``opt``; with ``n_elements`` (ZeRO) it holds this rank's flat partitions:
+        its rows count the model's ``n_elements()`` parameters and have no per-layer norms."""
+        st = self._register(opt)
+        if n_elements is not None and not st.partitions:
+            st.partitions = True
+            st.params = []
+            st.n_elements = n_elements()
+
+    def on_engine_step(self, opt: torch.optim.Optimizer, total: Any, clip_max_norm: float, *,
+                       skipped: Any = False, loss_scale: Any = None) -> None:
+        """An engine made ``opt``'s step; ``total`` is its own global pre-clip norm (a tensor, a float,
+        or None: unknown), ``clip_max_norm`` its threshold."""
+        self._record_given(self._register(opt), total, clip_max_norm, opt.param_groups, skipped=skipped,
+                           loss_scale=loss_scale)
+        self._maybe_flush()
+
+    def mark_rank_local(self) -> None:
+        """Some gradient norm of this process is one rank's own (process key norm_scope)."""
+        self._norm_scope = "rank-local"
 
     def _record_given(self, st: _OptState, total: Any, clip_max_norm: float, param_groups: list, *,
                       skipped: Any = False, loss_scale: Any = None) -> None:
@@ -767,8 +841,8 @@ class Recorder:
                 scale_t = loss_scale.detach().reshape(()).clone()
             else:
                 scale_t = nan if loss_scale is None else torch.tensor(float(loss_scale), dtype=wide)
-            values = torch.stack([t.to(device, wide, non_blocking=True)
-                                  for t in (total, loss, clipped, skipped_t, scale_t)])
+            values = lean_rows.stack_row(device, wide, grad_norm=total, loss=loss, clipped=clipped,
+                                         skipped=skipped_t, loss_scale=scale_t)
             lr = param_groups[0].get("lr", _NAN) if param_groups else _NAN
             if isinstance(lr, torch.Tensor):
                 lr = lr.detach().clone()
@@ -875,13 +949,13 @@ class Recorder:
             total = vector = None
         row.norms = None
         if total is None:
-            row.values[0] = float("nan")
+            row.values[lean_rows.GRAD_NORM] = float("nan")
             if row.layers is not None:
                 row.layers = torch.full_like(row.layers, float("nan"))
             return
-        row.values[0] = total
+        row.values[lean_rows.GRAD_NORM] = total
         if row.clip_max_norm == row.clip_max_norm and not row.own_clipped:
-            row.values[2] = (total > row.clip_max_norm).to(row.values.dtype)
+            row.values[lean_rows.CLIPPED] = (total > row.clip_max_norm).to(row.values.dtype)
         if row.layers is not None:  # positions into the gradient order -> the full norms
             row.layers = distributed.fill_layers(row.layers, vector)
 
@@ -900,18 +974,110 @@ class Recorder:
             del self._losses[:drop]
             self._loss_base = keep_from
 
-    # ------------------------------------------------------------------ flushing
+    # ------------------------------------------------------------------ flushing (capture/flushing.py)
 
-    # In flushing.py (functions of the recorder); kept as methods so that every caller stays as it was.
-    _flush = flushing.flush
-    _drain = flushing.drain
-    _process_due = flushing.process_due
-    _stop_now = flushing.stop_now
-    _write = flushing.write
-    _write_process = flushing.write_process
+    def _flush(self) -> None:
+        """Hand every pending row to the flusher (its host copy is launched); write what has arrived."""
+        self._pending = 0
+        if self._flusher.failed:  # nothing can be written any more: keep no rows either
+            for st in self._states:
+                st.rows = []
+            self._last_flush = time.monotonic()
+            return
+        if self._nantrace is not None:
+            self._nantrace.flush()  # before the rows' copies: their events cover it
+        self._last_flush = time.monotonic()
+        pending = []
+        for st in self._states:
+            if st.rows:
+                rows, st.rows = st.rows, []
+                for r in rows:
+                    if r.norms is not None:
+                        self._resolve(r)
+                pending.append((st, rows))
+        self._flusher.flush(pending)
+        self._stop_if_bad()
+
+    def _drain(self, block: bool) -> None:
+        self._flusher.drain(block)
+        self._stop_if_bad()
+
+    def _stop_if_bad(self) -> None:
+        if self.stop_on_nan and self._flusher.first_bad and self._status == "running":
+            # Values reach the host only at a flush, so this is the earliest moment we can know,
+            # without a per-step sync: within one flush interval of the bad step.
+            print(f"gradscope: stopping the training (--stop-on-nan): {self._flusher.first_bad}", file=sys.stderr)
+            self._status = "failed"
+            raise SystemExit(1)
+
+    def _stop_now(self) -> None:
+        """--stop-on-nan saw a bad step: write every row (waiting now is fine: we stop), then stop."""
+        self._flush()
+        self._drain(block=True)  # raises SystemExit once the bad row is written
+        if self._status == "running":  # the row was judged bad before its flush could say so
+            self._flusher.first_bad = self._flusher.first_bad or self._stopper.reason  # type: ignore[union-attr]
+            self._drain(block=True)
+
+    def _process_changes(self) -> tuple:
+        """What the process file says besides the counts: a new optimizer, clip function or threshold,
+        a status, a clip-audit finding (written at once)."""
+        return (len(self._states), tuple(self._clip_calls), tuple(map(len, self._thresholds.values())),
+                len(self._script_max_norms), self._status, len(getattr(self._audit, "_found", ())),
+                getattr(self._audit, "error", None))
+
+    def _process_snapshot(self, rank: int) -> dict:
+        """process-r*.json's values as this recorder knows them, in the file's order (rank: the
+        writer's); the flusher fills in run_id and recording_error."""
+        snap: dict[str, Any] = dict(
+            gradscope_version=__version__, rank=rank, world_size=distributed.world_size(), pid=self._pid,
+            host=rundir.host_name(), python=sys.version.split()[0], torch=torch.__version__,
+            devices=sorted(self._devices), started=flushing.iso(self._started_at),
+            ended=flushing.iso(time.time()) if self._closed or self._status != "running" else None,
+            status=self._status, run_id=None, closed=bool(self._closed), recording_error=None,
+            layer_stride=self.layer_stride, flush_steps=self.flush_steps, flush_seconds=self.flush_seconds,
+            optimizers=[_optimizer_info(st, rank) for st in self._states],
+            clip_calls=dict(self._clip_calls),
+            clip_thresholds={k: v for k, v in self._thresholds.items() if v},
+            clip_norm_override=self.clip_norm,
+            script_max_norms_overridden=list(self._script_max_norms),
+        )
+        snap[rundir.CLIP_AUDIT_KEY] = self._audit.record(lambda st: st.names or parameter_names(st.params))
+        # rank-local: some optimizer's gradients are shards gradscope cannot reduce
+        # (FSDP1: capture/fsdp1.py, per optimizer; an engine gradscope cannot read: capture/deepspeed_engine.py)
+        local = self._norm_scope == "rank-local" or any(st.norm_scope == "rank-local" for st in self._states)
+        snap[rundir.NORM_SCOPE_KEY] = snap[rundir.LAYER_NORM_SCOPE_KEY] = "rank-local" if local else "global"
+        if self._nantrace is not None:
+            snap[rundir.NAN_TRACE_KEY] = self._nantrace.info()
+        return snap
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _optimizer_info(st: _OptState, rank: int) -> dict:
+    """One optimizer's entry in process-r*.json."""
+    return {
+        "id": st.id,
+        "class": st.cls,
+        "kind": st.kind,
+        "parameters": st.n_elements,
+        "tensors": len(st.params),
+        "steps": st.steps,
+        "momentum": st.momentum,
+        "layers_file": rundir.layers_file(rank, st.id) if st.names else None,
+        "layer_rows": st.layer_rows,
+    }
+
+
+def _clip_columns(clip: _Clip | None, total: torch.Tensor, device: torch.device, zero: torch.Tensor) -> tuple:
+    """(clip_max_norm, clip_value, clipped, own_clipped) of a step and the clip call it applies."""
+    clip_max_norm = clip.threshold if clip is not None and clip.kind == "norm" else _NAN
+    clip_value = clip.threshold if clip is not None and clip.kind == "value" else _NAN
+    clipped = (total > clip_max_norm).float() if clip_max_norm == clip_max_norm else zero
+    own_clipped = clip is not None and clip.scope == "local" and clip.total is not None
+    if own_clipped:  # a rank-local clip: this rank's gradients were scaled when its own norm exceeded
+        clipped = (clip.total.to(device, non_blocking=True) > clip_max_norm).float()  # type: ignore[union-attr]
+    return clip_max_norm, clip_value, clipped, own_clipped
 
 
 def _momentum(opt: Any) -> float | None:

@@ -4,17 +4,32 @@ Most steps are plain: one optimizer whose parameters all have gradients of one d
 dtype (plain tensors), no clip call, no loss scaler, no distributed reduction, no per-step
 watch. For those the recorder keeps only what must be taken at the step -- the per-tensor
 norms and a copy of the losses, in one ``torch._foreach_norm`` pass and one ``stack`` -- and
-this module builds the rows' ``[grad_norm, loss, clipped, skipped, loss_scale]`` for a whole
+this module builds the rows' values (``ROW``, the layout named here once) for a whole
 flush at once, with the full path's operations batched over the rows (the float64
 ``vector_norm`` of the float32 per-tensor norms; the float32 sum of several losses), which
 give the same bits as one row at a time (checked in tests/test_capture.py).
 """
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 import torch
 from torch.utils._foreach_utils import _device_has_foreach_support
+
+# The row layout, named once: a step's values on the device (float64; float32 on MPS), in this
+# order. Every reader and writer of a row uses these names (the steps file's columns of the same
+# names are rundir.STEP_COLUMNS).
+ROW = ("grad_norm", "loss", "clipped", "skipped", "loss_scale")
+GRAD_NORM, LOSS, CLIPPED, SKIPPED, LOSS_SCALE = range(len(ROW))
+FIELDS = itemgetter(GRAD_NORM, LOSS, CLIPPED, SKIPPED, LOSS_SCALE)  # a row's values, unpacked by name
+
+
+def stack_row(device: torch.device, dtype: torch.dtype, *, grad_norm: torch.Tensor, loss: torch.Tensor,
+              clipped: torch.Tensor, skipped: torch.Tensor, loss_scale: torch.Tensor) -> torch.Tensor:
+    """One full-path row: its five 0-d tensors stacked in ROW order on ``device`` as ``dtype``
+    (the keywords are ROW's names, in its order: tests/test_capture.py checks it)."""
+    return torch.stack([t.to(device, dtype, non_blocking=True) for t in (grad_norm, loss, clipped, skipped, loss_scale)])
 
 
 def plain_grads(params: list, st_params: list, sig: tuple) -> list | None:
@@ -108,13 +123,14 @@ def _lean_values(rows: list, key: tuple[int, int], device: torch.device) -> tupl
     taken = torch.stack([r.taken for r in rows])
     norms = taken[:, :n].float()  # the per-layer norms, as the full path keeps them
     out = torch.empty((len(rows), 5), dtype=torch.float64, device=device)
-    out[:, 0] = torch.linalg.vector_norm(norms.to(torch.float64), dim=1)
+    out[:, GRAD_NORM] = torch.linalg.vector_norm(norms.to(torch.float64), dim=1)
     if k == 0:
-        out[:, 1] = float("nan")
+        out[:, LOSS] = float("nan")
     elif k == 1:
-        out[:, 1] = taken[:, n]
+        out[:, LOSS] = taken[:, n]
     else:  # accumulation: the sum of the micro-batch losses in float32, as the full path sums them
-        out[:, 1] = taken[:, n:].float().sum(dim=1)
-    out[:, 2:4] = 0.0  # clipped, skipped: a lean row has no clip call and no scaler
-    out[:, 4] = float("nan")  # loss_scale
+        out[:, LOSS] = taken[:, n:].float().sum(dim=1)
+    out[:, CLIPPED] = 0.0  # a lean row has no clip call
+    out[:, SKIPPED] = 0.0  # and no scaler
+    out[:, LOSS_SCALE] = float("nan")
     return out, norms

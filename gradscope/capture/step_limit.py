@@ -53,10 +53,9 @@ class StepLimit:
             self._stop_if_reached(recorder)
 
     def _stop_if_reached(self, recorder: Any) -> None:
-        states = recorder._states
-        if not states or states[0].steps < self.max_steps:
+        if recorder.current_step() + 1 < self.max_steps:  # optimizer 0's steps (none yet: 0)
             return
-        recorder._status = STOPPED
+        recorder.status = STOPPED
         if not self._announced:
             self._announced = True
             if recorder.rank == 0:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from gradscope import rundir
+from gradscope.capture.rows import FIELDS
 
 is_bad = rundir.is_bad_step  # the format's one rule (kept under its old name here)
 
@@ -30,7 +31,7 @@ _RING = 4  # CUDA copies in flight at most; a row that finds no free slot is jud
 
 
 class NanStop:
-    """Watches rows ([grad_norm, loss, clipped, skipped, loss_scale]) for the first bad step."""
+    """Watches rows (rows.ROW) for the first bad step."""
 
     def __init__(self) -> None:
         self._new: list[tuple[Any, int, bool]] = []  # (row, optimizer id, grad_norm pending)
@@ -76,7 +77,7 @@ class NanStop:
     def _judge(self, v: list, row: Any, opt: int, pending: bool) -> None:
         if self.reason is not None:
             return
-        grad_norm, loss, _, skipped, _ = v
+        grad_norm, loss, _, skipped, _ = FIELDS(v)
         if pending:  # the global norm is still being reduced across ranks: judge the loss only
             grad_norm = 0.0
         what = rundir.bad_quantity(grad_norm, loss, skipped, row.loss_recorded)
