@@ -119,7 +119,8 @@ def test_a_candidates_clipped_share_is_the_one_compare_and_recommend_show_for_it
 
 @pytest.mark.xfail(reason="issue 22 carries recommend's threshold into the finals: on this script it is 2.4 "
                    "(rung 1 kept 19.4, as is, 2.4), which holds, so not every finalist diverges and the fallback "
-                   "is not reached; the test needs a script whose recommend threshold diverges too", strict=False)
+                   "is not reached; the test needs a script whose recommend threshold diverges too; not run: a known "
+                   "failure that costs CI 65 s", run=False, strict=False)
 def test_when_every_finalist_diverges_the_best_below_them_is_taken_and_said_so(tmp_path):
     """T learned from the pilot (120 steps), budget 4: the three finalists are the largest thresholds,
     fastest at the first rung, and all blow up after the learning-rate jump; the choice falls back to
